@@ -1,0 +1,79 @@
+//! Byte formats shared by the holdfast keeper and its workers.
+//!
+//! # Model
+//!
+//! A *keeper* process owns every TCP connection of a service and a memfd,
+//! the *journal*, mapped by both the keeper and the *worker* that runs the
+//! service. When the worker dies, the keeper hands the connections and the
+//! journal to a new worker, which resumes each connection from its journal
+//! record. This crate defines the two formats those processes agree on; it
+//! does no I/O and touches no shared memory itself.
+//!
+//! * [`record`]: the per-connection journal record. Each connection owns a
+//!   fixed [`RECORD_SIZE`](record::RECORD_SIZE)-byte region made of two slots.
+//!   A record says how far the input stream has been consumed
+//!   (`in_commit`), how far output has been committed (`out_commit`), which
+//!   output was about to be written when the worker last checked in
+//!   (`out_rec`, with a CRC of those bytes), plus a small opaque service state
+//!   and a log of nondeterministic inputs (clock reads, random numbers) so a
+//!   replay reproduces the same output. The worker writes every new version
+//!   into the slot *not* holding the newest version, so a write torn by a
+//!   crash destroys at most the version being written.
+//! * [`wire`]: messages on the keeper/worker control socket (`SOCK_SEQPACKET`,
+//!   one message per datagram, file descriptors beside it as `SCM_RIGHTS`).
+//!
+//! # Guarantees
+//!
+//! * Decoding is total: [`Record::decode`], [`pick`] and [`Msg::decode`]
+//!   return a typed error for any input and never panic, index out of range,
+//!   overflow or allocate more than a small bound. The journal is written by
+//!   the very process whose crash we are recovering from, so its bytes are
+//!   treated as untrusted.
+//! * Everything is framed, versioned and checksummed (CRC-32C). Any single
+//!   bit flip or truncation of a message, and any single bit flip in a
+//!   record's meaningful bytes outside its two length fields, is always
+//!   rejected (CRC-32C detects every single-bit error at a fixed length).
+//!   Other damage, a flipped record length or a torn write included, gets
+//!   through only if it happens to match the CRC: odds of about 2^-32.
+//! * Decoders are strict: unknown flags, reserved bits, impossible lengths and
+//!   offsets, and trailing bytes are errors, never ignored. An encoding that
+//!   decodes has exactly one meaning, and re-encoding reproduces it.
+//! * The record writer's hot path allocates nothing: [`Record`] keeps its state
+//!   and nondet bytes in fixed arrays and encodes into a caller's slot buffer.
+//!
+//! # Non-goals
+//!
+//! * Moving bytes to and from the mapping. Callers copy the 1 KiB record out of
+//!   (or a slot into) shared memory with whatever volatile or atomic copy the
+//!   mapping owner uses; this crate works on plain arrays and is `unsafe`-free.
+//! * Reading a record while a live worker writes it. Double buffering protects
+//!   against one torn write at death, not against a reader racing a writer
+//!   that may lap it; the keeper reads records only once the worker is gone.
+//! * Power loss or kernel crash: the memfd does not outlive the machine.
+//! * Authentication: the control socket is a private socketpair, and the
+//!   checksums catch corruption and bugs, not adversaries.
+//! * Interpreting the records: what `in_commit` & co. imply for a resumed
+//!   connection is the business of the runtime crates.
+#![forbid(unsafe_code)]
+
+pub mod record;
+pub mod wire;
+
+pub use record::{pick, slot_of, PickError, Record, RecordError, SlotError};
+pub use wire::{ConnEntry, Msg, WireError};
+
+/// Environment variable naming the worker's inherited control socket fd.
+pub const ENV_CONTROL_FD: &str = "HOLDFAST_CONTROL_FD";
+/// Environment variable naming the worker's inherited journal memfd.
+pub const ENV_JOURNAL_FD: &str = "HOLDFAST_JOURNAL_FD";
+
+/// The journal starts with one page reserved for its own header and
+/// per-worker data; connection records follow, [`record::RECORD_SIZE`]
+/// bytes each.
+pub const HEADER_SIZE: usize = 4096;
+
+/// Byte offset of record `slot` in the journal (also the journal size
+/// needed for `slot` records).
+pub fn record_offset(slot: u32) -> usize {
+    HEADER_SIZE + slot as usize * record::RECORD_SIZE
+}

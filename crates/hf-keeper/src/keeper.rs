@@ -1,0 +1,732 @@
+//! The keeper's event loop. One thread; every source (listeners, worker
+//! control sockets, pidfds, the status socket, signals) is a small task that
+//! turns readiness into an [`Event`]; all state lives in [`Keeper`] and is
+//! changed only by [`Keeper::handle`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hf_journal::record::{pick, slot_of, Record, RECORD_SIZE, SLOT_SIZE};
+use hf_journal::wire::{ConnEntry, Msg, CONN_RECOVERED, MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION};
+use hf_sys::fdpass;
+use hf_sys::shm::SharedMem;
+use rustix::io::Errno;
+use rustix::net::SocketFlags;
+use rustix::process::{Pid, PidfdFlags, Signal};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::status::{Phase, Request, Role, Snapshot, WorkerInfo};
+use crate::{listen, Config, KeeperError};
+
+/// Longest pause between attempts to start a worker that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Exits remembered for `holdfast status`.
+const EXITS_KEPT: usize = 8;
+
+enum Event {
+    Accepted(Vec<OwnedFd>),
+    FromWorker(u32, Result<Msg, String>),
+    ControlClosed(u32),
+    Died(u32),
+    Status(oneshot::Sender<Snapshot>),
+    Signal(&'static str),
+    /// Try again what could not be done at once (handing out to a full
+    /// control socket, starting a worker after a back-off).
+    Retry,
+}
+
+struct Held {
+    fd: OwnedFd,
+    slot: u32,
+    owner: Option<u32>,
+    /// Some worker had it before: the next one must resume, not start fresh.
+    handed: bool,
+}
+
+struct Worker {
+    pid: u32,
+    generation: u32,
+    role: Role,
+    control: Arc<OwnedFd>,
+    child: Child,
+    greeted: bool,
+    started: Instant,
+}
+
+struct Keeper {
+    cfg: Config,
+    tx: mpsc::UnboundedSender<Event>,
+    journal_fd: OwnedFd,
+    journal: SharedMem,
+    listeners: Vec<String>,
+    conns: HashMap<u64, Held>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    next_conn: u64,
+    workers: BTreeMap<u32, Worker>,
+    next_worker: u32,
+    generation: u32,
+    active: Option<u32>,
+    waiting: VecDeque<u64>,
+    phase: Phase,
+    accepted: u64,
+    restarts: u64,
+    recovered_total: u64,
+    last_recovery_us: Option<u64>,
+    recovery_started: Option<Instant>,
+    last_exits: VecDeque<String>,
+    live: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+    start_failures: u32,
+    spawn_after: Option<Instant>,
+    retry_armed: bool,
+}
+
+/// Runs the keeper until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> Result<(), KeeperError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let (mut keeper, mut rx) = Keeper::start(cfg)?;
+        while let Some(ev) = rx.recv().await {
+            if keeper.handle(ev) {
+                break;
+            }
+        }
+        keeper.shutdown().await;
+        Ok(())
+    })
+}
+
+fn journal_offset(slot: u32) -> usize {
+    hf_journal::record_offset(slot)
+}
+
+impl Keeper {
+    fn start(cfg: Config) -> Result<(Keeper, mpsc::UnboundedReceiver<Event>), KeeperError> {
+        if cfg.command.is_empty() {
+            return Err(KeeperError::NoCommand);
+        }
+        let mut ls: Vec<(TcpListener, String)> = listen::inherited()?;
+        for a in &cfg.listen {
+            let l = listen::bind(*a)?;
+            let name = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| a.to_string());
+            ls.push((l, name));
+        }
+        if ls.is_empty() {
+            return Err(KeeperError::NoListeners);
+        }
+        let (journal_fd, journal) =
+            SharedMem::create("holdfast-journal", hf_journal::record_offset(cfg.max_conns))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let room = Arc::new(Notify::new());
+        for (_, name) in &ls {
+            tracing::info!(listen = %name, "listening");
+        }
+        let names = ls.iter().map(|(_, n)| n.clone()).collect();
+        for (l, _) in ls {
+            let afd = hf_sys::reactor::register(OwnedFd::from(l))?;
+            tokio::spawn(accept_loop(afd, tx.clone(), live.clone(), cfg.max_conns as usize, room.clone()));
+        }
+        serve_status(&cfg.control, tx.clone())?;
+        for (sig, name) in [
+            (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+            (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+        ] {
+            let mut s = tokio::signal::unix::signal(sig)?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if s.recv().await.is_some() {
+                    let _ = tx.send(Event::Signal(name));
+                }
+            });
+        }
+        let mut k = Keeper {
+            cfg,
+            tx,
+            journal_fd,
+            journal,
+            listeners: names,
+            conns: HashMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            next_conn: 1,
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            generation: 1,
+            active: None,
+            waiting: VecDeque::new(),
+            phase: Phase::Starting,
+            accepted: 0,
+            restarts: 0,
+            recovered_total: 0,
+            last_recovery_us: None,
+            recovery_started: None,
+            last_exits: VecDeque::new(),
+            live,
+            room,
+            start_failures: 0,
+            spawn_after: None,
+            retry_armed: false,
+        };
+        // The first worker must at least start: a command that cannot be
+        // exec'd is a configuration error, reported before we go on.
+        k.spawn_worker()?;
+        k.ensure_workers();
+        Ok((k, rx))
+    }
+
+    /// Handles one event; returns true when the keeper should stop.
+    fn handle(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Accepted(fds) => self.accepted(fds),
+            Event::FromWorker(id, Ok(msg)) => self.from_worker(id, msg),
+            Event::FromWorker(id, Err(e)) => {
+                tracing::warn!(worker = id, error = %e, "malformed control message, stopping that worker");
+                self.kill(id);
+            }
+            Event::ControlClosed(id) => {
+                // Its pidfd will report the death; make sure there is one.
+                if self.workers.contains_key(&id) {
+                    self.kill(id);
+                }
+            }
+            Event::Died(id) => self.died(id),
+            Event::Status(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Event::Signal(name) => {
+                tracing::info!(signal = name, "shutting down");
+                self.phase = Phase::ShuttingDown;
+                return true;
+            }
+            Event::Retry => {
+                self.retry_armed = false;
+                self.hand_out();
+                self.ensure_workers();
+            }
+        }
+        false
+    }
+
+    fn arm_retry(&mut self, after: Duration) {
+        if self.retry_armed {
+            return;
+        }
+        self.retry_armed = true;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Event::Retry);
+        });
+    }
+
+    fn alloc_slot(&mut self) -> u32 {
+        self.free_slots.pop().unwrap_or_else(|| {
+            let s = self.next_slot;
+            self.next_slot += 1;
+            s
+        })
+    }
+
+    fn accepted(&mut self, fds: Vec<OwnedFd>) {
+        for fd in fds {
+            let conn_id = self.next_conn;
+            self.next_conn += 1;
+            let slot = self.alloc_slot();
+            // The record is valid before the fd leaves this process (seq 1 in
+            // slot 1), so a worker's first torn write falls back to it.
+            let off = journal_offset(slot);
+            let mut rec = Record::new(conn_id);
+            rec.seq = 1;
+            let mut buf = [0u8; SLOT_SIZE];
+            let n = rec.encode(&mut buf);
+            let ok = self.journal.zero(off, RECORD_SIZE).is_ok()
+                && self.journal.write(off + slot_of(1) * SLOT_SIZE, &buf[..n]).is_ok();
+            if !ok {
+                tracing::error!(slot, "journal slot out of range; dropping connection");
+                self.release_live(1);
+                continue;
+            }
+            self.conns.insert(conn_id, Held { fd, slot, owner: None, handed: false });
+            self.waiting.push_back(conn_id);
+            self.accepted += 1;
+        }
+        self.hand_out();
+    }
+
+    fn release_live(&self, n: usize) {
+        self.live.fetch_sub(n, Ordering::Relaxed);
+        self.room.notify_waiters();
+    }
+
+    /// Sends waiting connections to the active worker, in batches.
+    fn hand_out(&mut self) {
+        let Some(wid) = self.active else { return };
+        let Some(w) = self.workers.get(&wid) else { return };
+        let control = w.control.clone();
+        let mut msg = Vec::with_capacity(MAX_MSG);
+        while !self.waiting.is_empty() {
+            let ids: Vec<u64> = self.waiting.iter().take(MAX_FDS_PER_MSG).copied().collect();
+            let mut entries = Vec::with_capacity(ids.len());
+            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let h = &self.conns[id];
+                entries.push(ConnEntry { conn_id: *id, slot: h.slot, flags: if h.handed { CONN_RECOVERED } else { 0 } });
+                fds.push(h.fd.as_fd());
+            }
+            Msg::Conns(entries).encode(&mut msg);
+            match fdpass::send(&*control, &msg, &fds, true) {
+                Ok(()) => {
+                    drop(fds);
+                    for id in &ids {
+                        if let Some(h) = self.conns.get_mut(id) {
+                            if h.handed {
+                                self.recovered_total += 1;
+                            }
+                            h.owner = Some(wid);
+                            h.handed = true;
+                        }
+                    }
+                    self.waiting.drain(..ids.len());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.arm_retry(Duration::from_millis(2));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(worker = wid, error = %e, "cannot hand connections to worker");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn from_worker(&mut self, id: u32, msg: Msg) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        match msg {
+            Msg::Hello { pid, proto } => {
+                if proto != PROTO_VERSION || pid != w.pid {
+                    tracing::warn!(worker = id, proto, pid, "worker speaks another protocol or lies about its pid");
+                    self.kill(id);
+                    return;
+                }
+                w.greeted = true;
+                let welcome = Msg::Welcome { worker_id: id, generation: w.generation, slots: self.cfg.max_conns };
+                let control = w.control.clone();
+                send_msg(&control, &welcome);
+            }
+            Msg::Ready if w.greeted && w.role == Role::Starting => {
+                tracing::info!(worker = id, pid = w.pid, ms = w.started.elapsed().as_millis() as u64, "worker ready");
+                w.role = Role::Standby;
+                self.start_failures = 0;
+                if self.active.is_none() {
+                    self.promote(id);
+                }
+            }
+            Msg::Closed { conn_id, slot } => {
+                let owned = self.conns.get(&conn_id).is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                if owned {
+                    self.drop_conn(conn_id);
+                } else {
+                    tracing::warn!(worker = id, conn = conn_id, "worker closed a connection it does not own; ignored");
+                }
+            }
+            other => {
+                tracing::warn!(worker = id, ?other, "unexpected message from worker; ignored");
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, conn_id: u64) {
+        if let Some(h) = self.conns.remove(&conn_id) {
+            let _ = self.journal.zero(journal_offset(h.slot), RECORD_SIZE);
+            self.free_slots.push(h.slot);
+            self.release_live(1);
+        }
+    }
+
+    fn promote(&mut self, id: u32) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        w.role = Role::Active;
+        let control = w.control.clone();
+        let pid = w.pid;
+        self.active = Some(id);
+        self.phase = Phase::Serving;
+        send_msg(&control, &Msg::Activate);
+        self.hand_out();
+        if let Some(t0) = self.recovery_started.take() {
+            let us = t0.elapsed().as_micros() as u64;
+            self.last_recovery_us = Some(us);
+            tracing::info!(worker = id, pid, us, "recovered onto standby");
+        } else {
+            tracing::info!(worker = id, pid, "worker active");
+        }
+        self.ensure_workers();
+    }
+
+    fn kill(&mut self, id: u32) {
+        if let Some(w) = self.workers.get(&id) {
+            let _ = rustix::process::kill_process(Pid::from_raw(w.pid as i32).expect("child pid"), Signal::KILL);
+        }
+    }
+
+    fn died(&mut self, id: u32) {
+        let t0 = Instant::now();
+        let Some(mut w) = self.workers.remove(&id) else { return };
+        let how = match w.child.try_wait() {
+            Ok(Some(st)) => describe_exit(st),
+            Ok(None) => "still running?".to_owned(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let was_active = self.active == Some(id);
+        let exit = format!("worker {id} (pid {}, {:?}) {how}", w.pid, w.role);
+        if was_active || w.role == Role::Standby {
+            tracing::warn!(worker = id, pid = w.pid, "{exit}");
+        } else {
+            tracing::info!(worker = id, pid = w.pid, "{exit}");
+        }
+        if w.role == Role::Starting && self.phase != Phase::ShuttingDown {
+            self.start_failures += 1;
+            let backoff = FIRST_BACKOFF.saturating_mul(1 << self.start_failures.min(10)).min(MAX_BACKOFF);
+            self.spawn_after = Some(Instant::now() + backoff);
+        }
+        self.last_exits.push_back(exit);
+        if self.last_exits.len() > EXITS_KEPT {
+            self.last_exits.pop_front();
+        }
+        if was_active {
+            self.active = None;
+            self.restarts += 1;
+            self.recover_from(id, t0);
+            let standby = self.workers.iter().find(|(_, w)| w.role == Role::Standby).map(|(id, _)| *id);
+            match standby {
+                Some(sid) => {
+                    self.recovery_started = Some(t0);
+                    self.promote(sid);
+                }
+                None => {
+                    self.recovery_started = Some(t0);
+                    self.phase = Phase::Recovering;
+                }
+            }
+        }
+        self.ensure_workers();
+    }
+
+    /// Takes back every connection the dead worker owned: validates its
+    /// journal record, closes the ones the service had closed, and queues the
+    /// rest, oldest first, ahead of new arrivals.
+    fn recover_from(&mut self, id: u32, _t0: Instant) {
+        let mut mine: Vec<u64> = self.conns.iter().filter(|(_, h)| h.owner == Some(id)).map(|(c, _)| *c).collect();
+        mine.sort_unstable();
+        let mut back = Vec::with_capacity(mine.len());
+        let mut raw = [0u8; RECORD_SIZE];
+        for cid in mine {
+            let slot = self.conns[&cid].slot;
+            let verdict = match self.journal.read(journal_offset(slot), &mut raw) {
+                Ok(()) => pick(&raw, cid).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match verdict {
+                Ok(rec) if rec.closing() => self.drop_conn(cid),
+                Ok(_) => {
+                    if let Some(h) = self.conns.get_mut(&cid) {
+                        h.owner = None;
+                    }
+                    back.push(cid);
+                }
+                Err(e) => {
+                    tracing::error!(conn = cid, worker = id, error = %e, "journal record unusable; closing connection");
+                    self.drop_conn(cid);
+                }
+            }
+        }
+        for cid in back.into_iter().rev() {
+            self.waiting.push_front(cid);
+        }
+    }
+
+    /// Keeps one worker to serve and `standby` more ready, starting new ones
+    /// (with back-off after failed starts).
+    fn ensure_workers(&mut self) {
+        if self.phase == Phase::ShuttingDown {
+            return;
+        }
+        let spares = self.workers.values().filter(|w| w.role != Role::Active).count();
+        let want = self.cfg.standby + usize::from(self.active.is_none());
+        if spares >= want {
+            return;
+        }
+        if let Some(t) = self.spawn_after {
+            let now = Instant::now();
+            if now < t {
+                self.arm_retry(t - now);
+                return;
+            }
+        }
+        for _ in spares..want {
+            if let Err(e) = self.spawn_worker() {
+                tracing::error!(error = %e, "cannot start worker");
+                self.start_failures += 1;
+                self.spawn_after = Some(Instant::now() + MAX_BACKOFF);
+                self.arm_retry(MAX_BACKOFF);
+                return;
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self) -> Result<u32, KeeperError> {
+        let (mine, theirs) = fdpass::seqpacket_pair()?;
+        let prog: &OsString = &self.cfg.command[0];
+        let mut cmd = Command::new(prog);
+        cmd.args(&self.cfg.command[1..])
+            .env(hf_journal::ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
+            .env(hf_journal::ENV_JOURNAL_FD, self.journal_fd.as_raw_fd().to_string())
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES");
+        hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
+        let child = cmd.spawn().map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
+        drop(theirs);
+        let pid = child.id();
+        let pidfd = rustix::process::pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
+            .map_err(|e| KeeperError::Spawn(prog.clone(), e.into()))?;
+        let id = self.next_worker;
+        self.next_worker += 1;
+        let control = Arc::new(mine);
+        let reader = hf_sys::reactor::register(control.as_fd().try_clone_to_owned()?)?;
+        tokio::spawn(read_control(id, reader, self.tx.clone()));
+        let pidfd = hf_sys::reactor::register(pidfd)?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _ = pidfd.readable().await;
+            let _ = tx.send(Event::Died(id));
+        });
+        tracing::info!(worker = id, pid, generation = self.generation, "worker started");
+        self.workers.insert(
+            id,
+            Worker {
+                pid,
+                generation: self.generation,
+                role: Role::Starting,
+                control,
+                child,
+                greeted: false,
+                started: Instant::now(),
+            },
+        );
+        Ok(id)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut per: HashMap<u32, usize> = HashMap::new();
+        for h in self.conns.values() {
+            if let Some(o) = h.owner {
+                *per.entry(o).or_default() += 1;
+            }
+        }
+        Snapshot {
+            phase: self.phase,
+            keeper_pid: std::process::id(),
+            listeners: self.listeners.clone(),
+            workers: self
+                .workers
+                .iter()
+                .map(|(id, w)| WorkerInfo {
+                    id: *id,
+                    pid: w.pid,
+                    generation: w.generation,
+                    role: w.role,
+                    connections: per.get(id).copied().unwrap_or(0),
+                })
+                .collect(),
+            connections: self.conns.len(),
+            waiting: self.waiting.len(),
+            accepted: self.accepted,
+            restarts: self.restarts,
+            recovered_connections: self.recovered_total,
+            last_recovery_us: self.last_recovery_us,
+            last_exits: self.last_exits.iter().cloned().collect(),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for (id, w) in &self.workers {
+            send_msg(&w.control, &Msg::Shutdown);
+            let _ = rustix::process::kill_process(Pid::from_raw(w.pid as i32).expect("child pid"), Signal::TERM);
+            tracing::debug!(worker = id, "asked to stop");
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for w in self.workers.values_mut() {
+            while Instant::now() < deadline {
+                if matches!(w.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.cfg.control);
+    }
+}
+
+fn send_msg(control: &OwnedFd, msg: &Msg) {
+    let mut out = Vec::with_capacity(64);
+    msg.encode(&mut out);
+    if let Err(e) = fdpass::send(control, &out, &[], true) {
+        tracing::warn!(error = %e, ?msg, "control send failed");
+    }
+}
+
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    if let Some(sig) = st.signal() {
+        let name = signal_name(sig);
+        if st.core_dumped() {
+            format!("killed by {name} (core dumped)")
+        } else {
+            format!("killed by {name}")
+        }
+    } else {
+        format!("exited with code {}", st.code().unwrap_or(-1))
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    let known = [
+        (1, "SIGHUP"), (2, "SIGINT"), (3, "SIGQUIT"), (4, "SIGILL"), (5, "SIGTRAP"), (6, "SIGABRT"),
+        (7, "SIGBUS"), (8, "SIGFPE"), (9, "SIGKILL"), (10, "SIGUSR1"), (11, "SIGSEGV"), (12, "SIGUSR2"),
+        (13, "SIGPIPE"), (14, "SIGALRM"), (15, "SIGTERM"), (24, "SIGXCPU"), (25, "SIGXFSZ"), (31, "SIGSYS"),
+    ];
+    known.iter().find(|(n, _)| *n == sig).map(|(_, s)| (*s).to_owned()).unwrap_or_else(|| format!("signal {sig}"))
+}
+
+async fn read_control(id: u32, fd: AsyncFd<OwnedFd>, tx: mpsc::UnboundedSender<Event>) {
+    let mut buf = vec![0u8; MAX_MSG];
+    loop {
+        let Ok(mut guard) = fd.readable().await else { break };
+        let mut fds = Vec::new();
+        match guard.try_io(|f| fdpass::recv(f.get_ref(), &mut buf, &mut fds, true)) {
+            Err(_would_block) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                let _ = tx.send(Event::ControlClosed(id));
+                break;
+            }
+            Ok(Ok(n)) => {
+                // Workers send no fds; any that came are closed here.
+                drop(fds);
+                let msg = Msg::decode(&buf[..n]).map_err(|e| e.to_string());
+                if tx.send(Event::FromWorker(id, msg)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    l: AsyncFd<OwnedFd>,
+    tx: mpsc::UnboundedSender<Event>,
+    live: Arc<AtomicUsize>,
+    max: usize,
+    room: Arc<Notify>,
+) {
+    loop {
+        // Full: leave new connections in the kernel's backlog until a slot frees.
+        while live.load(Ordering::Relaxed) >= max {
+            let notified = room.notified();
+            if live.load(Ordering::Relaxed) < max {
+                break;
+            }
+            notified.await;
+        }
+        let Ok(mut guard) = l.readable().await else { return };
+        let mut batch = Vec::new();
+        while batch.len() < MAX_FDS_PER_MSG && live.load(Ordering::Relaxed) + batch.len() < max {
+            match guard.try_io(|l| rustix::net::accept_with(l.get_ref(), SocketFlags::CLOEXEC).map_err(Into::into)) {
+                Ok(Ok(fd)) => batch.push(fd),
+                Ok(Err(e)) => {
+                    // EMFILE and friends: keep what we have, pause a little.
+                    let errno = Errno::from_io_error(&e);
+                    if errno != Some(Errno::CONNABORTED) {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    break;
+                }
+                Err(_would_block) => break,
+            }
+        }
+        if !batch.is_empty() {
+            live.fetch_add(batch.len(), Ordering::Relaxed);
+            if tx.send(Event::Accepted(batch)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Binds the control socket in an owner-only directory.
+fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), KeeperError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |e: std::io::Error| KeeperError::Control(path.to_owned(), e);
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another keeper is running there (use --control to pick another path)",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut r = tokio::io::BufReader::new(r).take(4096);
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let reply = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) if req.cmd == "status" => {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send(Event::Status(otx)).is_err() {
+                            return;
+                        }
+                        match orx.await {
+                            Ok(s) => serde_json::to_string(&s).unwrap_or_default(),
+                            Err(_) => return,
+                        }
+                    }
+                    Ok(req) => format!("{{\"error\":\"unknown command {:?}\"}}", req.cmd),
+                    Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
+                };
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            });
+        }
+    });
+    Ok(())
+}

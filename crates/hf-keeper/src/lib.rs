@@ -1,0 +1,86 @@
+//! # hf-keeper — the process that holds on
+//!
+//! The keeper owns everything a crash must not take away: the listening
+//! sockets, a dup of every accepted connection, the journal memfd, and the
+//! workers' control sockets. It has no application logic and does no work
+//! per request: in steady state it sleeps in `epoll` while workers serve.
+//!
+//! ```text
+//!  accept ──► hand to active worker (SCM_RIGHTS, ≤253 fds a message)
+//!  worker dies (pidfd readable)
+//!    ├─ read each of its connections' journal records (copy out, validate)
+//!    ├─ promote a ready standby, hand it every connection (RECOVERED)
+//!    └─ start a new standby
+//!  worker says Closed ──► drop the dup, free the journal slot
+//! ```
+//!
+//! Ordering constraints, and why:
+//! - A connection's journal record is initialised *before* its fd leaves
+//!   the keeper, so any record a worker later tears is still backed by an
+//!   older valid one.
+//! - The keeper keeps its dup until the worker reports `Closed` (or dies
+//!   with the record saying so): if the last holder of a socket closes it
+//!   with unread input, the peer gets an RST.
+//! - Nothing a worker writes is trusted: records are copied out of shared
+//!   memory and validated; control messages are framed and checksummed; a
+//!   worker naming a connection it does not own is ignored.
+//!
+//! Non-goals here: application protocols, TLS, anything per request.
+
+#![forbid(unsafe_code)]
+
+mod keeper;
+mod listen;
+pub mod status;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use keeper::run;
+
+/// Journal header: one page before the records (room for per-worker
+/// heartbeats and versioning).
+pub use hf_journal::record::RECORD_SIZE;
+
+/// What `holdfast run` was asked to do.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to bind; empty means "inherit from systemd".
+    pub listen: Vec<SocketAddr>,
+    /// Hot standby workers to keep ready.
+    pub standby: usize,
+    /// Path of the control socket (`holdfast status`).
+    pub control: PathBuf,
+    /// Maximum connections held at once; more wait in the listen backlog.
+    pub max_conns: u32,
+    /// The worker command and its arguments.
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeeperError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("inherited listeners: {0}")]
+    Inherit(String),
+    #[error("nothing to listen on: give --listen ADDR or start under systemd socket activation")]
+    NoListeners,
+    #[error("no worker command given")]
+    NoCommand,
+    #[error("control socket {0}: {1}")]
+    Control(PathBuf, std::io::Error),
+    #[error("cannot start worker {0:?}: {1}")]
+    Spawn(OsString, std::io::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The default control socket: `$XDG_RUNTIME_DIR/holdfast/control.sock`, or
+/// `/tmp/holdfast-UID/control.sock`.
+pub fn default_control_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("holdfast").join("control.sock"),
+        _ => PathBuf::from(format!("/tmp/holdfast-{}", rustix::process::getuid().as_raw())).join("control.sock"),
+    }
+}

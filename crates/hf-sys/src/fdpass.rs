@@ -1,0 +1,93 @@
+//! Messages with file descriptors on `SOCK_SEQPACKET` Unix sockets.
+//!
+//! # References
+//! - unix(7): `SCM_RIGHTS`, at most 253 fds per message (`SCM_MAX_FD`)
+//! - recvmsg(2): `MSG_CMSG_CLOEXEC`
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+
+/// The kernel's limit of fds in one message.
+pub const MAX_FDS: usize = 253;
+
+/// A connected pair of `SOCK_SEQPACKET` sockets, both close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
+}
+
+/// Sends one message carrying `fds`. Fails with `InvalidInput` above
+/// [`MAX_FDS`]. `MSG_NOSIGNAL`: a dead peer is an error, not a SIGPIPE.
+pub fn send(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>], nonblocking: bool) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "more than 253 fds in one message"));
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "control buffer too small"));
+    }
+    let mut flags = SendFlags::NOSIGNAL;
+    if nonblocking {
+        flags |= SendFlags::DONTWAIT;
+    }
+    let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, flags)?;
+    if n != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short seqpacket send"));
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf`, appending any fds to `fds` (all
+/// `CLOEXEC`). Returns the message length; `Ok(0)` means the peer closed.
+/// A message or fd list the buffers could not hold is an error, and the fds
+/// that did arrive are closed rather than leaked.
+pub fn recv(sock: impl AsFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, nonblocking: bool) -> io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut flags = RecvFlags::CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= RecvFlags::DONTWAIT;
+    }
+    let msg = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, flags)?;
+    let mut got = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            got.extend(rights);
+        }
+    }
+    if msg.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated"));
+    }
+    fds.extend(got);
+    Ok(msg.bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fds_travel_and_limits_hold() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (p, q) = seqpacket_pair().unwrap();
+        send(&a, b"hi", &[p.as_fd(), q.as_fd()], false).unwrap();
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        assert_eq!(recv(&b, &mut buf, &mut fds, false).unwrap(), 2);
+        assert_eq!(fds.len(), 2);
+        let many: Vec<BorrowedFd<'_>> = (0..254).map(|_| p.as_fd()).collect();
+        assert!(send(&a, b"x", &many, false).is_err());
+        send(&a, b"x", &many[..253], false).unwrap();
+        fds.clear();
+        recv(&b, &mut buf, &mut fds, false).unwrap();
+        assert_eq!(fds.len(), 253);
+        drop(a);
+        assert_eq!(recv(&b, &mut buf, &mut fds, false).unwrap(), 0);
+    }
+}

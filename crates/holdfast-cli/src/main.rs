@@ -1,0 +1,161 @@
+//! `holdfast`: the keeper and its command line. Thin: the keeper lives in
+//! `hf-keeper`; this file parses arguments, sets up logging, and maps
+//! errors to exit codes.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hf_keeper::status::{self, Snapshot};
+
+#[derive(Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Zero-loss crash recovery for network services",
+    long_about = "Zero-loss crash recovery for network services.\n\n\
+        The keeper owns the listening sockets and every client connection; the service runs as a \
+        worker that can be killed at any instant (or crash) without its clients noticing more \
+        than a short stall: a hot standby takes over every connection where the dead worker left it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run CMD as a worker under the keeper.
+    #[command(
+        after_help = "Examples:\n  holdfast run --listen 127.0.0.1:8080 -- hf-httpd --root /srv/www\n  \
+                      holdfast run --listen [::1]:8080 --standby 2 -- ./my-service --flag\n\n\
+                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS)."
+    )]
+    Run {
+        /// Address to listen on (IPv4 or [IPv6]:port); repeat for more.
+        #[arg(long = "listen", value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        /// Hot standby workers kept started and initialised.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        standby: usize,
+        /// Control socket for `holdfast status`.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Connections held at once; more wait in the kernel's listen backlog.
+        #[arg(long, default_value_t = 65536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_conns: u32,
+        /// The worker command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Show the keeper's phase, workers and connections.
+    Status {
+        /// Control socket of the keeper.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run hf-httpd over a built-in sample site under the keeper, and show what to try.
+    Demo {
+        /// Where the demo listens.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Control socket (default: the usual one).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holdfast: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run { listen, standby, control, max_conns, command } => {
+            let control = control.unwrap_or_else(hf_keeper::default_control_path);
+            hf_keeper::run(hf_keeper::Config { listen, standby, control, max_conns, command })?;
+            Ok(())
+        }
+        Cmd::Status { control, json } => {
+            let path = control.unwrap_or_else(hf_keeper::default_control_path);
+            let snap = status::query(&path)
+                .with_context(|| format!("no keeper answers at {} (is `holdfast run` running?)", path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snap)?);
+            } else {
+                print_status(&snap);
+            }
+            Ok(())
+        }
+        Cmd::Demo { listen, control } => demo(listen, control),
+    }
+}
+
+fn print_status(s: &Snapshot) {
+    println!("phase        {:?}", s.phase);
+    println!("keeper pid   {}", s.keeper_pid);
+    println!("listening    {}", s.listeners.join(", "));
+    println!("connections  {} held, {} waiting for a worker, {} accepted in all", s.connections, s.waiting, s.accepted);
+    println!("restarts     {} ({} connections recovered)", s.restarts, s.recovered_connections);
+    match s.last_recovery_us {
+        Some(us) => println!("last recovery {us} µs (death noticed → connections handed over)"),
+        None => println!("last recovery -"),
+    }
+    println!("workers:");
+    for w in &s.workers {
+        println!("  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections", w.id, w.pid, w.generation, format!("{:?}", w.role).to_lowercase(), w.connections);
+    }
+    if !s.last_exits.is_empty() {
+        println!("last exits:");
+        for e in &s.last_exits {
+            println!("  {e}");
+        }
+    }
+}
+
+fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot locate the holdfast binary")?;
+    let httpd = exe.with_file_name("hf-httpd");
+    if !httpd.exists() {
+        bail!("hf-httpd not found next to {} (build the workspace: cargo build --release)", exe.display());
+    }
+    let site = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
+    let control = control.unwrap_or_else(hf_keeper::default_control_path);
+    println!("holdfast demo: hf-httpd serving a sample site from {} on http://{listen}/", site.display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  curl -i http://{listen}/hello.txt");
+    println!("  curl -s http://{listen}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
+    println!("  holdfast status --control {}      # worker pids", control.display());
+    println!("  kill -9 <active worker pid>                # while the download runs: it completes, intact");
+    println!("  holdfast status --control {}      # restarts, last recovery time", control.display());
+    println!();
+    println!("Stop with Ctrl-C.");
+    let command = vec![httpd.into_os_string(), "--demo-site".into(), site.clone().into_os_string()];
+    let r = hf_keeper::run(hf_keeper::Config { listen: vec![listen], standby: 1, control, max_conns: 65536, command });
+    let _ = std::fs::remove_dir_all(&site);
+    r?;
+    Ok(())
+}

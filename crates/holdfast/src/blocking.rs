@@ -1,0 +1,203 @@
+//! The blocking flavour: `std::io::Read`/`Write` connections, one thread
+//! (or one loop) per connection.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use hf_journal::wire::{ConnEntry, CONN_RECOVERED, MAX_MSG};
+
+use crate::core::Core;
+use crate::worker::{Incoming, Link};
+use crate::{Error, Mode};
+
+/// Yields new and recovered connections.
+pub struct Listener {
+    inner: Inner,
+}
+
+enum Inner {
+    Pass(Vec<TcpListener>),
+    Kept { link: Arc<Link>, queue: VecDeque<(ConnEntry, OwnedFd)>, buf: Vec<u8> },
+}
+
+/// Turns a handed-over fd into a connection, or logs why it cannot be.
+pub(crate) fn adopt(link: &Arc<Link>, entry: ConnEntry, fd: &OwnedFd, nonblocking: bool) -> Option<Core> {
+    let recovered = entry.flags & CONN_RECOVERED != 0;
+    match Core::kept(fd.as_fd(), link.clone(), entry.conn_id, entry.slot, recovered, nonblocking) {
+        Ok(core) => Some(core),
+        Err(e) => {
+            tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
+            // Dropping a `Core` that never came to be: tell the keeper.
+            let _ = link.send(&hf_journal::wire::Msg::Closed { conn_id: entry.conn_id, slot: entry.slot });
+            None
+        }
+    }
+}
+
+impl Listener {
+    /// Under a keeper, connects to it (the addresses are the keeper's
+    /// business and are ignored); otherwise binds `addrs` (pass-through).
+    pub fn bind(addrs: &[SocketAddr]) -> Result<Listener, Error> {
+        match Link::from_env()? {
+            Some(link) => {
+                link.ready()?;
+                Ok(Listener { inner: Inner::Kept { link, queue: VecDeque::new(), buf: vec![0; MAX_MSG] } })
+            }
+            None => {
+                if addrs.is_empty() {
+                    return Err(Error::NoAddress);
+                }
+                let ls = addrs.iter().map(TcpListener::bind).collect::<io::Result<Vec<_>>>()?;
+                Ok(Listener { inner: Inner::Pass(ls) })
+            }
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match &self.inner {
+            Inner::Pass(_) => Mode::PassThrough,
+            Inner::Kept { link, .. } => Mode::Kept(link.id),
+        }
+    }
+
+    /// Bound addresses in pass-through mode (empty under a keeper).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        match &self.inner {
+            Inner::Pass(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Inner::Kept { .. } => Vec::new(),
+        }
+    }
+
+    /// The next connection; `Ok(None)` when the keeper asks this worker to
+    /// stop.
+    pub fn accept(&mut self) -> Result<Option<Conn>, Error> {
+        match &mut self.inner {
+            Inner::Pass(ls) => {
+                let idx = if ls.len() == 1 { 0 } else { wait_any(ls)? };
+                let (s, _) = ls[idx].accept()?;
+                Ok(Some(Conn { fd: OwnedFd::from(s), core: Core::pass_through(false) }))
+            }
+            Inner::Kept { link, queue, buf } => loop {
+                if let Some((entry, fd)) = queue.pop_front() {
+                    if let Some(core) = adopt(link, entry, &fd, false) {
+                        return Ok(Some(Conn { fd, core }));
+                    }
+                    continue;
+                }
+                let mut fds = Vec::new();
+                let n = hf_sys::fdpass::recv(link.control(), buf, &mut fds, false)?;
+                match link.decode(&buf[..n], fds)? {
+                    Some(Incoming::Conns(list)) => queue.extend(list),
+                    Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
+                    Some(Incoming::Shutdown) => return Ok(None),
+                    None => {}
+                }
+            },
+        }
+    }
+}
+
+fn wait_any(ls: &[TcpListener]) -> io::Result<usize> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds: Vec<PollFd<'_>> = ls.iter().map(|l| PollFd::new(l, PollFlags::IN)).collect();
+        poll(&mut fds, None)?;
+        if let Some(i) = fds.iter().position(|f| f.revents().contains(PollFlags::IN)) {
+            return Ok(i);
+        }
+    }
+}
+
+/// A client connection. Reads are tentative until [`Conn::commit`]; writes
+/// are journaled. Dropping it closes the connection for good.
+pub struct Conn {
+    fd: OwnedFd,
+    core: Core,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.core.close(self.fd.as_fd());
+    }
+}
+
+impl Conn {
+    /// True when this connection was served by a worker that died; the
+    /// state blob says where it stood.
+    pub fn recovered(&self) -> bool {
+        self.core.recovered()
+    }
+
+    /// The keeper's id of this connection (`None` in pass-through mode).
+    pub fn id(&self) -> Option<u64> {
+        self.core.conn_id()
+    }
+
+    /// The state blob saved by the last commit, with its version (empty for a
+    /// new connection).
+    pub fn state(&self) -> (u16, &[u8]) {
+        self.core.state()
+    }
+
+    /// Ends a request: `consumed` more input bytes are done with, and `state`
+    /// (at most [`crate::MAX_STATE`] bytes) is what a new worker needs to go
+    /// on from here.
+    pub fn commit(&mut self, consumed: usize, state: &[u8]) -> io::Result<()> {
+        self.commit_versioned(consumed, 1, state)
+    }
+
+    /// [`Conn::commit`] with an explicit state schema version.
+    pub fn commit_versioned(&mut self, consumed: usize, version: u16, state: &[u8]) -> io::Result<()> {
+        self.core.flush_pending(self.fd.as_fd())?;
+        self.core.commit(self.fd.as_fd(), consumed, version, state)
+    }
+
+    /// Returns `make()` the first time a request runs and the same bytes
+    /// when it is replayed after a crash (at most 59 bytes per request in all).
+    pub fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
+        self.core.record(make)
+    }
+
+    /// The current time in seconds since the epoch, recorded (see [`Conn::record`]).
+    pub fn now(&mut self) -> io::Result<u64> {
+        crate::bytes_to_secs(&self.core.record(crate::now_bytes)?)
+    }
+
+    /// Closes the connection now (dropping it does the same).
+    pub fn close(self) {
+        drop(self);
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        peer_addr(self.fd.as_fd())
+    }
+}
+
+pub(crate) fn peer_addr(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let a = rustix::net::getpeername(fd)?.ok_or_else(|| io::Error::other("no peer address"))?;
+    SocketAddr::try_from(a).map_err(|_| io::Error::other("not an IP peer"))
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.core.read(self.fd.as_fd(), buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.core.write(self.fd.as_fd(), buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.core.flush_pending(self.fd.as_fd())
+    }
+}

@@ -1,0 +1,117 @@
+//! # holdfast — connections that outlive the process serving them
+//!
+//! A service built on this library can be killed at any instant (SIGKILL, a
+//! panic, an OOM kill) and its clients see only a short stall: no reset, no
+//! lost byte, no duplicated byte. The `holdfast run` keeper owns the
+//! listening sockets, accepts every connection, keeps a dup of it, and hands
+//! it to a worker — this process — over a control socket. When the worker
+//! dies, a hot standby already started and initialised receives the same
+//! connections and carries on.
+//!
+//! ## The model
+//!
+//! A connection is two byte streams and a sequence of *commit points*.
+//! Between two commits the service reads some input and writes the output
+//! that input produces. [`Conn::commit`] (or
+//! [`tokio::Conn::commit`](crate::tokio::Conn::commit)) says: these many
+//! input bytes are done with, the output so far is their whole answer, and
+//! here is a small *state blob* a new worker needs to carry on (an FTP
+//! login, a file offset; nothing for a plain HTTP server).
+//!
+//! After a crash the new worker gets the connection back with that state
+//! blob. Every input byte since the last commit is still in the kernel's
+//! receive queue (this library peeks instead of reading), so the service
+//! simply reads and answers it again. The output it regenerates is compared
+//! with what the client already has — the kernel knows exactly how many bytes
+//! went out — and only the missing tail is sent.
+//!
+//! ## What the service must do
+//!
+//! - Use [`Listener`] / [`Conn`] (or the [`tokio`] flavour) for its
+//!   connections and call `commit` at request boundaries.
+//! - Answer the same input with the same bytes. Values that differ from run to
+//!   run (the time in a `Date` header, a random id) go through
+//!   [`Conn::record`] / [`Conn::now`], which return on replay what they
+//!   returned the first time. A response that still comes out different is
+//!   detected by checksum, logged, and that one connection is closed cleanly;
+//!   two different responses are never spliced.
+//! - Create the listener after initialising: that is when the keeper counts
+//!   the worker as ready to take over.
+//!
+//! ## Guarantees and limits
+//!
+//! - Input: every byte a client sent reaches a worker; a request cut short by
+//!   a crash is read again from the last commit.
+//! - Output: the client receives exactly one crash-free run's bytes.
+//! - Side effects outside the connection (files, databases, upstream
+//!   servers) happen **at least once**: a request replayed after a crash runs
+//!   again.
+//! - A request must fit in the socket's receive buffer until it is committed
+//!   (peeked input stays queued); services that take large uploads commit
+//!   them piecewise with their progress in the state blob.
+//! - No TLS.
+//!
+//! ## Pass-through
+//!
+//! Started without a keeper (no `HOLDFAST_*` environment), the same API binds
+//! its own listeners and uses plain reads and writes: the same binary runs
+//! with and without holdfast, which is also how the overhead is measured.
+
+#![forbid(unsafe_code)]
+
+mod blocking;
+mod core;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+mod worker;
+
+pub use blocking::{Conn, Listener};
+pub use worker::{Identity, ENV_CONTROL_FD, ENV_JOURNAL_FD};
+
+/// The state blob limit of one connection (bytes).
+pub const MAX_STATE: usize = hf_journal::record::MAX_STATE;
+
+/// How the process is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Started by `holdfast run`: connections survive this process.
+    Kept(Identity),
+    /// Started on its own: plain sockets, nothing survives.
+    PassThrough,
+}
+
+/// Errors of the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad holdfast environment: {0}")]
+    Environment(String),
+    #[error("the keeper went away")]
+    KeeperGone,
+    #[error("control protocol: {0}")]
+    Protocol(String),
+    #[error("no address to listen on (pass-through mode needs at least one)")]
+    NoAddress,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl From<rustix::io::Errno> for Error {
+    fn from(e: rustix::io::Errno) -> Error {
+        Error::Io(e.into())
+    }
+}
+
+/// Seconds since the epoch, as an 8-byte little-endian value, for recording.
+pub(crate) fn now_bytes() -> Vec<u8> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    secs.to_le_bytes().to_vec()
+}
+
+pub(crate) fn bytes_to_secs(v: &[u8]) -> std::io::Result<u64> {
+    v.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "recorded time is not 8 bytes"))
+}

@@ -1,0 +1,237 @@
+//! The tokio flavour: connections are `AsyncRead + AsyncWrite`.
+//!
+//! All socket calls use `MSG_DONTWAIT` instead of `O_NONBLOCK`, because the
+//! socket's file status flags are shared with the keeper's dup and with the
+//! next worker, which may be a blocking service.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::net::TcpListener;
+use hf_journal::wire::{ConnEntry, MAX_MSG};
+
+use crate::blocking::adopt;
+use crate::core::Core;
+use crate::worker::{Incoming, Link};
+use crate::{Error, Mode};
+
+/// Yields new and recovered connections.
+pub struct Listener {
+    inner: Inner,
+}
+
+enum Inner {
+    Pass(Vec<TcpListener>),
+    Kept { link: Arc<Link>, control: AsyncFd<OwnedFd>, queue: VecDeque<(ConnEntry, OwnedFd)>, buf: Vec<u8> },
+}
+
+impl Listener {
+    /// Under a keeper, connects to it (the addresses are ignored); otherwise
+    /// binds `addrs` (pass-through). Must be called inside a tokio runtime.
+    pub async fn bind(addrs: &[SocketAddr]) -> Result<Listener, Error> {
+        match Link::from_env()? {
+            Some(link) => {
+                let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
+                link.ready()?;
+                Ok(Listener { inner: Inner::Kept { link, control, queue: VecDeque::new(), buf: vec![0; MAX_MSG] } })
+            }
+            None => {
+                if addrs.is_empty() {
+                    return Err(Error::NoAddress);
+                }
+                let mut ls = Vec::new();
+                for a in addrs {
+                    ls.push(TcpListener::bind(a).await?);
+                }
+                Ok(Listener { inner: Inner::Pass(ls) })
+            }
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match &self.inner {
+            Inner::Pass(_) => Mode::PassThrough,
+            Inner::Kept { link, .. } => Mode::Kept(link.id),
+        }
+    }
+
+    /// Bound addresses in pass-through mode (empty under a keeper).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        match &self.inner {
+            Inner::Pass(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Inner::Kept { .. } => Vec::new(),
+        }
+    }
+
+    /// The next connection; `Ok(None)` when the keeper asks this worker to stop.
+    pub async fn accept(&mut self) -> Result<Option<Conn>, Error> {
+        match &mut self.inner {
+            Inner::Pass(ls) => {
+                let s = poll_fn(|cx| {
+                    for l in ls.iter() {
+                        if let Poll::Ready(r) = l.poll_accept(cx) {
+                            return Poll::Ready(r.map(|(s, _)| s));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await?;
+                let fd = OwnedFd::from(s.into_std()?);
+                Ok(Some(Conn::new(fd, Core::pass_through(true))?))
+            }
+            Inner::Kept { link, control, queue, buf } => loop {
+                if let Some((entry, fd)) = queue.pop_front() {
+                    if let Some(core) = adopt(link, entry, &fd, true) {
+                        return Ok(Some(Conn::new(fd, core)?));
+                    }
+                    continue;
+                }
+                let mut guard = control.readable().await?;
+                let mut fds = Vec::new();
+                let n = match guard.try_io(|c| hf_sys::fdpass::recv(c, buf, &mut fds, true)) {
+                    Ok(r) => r?,
+                    Err(_would_block) => continue,
+                };
+                match link.decode(&buf[..n], fds)? {
+                    Some(Incoming::Conns(list)) => queue.extend(list),
+                    Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
+                    Some(Incoming::Shutdown) => return Ok(None),
+                    None => {}
+                }
+            },
+        }
+    }
+}
+
+/// A client connection. Reads are tentative until [`Conn::commit`]; writes
+/// are journaled. Dropping it closes the connection for good.
+pub struct Conn {
+    io: AsyncFd<OwnedFd>,
+    core: Core,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.core.close(self.io.get_ref().as_fd());
+    }
+}
+
+impl Conn {
+    fn new(fd: OwnedFd, core: Core) -> io::Result<Conn> {
+        match hf_sys::reactor::register(fd) {
+            Ok(io) => Ok(Conn { io, core }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when this connection was served by a worker that died.
+    pub fn recovered(&self) -> bool {
+        self.core.recovered()
+    }
+
+    /// The keeper's id of this connection (`None` in pass-through mode).
+    pub fn id(&self) -> Option<u64> {
+        self.core.conn_id()
+    }
+
+    /// The state blob saved by the last commit, with its version.
+    pub fn state(&self) -> (u16, &[u8]) {
+        self.core.state()
+    }
+
+    /// Ends a request; see [`crate::Conn::commit`]. Waits until replayed
+    /// output held back for verification is on the socket.
+    pub async fn commit(&mut self, consumed: usize, state: &[u8]) -> io::Result<()> {
+        self.commit_versioned(consumed, 1, state).await
+    }
+
+    /// [`Conn::commit`] with an explicit state schema version.
+    pub async fn commit_versioned(&mut self, consumed: usize, version: u16, state: &[u8]) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush_pending(cx)).await?;
+        self.core.commit(self.io.get_ref().as_fd(), consumed, version, state)
+    }
+
+    /// See [`crate::Conn::record`].
+    pub fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
+        self.core.record(make)
+    }
+
+    /// The current time in seconds since the epoch, recorded.
+    pub fn now(&mut self) -> io::Result<u64> {
+        crate::bytes_to_secs(&self.core.record(crate::now_bytes)?)
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        crate::blocking::peer_addr(self.io.get_ref().as_fd())
+    }
+
+    fn poll_flush_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.core.has_pending() {
+            let mut guard = ready!(self.io.poll_write_ready(cx))?;
+            let core = &mut self.core;
+            match guard.try_io(|fd| core.flush_pending(fd.get_ref().as_fd())) {
+                Ok(r) => r?,
+                Err(_would_block) => continue,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.io.get_ref().as_fd()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let mut guard = ready!(this.io.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let core = &mut this.core;
+            match guard.try_io(|fd| core.read(fd.get_ref().as_fd(), unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            let mut guard = ready!(this.io.poll_write_ready(cx))?;
+            let core = &mut this.core;
+            match guard.try_io(|fd| core.write(fd.get_ref().as_fd(), buf)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_pending(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_flush_pending(cx))?;
+        this.core.close(this.io.get_ref().as_fd());
+        Poll::Ready(Ok(()))
+    }
+}

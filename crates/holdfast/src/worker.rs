@@ -1,0 +1,127 @@
+//! The worker's link to its keeper: the control socket and the journal.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use hf_journal::wire::{ConnEntry, Msg, MAX_MSG, PROTO_VERSION};
+use hf_sys::shm::SharedMem;
+
+use crate::Error;
+
+pub use hf_journal::{ENV_CONTROL_FD, ENV_JOURNAL_FD};
+
+/// What the keeper told this worker in its `Welcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub worker_id: u32,
+    pub generation: u32,
+    pub slots: u32,
+}
+
+/// Shared by the listener and every connection of a worker run by a keeper.
+pub(crate) struct Link {
+    control: OwnedFd,
+    pub(crate) journal: SharedMem,
+    pub(crate) id: Identity,
+}
+
+/// A message from the keeper, with the fds that came with it.
+pub(crate) enum Incoming {
+    Conns(Vec<(ConnEntry, OwnedFd)>),
+    Activate,
+    Shutdown,
+}
+
+fn env_fd(name: &str) -> Result<Option<RawFd>, Error> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(_) => Err(Error::Environment(format!("{name} is not valid UTF-8"))),
+        Ok(v) => v
+            .parse::<RawFd>()
+            .ok()
+            .filter(|fd| *fd > 2)
+            .map(Some)
+            .ok_or_else(|| Error::Environment(format!("{name}={v} is not a file descriptor number"))),
+    }
+}
+
+fn take_inherited(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
+    hf_sys::inherited::take(fd).map_err(|e| Error::Environment(format!("{what} fd {fd}: {e}")))
+}
+
+impl Link {
+    /// Connects to the keeper named by the environment, or `None` when the
+    /// process was not started by a keeper (pass-through mode).
+    pub(crate) fn from_env() -> Result<Option<Arc<Link>>, Error> {
+        let (Some(cfd), Some(jfd)) = (env_fd(ENV_CONTROL_FD)?, env_fd(ENV_JOURNAL_FD)?) else {
+            return Ok(None);
+        };
+        let control = take_inherited(cfd, "control socket")?;
+        let journal_fd = take_inherited(jfd, "journal")?;
+        let journal = SharedMem::map(&journal_fd).map_err(|e| Error::Environment(format!("journal: {e}")))?;
+        drop(journal_fd);
+
+        let mut out = Vec::new();
+        Msg::Hello { pid: std::process::id(), proto: PROTO_VERSION }.encode(&mut out);
+        hf_sys::fdpass::send(&control, &out, &[], false)?;
+        let mut buf = vec![0u8; MAX_MSG];
+        let mut fds = Vec::new();
+        let n = hf_sys::fdpass::recv(&control, &mut buf, &mut fds, false)?;
+        if n == 0 {
+            return Err(Error::KeeperGone);
+        }
+        let id = match Msg::decode(&buf[..n]) {
+            Ok(Msg::Welcome { worker_id, generation, slots }) => Identity { worker_id, generation, slots },
+            Ok(other) => return Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+            Err(e) => return Err(Error::Protocol(e.to_string())),
+        };
+        let need = hf_journal::record_offset(id.slots);
+        if journal.len() < need {
+            return Err(Error::Protocol(format!("journal of {} bytes cannot hold {} records", journal.len(), id.slots)));
+        }
+        tracing::debug!(worker = id.worker_id, generation = id.generation, "connected to keeper");
+        Ok(Some(Arc::new(Link { control, journal, id })))
+    }
+
+    pub(crate) fn control(&self) -> BorrowedFd<'_> {
+        self.control.as_fd()
+    }
+
+    pub(crate) fn send(&self, msg: &Msg) -> io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        msg.encode(&mut out);
+        hf_sys::fdpass::send(&self.control, &out, &[], false)
+    }
+
+    /// Decodes one message received from the keeper. Anything malformed is
+    /// a protocol error: the keeper is trusted less than nothing by nobody,
+    /// but a garbled control stream means this worker cannot go on safely.
+    pub(crate) fn decode(&self, buf: &[u8], fds: Vec<OwnedFd>) -> Result<Option<Incoming>, Error> {
+        if buf.is_empty() {
+            return Err(Error::KeeperGone);
+        }
+        let msg = Msg::decode(buf).map_err(|e| Error::Protocol(e.to_string()))?;
+        match msg {
+            Msg::Conns(entries) => {
+                if entries.len() != fds.len() {
+                    return Err(Error::Protocol(format!("{} conns with {} fds", entries.len(), fds.len())));
+                }
+                if let Some(e) = entries.iter().find(|e| e.slot >= self.id.slots) {
+                    return Err(Error::Protocol(format!("slot {} out of range", e.slot)));
+                }
+                Ok(Some(Incoming::Conns(entries.into_iter().zip(fds).collect())))
+            }
+            Msg::Activate => Ok(Some(Incoming::Activate)),
+            Msg::Shutdown => Ok(Some(Incoming::Shutdown)),
+            other => {
+                tracing::warn!(?other, "unexpected message from keeper, ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    pub(crate) fn ready(&self) -> io::Result<()> {
+        self.send(&Msg::Ready)
+    }
+}

@@ -1,0 +1,118 @@
+//! hf-testsvc: a small request/response service on the *blocking* holdfast
+//! flavour, built for tests that need control over timing and output.
+//!
+//! Protocol: one request per line, `REQ <id> <len> <delay_ms>\n`. The answer
+//! is `RESP <id> <len>\n` followed by `len` bytes of a pattern derived from
+//! `id`, then `\n`. The first half of the answer is written, the service
+//! sleeps `delay_ms`, then writes the rest — so a test can kill the worker
+//! between the halves. `--diverge` mixes the worker's pid into the pattern:
+//! a replay then differs from what the client already has, which holdfast
+//! must detect. A malformed line gets `ERR\n`.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use holdfast::{Conn, Listener};
+
+#[derive(Parser)]
+#[command(name = "hf-testsvc", about = "Line-protocol test service for holdfast")]
+struct Args {
+    /// Address to listen on without a keeper.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Mix the worker pid into the answers, so replays differ.
+    #[arg(long)]
+    diverge: bool,
+    /// Sleep this long before becoming ready (a slow-starting service).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    init_ms: u64,
+}
+
+/// The answer body for request `id`: what a client checks byte for byte.
+pub fn pattern(id: u64, len: usize, salt: u64) -> Vec<u8> {
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt ^ 0xDEAD_BEEF;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let args = Args::parse();
+    std::thread::sleep(Duration::from_millis(args.init_ms));
+    let salt = if args.diverge { u64::from(std::process::id()) } else { 0 };
+    let mut listener = match Listener::bind(&args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hf-testsvc: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for a in listener.local_addrs() {
+        eprintln!("hf-testsvc listening on {a}");
+    }
+    loop {
+        match listener.accept() {
+            Ok(Some(conn)) => {
+                std::thread::spawn(move || serve(conn, salt));
+            }
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hf-testsvc: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+}
+
+fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
+            answer(&mut c, &line, salt)?;
+            c.commit(nl + 1, &[])?;
+            buf.drain(..=nl);
+        }
+        let n = c.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let parsed = match f.as_slice() {
+        ["REQ", id, len, delay] => match (id.parse::<u64>(), len.parse::<usize>(), delay.parse::<u64>()) {
+            (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, d)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some((id, len, delay)) = parsed else {
+        return c.write_all(b"ERR\n");
+    };
+    let mut out = format!("RESP {id} {len}\n").into_bytes();
+    out.extend_from_slice(&pattern(id, len, salt));
+    out.push(b'\n');
+    let half = out.len() / 2;
+    c.write_all(&out[..half])?;
+    c.flush()?;
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    c.write_all(&out[half..])
+}

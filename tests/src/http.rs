@@ -1,0 +1,127 @@
+//! A strict HTTP/1.1 client for tests: keep-alive, pipelining, bodies by
+//! `Content-Length`, and errors that say whether the connection was reset or
+//! cut short.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> io::Result<Client> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_nodelay(true)?;
+        Ok(Client { s, buf: Vec::new() })
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.s
+    }
+
+    pub fn send(&mut self, raw: &[u8]) -> io::Result<()> {
+        self.s.write_all(raw)
+    }
+
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())?;
+        self.read_response(false)
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 65536];
+        let n = self.s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Reads one response (`head_only` for answers to HEAD).
+    pub fn read_response(&mut self, head_only: bool) -> io::Result<Response> {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let (Some(proto), Some(code)) = (parts.next(), parts.next()) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+        };
+        if !proto.starts_with("HTTP/1.") {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+        }
+        let status = code.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad status code"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+            .collect();
+        self.buf.drain(..end);
+        let len: usize = if head_only {
+            0
+        } else {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse().ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Content-Length"))?
+        };
+        while self.buf.len() < len {
+            self.fill()?;
+        }
+        let body = self.buf.drain(..len).collect();
+        Ok(Response { status, headers, body })
+    }
+}
+
+/// Deterministic content for test files.
+pub fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes files of varied sizes into `dir`; returns (url path, content).
+pub fn make_site(dir: &Path, sizes: &[usize]) -> Vec<(String, Vec<u8>)> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let name = format!("f{i}-{len}.bin");
+            let data = content(len, i as u64 + 1);
+            std::fs::write(dir.join(&name), &data).expect("write test file");
+            (format!("/{name}"), data)
+        })
+        .collect()
+}

@@ -1,0 +1,221 @@
+//! # hf-tests — the harness behind holdfast's integration tests
+//!
+//! Tests here start the real `holdfast` keeper with real services
+//! (`hf-httpd`, `hf-testsvc`), drive them with real clients, SIGKILL workers
+//! at awkward moments and check every byte. Helpers wait for events
+//! (`eventually`) instead of sleeping blindly.
+//!
+//! The binaries are taken from the cargo target directory the tests run
+//! from, so build the workspace first (`cargo test --workspace` does).
+
+#![forbid(unsafe_code)]
+
+pub mod http;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use hf_keeper::status::{Phase, Role, Snapshot};
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built (run `cargo build --workspace` with the same profile)", p.display());
+    p
+}
+
+/// Polls `cond` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "hf-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running keeper with its worker command; killed (with its workers) on drop.
+pub struct Keeper {
+    child: Child,
+    pub control: PathBuf,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+    log: PathBuf,
+}
+
+impl Keeper {
+    /// Starts `holdfast run --listen 127.0.0.1:0 EXTRA... -- CMD...` and waits
+    /// until a worker serves.
+    pub fn start(extra: &[&str], cmd: &[&str]) -> Keeper {
+        let dir = TempDir::new("keeper");
+        let control = dir.path().join("control.sock");
+        let log = dir.path().join("keeper.log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("holdfast"))
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0", "--control"])
+            .arg(&control)
+            .args(extra)
+            .arg("--")
+            .args(cmd)
+            .env("HOLDFAST_LOG", "info,holdfast=debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("start holdfast");
+        let mut k = Keeper { child, control, addr: "127.0.0.1:1".parse().unwrap(), _dir: dir, log };
+        let snap = k.wait_for("a serving worker", |s| s.phase == Phase::Serving);
+        k.addr = snap.listeners[0].parse().expect("listener address");
+        k
+    }
+
+    pub fn status(&self) -> std::io::Result<Snapshot> {
+        hf_keeper::status::query(&self.control)
+    }
+
+    /// Waits until the keeper's snapshot satisfies `cond`, and returns it.
+    pub fn wait_for(&mut self, what: &str, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let timeout = Duration::from_secs(20);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("keeper exited ({st}) while waiting for {what}; log:\n{}", self.log());
+            }
+            if let Ok(s) = self.status() {
+                if cond(&s) {
+                    return s;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Pid of the active worker.
+    pub fn active_pid(&mut self) -> u32 {
+        let s = self.wait_for("an active worker", |s| s.workers.iter().any(|w| w.role == Role::Active));
+        s.workers.iter().find(|w| w.role == Role::Active).map(|w| w.pid).expect("active")
+    }
+
+    /// SIGKILLs the active worker; returns its pid.
+    pub fn kill_active(&mut self) -> u32 {
+        let pid = self.active_pid();
+        kill9(pid);
+        pid
+    }
+
+    /// Kills the active worker and waits until another one is active.
+    pub fn kill_and_wait(&mut self) -> u32 {
+        let pid = self.kill_active();
+        self.wait_for("a new active worker", |s| s.workers.iter().any(|w| w.role == Role::Active && w.pid != pid));
+        pid
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the keeper to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid"),
+            rustix::process::Signal::TERM,
+        );
+        self.child.wait().expect("wait keeper")
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGKILL to `pid` (ignores a process already gone).
+pub fn kill9(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+}
+
+/// Runs a command to completion, returning (exit code, stdout, stderr).
+pub fn run_cmd(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run command");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts a service without a keeper and returns it with the address it
+/// printed on stderr (`... listening on ADDR` or `listen=ADDR`).
+pub fn start_pass_through(cmd: &mut Command) -> (Child, SocketAddr) {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("service exited before listening").expect("read stderr");
+        let tail = line
+            .rsplit_once("listening on ")
+            .map(|(_, a)| a)
+            .or_else(|| line.split_once("listen=").map(|(_, a)| a.split_whitespace().next().unwrap_or("")));
+        if let Some(a) = tail.and_then(|a| strip_ansi(a).parse().ok()) {
+            break a;
+        }
+    };
+    // Keep draining stderr so the service never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for ch in s.chars() {
+        match (esc, ch) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out.trim().to_owned()
+}
