@@ -117,6 +117,7 @@ impl Keeper {
         if cfg.command.is_empty() {
             return Err(KeeperError::NoCommand);
         }
+        raise_fd_limit();
         let mut ls: Vec<(TcpListener, String)> = listen::inherited()?;
         for a in &cfg.listen {
             let l = listen::bind(*a)?;
@@ -580,6 +581,19 @@ impl Keeper {
             let _ = w.child.wait();
         }
         let _ = std::fs::remove_file(&self.cfg.control);
+    }
+}
+
+/// The keeper holds one fd per connection (and so do workers, which
+/// inherit the limit): raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
     }
 }
 

@@ -131,6 +131,13 @@ impl Conn {
         self.core.recovered()
     }
 
+    /// True while the output being written re-creates what a dead worker
+    /// had already sent (it is checked, not sent again). A service may use
+    /// it to skip work whose only effect is output the client already has.
+    pub fn replaying(&self) -> bool {
+        self.core.replaying()
+    }
+
     /// The keeper's id of this connection (`None` in pass-through mode).
     pub fn id(&self) -> Option<u64> {
         self.core.conn_id()

@@ -125,6 +125,12 @@ impl Core {
         self.kept.as_ref().is_some_and(|k| k.recovered)
     }
 
+    /// A replay is under way: the output being produced is compared with
+    /// what the dead worker already sent, not yet new.
+    pub(crate) fn replaying(&self) -> bool {
+        self.kept.as_ref().is_some_and(|k| k.replay.is_some())
+    }
+
     pub(crate) fn conn_id(&self) -> Option<u64> {
         self.kept.as_ref().map(|k| k.rec.conn_id)
     }

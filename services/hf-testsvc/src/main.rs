@@ -8,6 +8,12 @@
 //! between the halves. `--diverge` mixes the worker's pid into the pattern:
 //! a replay then differs from what the client already has, which holdfast
 //! must detect. A malformed line gets `ERR\n`.
+//!
+//! `HOLD <id> <len>\n` answers like `REQ` but, on its first execution, stops
+//! after the first half and waits until the worker is killed; replayed by a
+//! new worker (the first half is then being re-created, see
+//! `Conn::replaying`), it completes at once. Benchmarks use it to time crash →
+//! first replayed byte.
 
 #![forbid(unsafe_code)]
 
@@ -97,7 +103,11 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let parsed = match f.as_slice() {
         ["REQ", id, len, delay] => match (id.parse::<u64>(), len.parse::<usize>(), delay.parse::<u64>()) {
-            (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, d)),
+            (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, Some(d))),
+            _ => None,
+        },
+        ["HOLD", id, len] => match (id.parse::<u64>(), len.parse::<usize>()) {
+            (Ok(i), Ok(l)) if l <= 64 << 20 => Some((i, l, None)),
             _ => None,
         },
         _ => None,
@@ -105,14 +115,21 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
     let Some((id, len, delay)) = parsed else {
         return c.write_all(b"ERR\n");
     };
+    let replaying = c.replaying();
     let mut out = format!("RESP {id} {len}\n").into_bytes();
     out.extend_from_slice(&pattern(id, len, salt));
     out.push(b'\n');
     let half = out.len() / 2;
     c.write_all(&out[..half])?;
     c.flush()?;
-    if delay > 0 {
-        std::thread::sleep(Duration::from_millis(delay));
+    match delay {
+        Some(ms) if ms > 0 => std::thread::sleep(Duration::from_millis(ms)),
+        Some(_) => {}
+        // First execution of a HOLD: wait here until the worker is killed.
+        None if !replaying => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        None => {}
     }
     c.write_all(&out[half..])
 }
