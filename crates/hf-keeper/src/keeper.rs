@@ -192,7 +192,7 @@ impl Keeper {
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
             Event::Accepted(fds) => self.accepted(fds),
-            Event::FromWorker(id, Ok(msg)) => self.from_worker(id, msg),
+            Event::FromWorker(id, Ok(msg)) => self.on_message(id, msg),
             Event::FromWorker(id, Err(e)) => {
                 tracing::warn!(worker = id, error = %e, "malformed control message, stopping that worker");
                 self.kill(id);
@@ -314,7 +314,7 @@ impl Keeper {
         }
     }
 
-    fn from_worker(&mut self, id: u32, msg: Msg) {
+    fn on_message(&mut self, id: u32, msg: Msg) {
         let Some(w) = self.workers.get_mut(&id) else { return };
         match msg {
             Msg::Hello { pid, proto } => {

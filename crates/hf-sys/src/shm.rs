@@ -108,7 +108,7 @@ impl SharedMem {
     /// counters another process polls (heartbeats).
     pub fn store_u64(&self, off: usize, v: u64) -> Result<(), OutOfBounds> {
         self.check(off, 8)?;
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Err(OutOfBounds);
         }
         // SAFETY: the range is inside the live mapping and 8-aligned (the
@@ -122,7 +122,7 @@ impl SharedMem {
     /// Loads a `u64` stored by [`SharedMem::store_u64`].
     pub fn load_u64(&self, off: usize) -> Result<u64, OutOfBounds> {
         self.check(off, 8)?;
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Err(OutOfBounds);
         }
         // SAFETY: as in `store_u64`.

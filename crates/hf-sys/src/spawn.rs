@@ -15,7 +15,7 @@ use rustix::io::FdFlags;
 /// if `die_with_parent`, makes the child receive SIGKILL when the spawning
 /// thread exits, so workers never outlive a dead keeper.
 pub fn inherit_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>], die_with_parent: bool) {
-    let raw: Vec<RawFd> = fds.iter().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)).collect();
+    let raw: Vec<RawFd> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let hook = move || -> std::io::Result<()> {
         for &fd in &raw {
             // SAFETY: `fd` was a live descriptor borrowed by the caller of

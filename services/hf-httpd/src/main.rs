@@ -290,16 +290,11 @@ async fn send_pieces(c: &mut Conn, mut consumed: usize, mut r: Resume) -> std::i
         f.read_exact_at(&mut piece[..n], r.offset)?;
         c.write_all(&piece[..n]).await?;
         r.offset += n as u64;
-        if r.offset < r.size {
-            match r.encode() {
-                Some(state) => {
-                    c.commit_versioned(consumed, STATE_V1, &state).await?;
-                    consumed = 0;
-                }
-                // A path too long for the state blob: no intermediate
-                // commits; a crash regenerates the file from the start.
-                None => {}
-            }
+        // A path too long for the state blob gets no intermediate commits:
+        // a crash then regenerates the file from the start.
+        if let Some(state) = r.encode().filter(|_| r.offset < r.size) {
+            c.commit_versioned(consumed, STATE_V1, &state).await?;
+            consumed = 0;
         }
     }
     c.commit(consumed, &[]).await?;
