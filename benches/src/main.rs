@@ -1,0 +1,87 @@
+//! hf-bench: benchmarks for holdfast, run against the real binaries
+//! (`holdfast`, `hf-httpd`, `hf-testsvc`) found next to this executable.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! target/release/hf-bench recovery   [--kills 1000] [--conns 64]
+//! target/release/hf-bench throughput [--secs 3] [--rounds 5] [--conns 32]
+//! target/release/hf-bench memory     [--conns 100,10000]
+//! target/release/hf-bench all
+//! ```
+//!
+//! Meant for small, noisy, shared machines: what is compared is measured in
+//! the same run, interleaved, and reported as ratios. Only loopback
+//! addresses are used; every process started is stopped before exit.
+
+#![forbid(unsafe_code)]
+
+mod common;
+mod memory;
+mod recovery;
+mod throughput;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use common::{print_summary, Row};
+
+#[derive(Parser)]
+#[command(name = "hf-bench", about = "Benchmarks for holdfast (recovery latency, throughput overhead, keeper memory)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Crash → first replayed byte at the client, hot-standby takeover after SIGKILL.
+    Recovery(recovery::Args),
+    /// Requests per second of hf-httpd alone vs under the keeper, interleaved.
+    Throughput(throughput::Args),
+    /// Keeper memory per held connection.
+    Memory(memory::Args),
+    /// All three with their defaults, and one summary table.
+    All,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let t0 = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failed = false;
+    let mut step = |name: &str, r: anyhow::Result<Vec<Row>>| match r {
+        Ok(v) => rows.extend(v),
+        Err(e) => {
+            eprintln!("hf-bench {name}: {e:#}");
+            failed = true;
+        }
+    };
+    match cli.cmd {
+        Cmd::Recovery(a) => step("recovery", recovery::run(&a)),
+        Cmd::Throughput(a) => step("throughput", throughput::run(&a)),
+        Cmd::Memory(a) => step("memory", memory::run(&a)),
+        Cmd::All => {
+            // Each subcommand's own defaults, parsed as if given alone.
+            let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);
+            let (Ok(Cmd::Recovery(ra)), Ok(Cmd::Throughput(ta)), Ok(Cmd::Memory(ma))) =
+                (defaults("recovery"), defaults("throughput"), defaults("memory"))
+            else {
+                unreachable!("subcommand defaults parse")
+            };
+            step("recovery", recovery::run(&ra));
+            println!();
+            step("throughput", throughput::run(&ta));
+            println!();
+            step("memory", memory::run(&ma));
+        }
+    }
+    print_summary(&rows);
+    println!("(total {:.1} s)", t0.elapsed().as_secs_f64());
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
