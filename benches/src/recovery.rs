@@ -53,6 +53,11 @@ pub struct Args {
     /// default delayed ACK), or `both`, alternating round by round.
     #[arg(long, value_enum, default_value_t = Ack::Both)]
     pub ack: Ack,
+    /// Run hf-testsvc on the blocking flavour (a thread per connection)
+    /// instead of the tokio flavour (one thread). A worker with 65 threads
+    /// takes the kernel several times longer to tear down.
+    #[arg(long)]
+    pub blocking: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,8 +164,18 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     }
     println!("== recovery: SIGKILL the active worker mid-answer on {} connections, {} kills ==", a.conns, a.kills);
     let testsvc = crate::common::bin("hf-testsvc")?;
-    let mut keeper = Keeper::start(1, &[testsvc.as_os_str()])?;
-    println!("keeper pid {} on {}, hf-testsvc workers, --standby 1, answers of {} pattern bytes", keeper.pid(), keeper.addr, a.len);
+    let flavour = if a.blocking { "blocking" } else { "tokio" };
+    let mut cmd = vec![testsvc.as_os_str()];
+    if !a.blocking {
+        cmd.push(std::ffi::OsStr::new("--tokio"));
+    }
+    let mut keeper = Keeper::start(1, &cmd)?;
+    println!(
+        "keeper pid {} on {}, hf-testsvc workers ({flavour} flavour), --standby 1, answers of {} pattern bytes",
+        keeper.pid(),
+        keeper.addr,
+        a.len
+    );
 
     let (tx, rx) = mpsc::channel::<FromConn>();
     let mut to = Vec::with_capacity(a.conns);

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hf_journal::record::{pick, slot_of, Record, RECORD_SIZE, SLOT_SIZE};
+use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
 use hf_journal::wire::{ConnEntry, Msg, CONN_RECOVERED, MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION};
 use hf_sys::fdpass;
 use hf_sys::shm::SharedMem;
@@ -334,6 +334,7 @@ impl Keeper {
                 self.start_failures = 0;
                 if self.active.is_none() {
                     self.promote(id);
+                    self.ensure_workers();
                 }
             }
             Msg::Closed { conn_id, slot } => {
@@ -374,7 +375,6 @@ impl Keeper {
         } else {
             tracing::info!(worker = id, pid, "worker active");
         }
-        self.ensure_workers();
     }
 
     fn kill(&mut self, id: u32) {
@@ -386,12 +386,25 @@ impl Keeper {
     fn died(&mut self, id: u32) {
         let t0 = Instant::now();
         let Some(mut w) = self.workers.remove(&id) else { return };
+        let was_active = self.active == Some(id);
+        // Connections first: everything else (reaping, logging, starting a
+        // new standby) waits until they are on their way to the successor.
+        if was_active {
+            self.active = None;
+            self.restarts += 1;
+            self.recover_from(id);
+            self.recovery_started = Some(t0);
+            let standby = self.workers.iter().find(|(_, w)| w.role == Role::Standby).map(|(id, _)| *id);
+            match standby {
+                Some(sid) => self.promote(sid),
+                None => self.phase = Phase::Recovering,
+            }
+        }
         let how = match w.child.try_wait() {
             Ok(Some(st)) => describe_exit(st),
             Ok(None) => "still running?".to_owned(),
             Err(e) => format!("unknown ({e})"),
         };
-        let was_active = self.active == Some(id);
         let exit = format!("worker {id} (pid {}, {:?}) {how}", w.pid, w.role);
         if was_active || w.role == Role::Standby {
             tracing::warn!(worker = id, pid = w.pid, "{exit}");
@@ -407,55 +420,23 @@ impl Keeper {
         if self.last_exits.len() > EXITS_KEPT {
             self.last_exits.pop_front();
         }
-        if was_active {
-            self.active = None;
-            self.restarts += 1;
-            self.recover_from(id, t0);
-            let standby = self.workers.iter().find(|(_, w)| w.role == Role::Standby).map(|(id, _)| *id);
-            match standby {
-                Some(sid) => {
-                    self.recovery_started = Some(t0);
-                    self.promote(sid);
-                }
-                None => {
-                    self.recovery_started = Some(t0);
-                    self.phase = Phase::Recovering;
-                }
-            }
-        }
         self.ensure_workers();
     }
 
-    /// Takes back every connection the dead worker owned: validates its
-    /// journal record, closes the ones the service had closed, and queues the
-    /// rest, oldest first, ahead of new arrivals.
-    fn recover_from(&mut self, id: u32, _t0: Instant) {
+    /// Takes back every connection the dead worker owned and queues them,
+    /// oldest first, ahead of new arrivals. Their journal records are not
+    /// read here: the successor validates each one against the kernel's
+    /// stream positions before it resumes the connection, and reports the
+    /// ones it cannot resume (or that the service had closed) as `Closed`.
+    /// Reading them here too would only delay the hand-over.
+    fn recover_from(&mut self, id: u32) {
         let mut mine: Vec<u64> = self.conns.iter().filter(|(_, h)| h.owner == Some(id)).map(|(c, _)| *c).collect();
         mine.sort_unstable();
-        let mut back = Vec::with_capacity(mine.len());
-        let mut raw = [0u8; RECORD_SIZE];
-        for cid in mine {
-            let slot = self.conns[&cid].slot;
-            let verdict = match self.journal.read(journal_offset(slot), &mut raw) {
-                Ok(()) => pick(&raw, cid).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match verdict {
-                Ok(rec) if rec.closing() => self.drop_conn(cid),
-                Ok(_) => {
-                    if let Some(h) = self.conns.get_mut(&cid) {
-                        h.owner = None;
-                    }
-                    back.push(cid);
-                }
-                Err(e) => {
-                    tracing::error!(conn = cid, worker = id, error = %e, "journal record unusable; closing connection");
-                    self.drop_conn(cid);
-                }
+        for cid in mine.iter().rev() {
+            if let Some(h) = self.conns.get_mut(cid) {
+                h.owner = None;
             }
-        }
-        for cid in back.into_iter().rev() {
-            self.waiting.push_front(cid);
+            self.waiting.push_front(*cid);
         }
     }
 

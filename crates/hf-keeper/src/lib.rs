@@ -8,7 +8,7 @@
 //! ```text
 //!  accept ──► hand to active worker (SCM_RIGHTS, ≤253 fds a message)
 //!  worker dies (pidfd readable)
-//!    ├─ read each of its connections' journal records (copy out, validate)
+//!    ├─ take back its connections (the successor validates their records)
 //!    ├─ promote a ready standby, hand it every connection (RECOVERED)
 //!    └─ start a new standby
 //!  worker says Closed ──► drop the dup, free the journal slot

@@ -29,7 +29,11 @@ pub(crate) fn adopt(link: &Arc<Link>, entry: ConnEntry, fd: &OwnedFd, nonblockin
     match Core::kept(fd.as_fd(), link.clone(), entry.conn_id, entry.slot, recovered, nonblocking) {
         Ok(core) => Some(core),
         Err(e) => {
-            tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
+            if e.kind() == std::io::ErrorKind::NotConnected {
+                tracing::debug!(conn = entry.conn_id, "connection was closed before the crash");
+            } else {
+                tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
+            }
             // Dropping a `Core` that never came to be: tell the keeper.
             let _ = link.send(&hf_journal::wire::Msg::Closed { conn_id: entry.conn_id, slot: entry.slot });
             None
@@ -170,7 +174,7 @@ impl Conn {
 
     /// The current time in seconds since the epoch, recorded (see [`Conn::record`]).
     pub fn now(&mut self) -> io::Result<u64> {
-        crate::bytes_to_secs(&self.core.record(crate::now_bytes)?)
+        Ok(u64::from_le_bytes(self.core.record_fixed(crate::now_bytes)?))
     }
 
     /// Closes the connection now (dropping it does the same).

@@ -56,6 +56,9 @@ struct Kept {
     replay: Option<Replay>,
     /// Verified replayed bytes not yet on the socket.
     pending: Vec<u8>,
+    /// Recovered mid-response: push this response's segments out past
+    /// Nagle (see [`push`]) until its commit.
+    push_until_commit: bool,
     /// Next unread entry of the recorded nondeterminism.
     nondet_cursor: usize,
     slot_buf: Box<[u8; SLOT_SIZE]>,
@@ -107,6 +110,7 @@ impl Core {
             crc_run: 0,
             replay: None,
             pending: Vec::new(),
+            push_until_commit: false,
             nondet_cursor: 0,
             slot_buf: Box::new([0u8; SLOT_SIZE]),
         };
@@ -191,6 +195,9 @@ impl Core {
         k.rec.out_crc = crc32c::crc32c_append(k.crc_run, buf);
         k.store()?;
         let n = rustix::net::send(fd, buf, sflags)?;
+        if k.push_until_commit {
+            push(fd);
+        }
         k.crc_run = if n == buf.len() { k.rec.out_crc } else { crc32c::crc32c_append(k.crc_run, &buf[..n]) };
         k.out_pos += n as u64;
         Ok(n)
@@ -201,10 +208,14 @@ impl Core {
     pub(crate) fn flush_pending(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let (_, sflags) = self.flags();
         let Some(k) = &mut self.kept else { return Ok(()) };
+        if k.pending.is_empty() {
+            return Ok(());
+        }
         while !k.pending.is_empty() {
             let n = rustix::net::send(fd, &k.pending, sflags)?;
             k.pending.drain(..n);
         }
+        push(fd);
         Ok(())
     }
 
@@ -240,6 +251,7 @@ impl Core {
         k.crc_run = 0;
         k.rec.clear_nondet();
         k.nondet_cursor = 0;
+        k.push_until_commit = false;
         k.store()?;
         if in_commit - k.in_discarded >= DISCARD_BATCH {
             discard_exact(fd, in_commit - k.in_discarded)?;
@@ -248,28 +260,28 @@ impl Core {
         Ok(())
     }
 
-    /// Recorded nondeterminism: the first execution stores `make()`'s value
-    /// in the journal; a replay of the same request gets the stored value.
+    /// Recorded nondeterminism: the first execution keeps `make()`'s value
+    /// in the journal record; a replay of the same request gets the stored
+    /// value back. The record reaches shared memory with the next write or
+    /// commit: a value no output depended on need not survive a crash.
     pub(crate) fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
         let Some(k) = &mut self.kept else { return Ok(make()) };
-        let nd = k.rec.nondet();
-        if k.nondet_cursor < nd.len() {
-            let len = usize::from(nd[k.nondet_cursor]);
-            let start = k.nondet_cursor + 1;
-            let v = nd.get(start..start + len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad nondet"))?;
-            k.nondet_cursor = start + len;
+        if let Some(v) = k.next_recorded()? {
             return Ok(v.to_vec());
         }
         let v = make();
-        if v.len() + 1 + nd.len() > MAX_NONDET || v.len() > 255 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "recorded values exceed the journal's room"));
+        k.keep_recorded(&v)?;
+        Ok(v)
+    }
+
+    /// [`Core::record`] for a fixed-size value, without allocating.
+    pub(crate) fn record_fixed<const N: usize>(&mut self, make: impl FnOnce() -> [u8; N]) -> io::Result<[u8; N]> {
+        let Some(k) = &mut self.kept else { return Ok(make()) };
+        if let Some(v) = k.next_recorded()? {
+            return v.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "recorded value has another size"));
         }
-        let mut entry = Vec::with_capacity(v.len() + 1);
-        entry.push(v.len() as u8);
-        entry.extend_from_slice(&v);
-        k.rec.push_nondet(&entry).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        k.nondet_cursor = k.rec.nondet().len();
-        k.store()?;
+        let v = make();
+        k.keep_recorded(&v)?;
         Ok(v)
     }
 
@@ -307,6 +319,19 @@ impl Core {
     }
 }
 
+/// Sends what the socket holds now, whatever Nagle's algorithm would wait
+/// for. The tail of a response cut by a crash goes out as a separate small
+/// segment while the dead worker's last one may still be unacknowledged;
+/// with a client that delays its ACKs, Nagle would hold the tail ~40 ms.
+/// Setting `TCP_NODELAY` pushes pending segments; the service's own
+/// setting is restored at once.
+fn push(fd: BorrowedFd<'_>) {
+    if let Ok(false) = rustix::net::sockopt::tcp_nodelay(fd) {
+        let _ = rustix::net::sockopt::set_tcp_nodelay(fd, true);
+        let _ = rustix::net::sockopt::set_tcp_nodelay(fd, false);
+    }
+}
+
 fn discard_exact(fd: BorrowedFd<'_>, mut n: u64) -> io::Result<()> {
     while n > 0 {
         let got = hf_sys::tcp::discard(fd, n.min(1 << 30) as usize)?;
@@ -319,6 +344,31 @@ fn discard_exact(fd: BorrowedFd<'_>, mut n: u64) -> io::Result<()> {
 }
 
 impl Kept {
+    /// The next value recorded by the dead worker for this request, if any.
+    fn next_recorded(&mut self) -> io::Result<Option<&[u8]>> {
+        let nd = self.rec.nondet();
+        if self.nondet_cursor >= nd.len() {
+            return Ok(None);
+        }
+        let len = usize::from(nd[self.nondet_cursor]);
+        let start = self.nondet_cursor + 1;
+        let v = nd.get(start..start + len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad recorded value"))?;
+        self.nondet_cursor = start + len;
+        Ok(Some(v))
+    }
+
+    fn keep_recorded(&mut self, v: &[u8]) -> io::Result<()> {
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "recorded values exceed the journal's room");
+        let len = u8::try_from(v.len()).map_err(|_| too_big())?;
+        if self.rec.nondet().len() + 1 + v.len() > MAX_NONDET {
+            return Err(too_big());
+        }
+        self.rec.push_nondet(&[len]).map_err(|_| too_big())?;
+        self.rec.push_nondet(v).map_err(|_| too_big())?;
+        self.nondet_cursor = self.rec.nondet().len();
+        Ok(())
+    }
+
     fn store(&mut self) -> io::Result<()> {
         self.rec.seq += 1;
         let n = self.rec.encode(&mut self.slot_buf);
@@ -362,6 +412,7 @@ impl Kept {
         self.in_discarded = rec.in_commit;
         self.out_pos = rec.out_commit;
         self.crc_run = 0;
+        self.push_until_commit = pos.written > rec.out_commit;
         if rec.out_rec > rec.out_commit {
             self.replay = Some(Replay { skip_to: pos.written, verify_at: rec.out_rec, crc: rec.out_crc, held: Vec::new() });
         }

@@ -102,16 +102,10 @@ impl From<rustix::io::Errno> for Error {
 }
 
 /// Seconds since the epoch, as an 8-byte little-endian value, for recording.
-pub(crate) fn now_bytes() -> Vec<u8> {
-    let secs = std::time::SystemTime::now()
+pub(crate) fn now_bytes() -> [u8; 8] {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
-    secs.to_le_bytes().to_vec()
-}
-
-pub(crate) fn bytes_to_secs(v: &[u8]) -> std::io::Result<u64> {
-    v.try_into()
-        .map(u64::from_le_bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "recorded time is not 8 bytes"))
+        .unwrap_or(0)
+        .to_le_bytes()
 }

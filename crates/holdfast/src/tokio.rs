@@ -30,7 +30,13 @@ pub struct Listener {
 
 enum Inner {
     Pass(Vec<TcpListener>),
-    Kept { link: Arc<Link>, control: AsyncFd<OwnedFd>, queue: VecDeque<(ConnEntry, OwnedFd)>, buf: Vec<u8> },
+    Kept {
+        link: Arc<Link>,
+        control: AsyncFd<OwnedFd>,
+        queue: VecDeque<(ConnEntry, OwnedFd)>,
+        buf: Vec<u8>,
+        yield_next: bool,
+    },
 }
 
 impl Listener {
@@ -41,7 +47,9 @@ impl Listener {
             Some(link) => {
                 let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
                 link.ready()?;
-                Ok(Listener { inner: Inner::Kept { link, control, queue: VecDeque::new(), buf: vec![0; MAX_MSG] } })
+                Ok(Listener {
+                    inner: Inner::Kept { link, control, queue: VecDeque::new(), buf: vec![0; MAX_MSG], yield_next: false },
+                })
             }
             None => {
                 if addrs.is_empty() {
@@ -87,8 +95,16 @@ impl Listener {
                 let fd = OwnedFd::from(s.into_std()?);
                 Ok(Some(Conn::new(fd, Core::pass_through(true))?))
             }
-            Inner::Kept { link, control, queue, buf } => loop {
+            Inner::Kept { link, control, queue, buf, yield_next } => loop {
                 if let Some((entry, fd)) = queue.pop_front() {
+                    if *yield_next {
+                        // Recovered connections come in batches: let the
+                        // task of the one handed out before run first, so
+                        // the first answers go out while the rest are
+                        // still being taken over.
+                        ::tokio::task::yield_now().await;
+                    }
+                    *yield_next = !queue.is_empty();
                     if let Some(core) = adopt(link, entry, &fd, true) {
                         return Ok(Some(Conn::new(fd, core)?));
                     }
@@ -173,7 +189,7 @@ impl Conn {
 
     /// The current time in seconds since the epoch, recorded.
     pub fn now(&mut self) -> io::Result<u64> {
-        crate::bytes_to_secs(&self.core.record(crate::now_bytes)?)
+        Ok(u64::from_le_bytes(self.core.record_fixed(crate::now_bytes)?))
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {

@@ -14,6 +14,9 @@
 //! new worker (the first half is then being re-created, see
 //! `Conn::replaying`), it completes at once. Benchmarks use it to time crash →
 //! first replayed byte.
+//!
+//! `--tokio` serves the same protocol on the tokio flavour (one thread), so
+//! tests and benchmarks can run both flavours.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +37,9 @@ struct Args {
     /// Mix the worker pid into the answers, so replays differ.
     #[arg(long)]
     diverge: bool,
+    /// Serve with the tokio flavour on one thread instead of a thread per connection.
+    #[arg(long)]
+    tokio: bool,
     /// Sleep this long before becoming ready (a slow-starting service).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     init_ms: u64,
@@ -57,6 +63,16 @@ fn main() -> ExitCode {
     let args = Args::parse();
     std::thread::sleep(Duration::from_millis(args.init_ms));
     let salt = if args.diverge { u64::from(std::process::id()) } else { 0 };
+    if args.tokio {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        return match rt.block_on(asynch::run(&args.listen, salt)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hf-testsvc: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut listener = match Listener::bind(&args.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -99,9 +115,13 @@ fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
     }
 }
 
-fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+/// A parsed request: id, answer length, and `Some(delay)` for REQ or `None`
+/// for HOLD.
+type Request = (u64, usize, Option<u64>);
+
+fn parse(line: &str) -> Option<Request> {
     let f: Vec<&str> = line.split_whitespace().collect();
-    let parsed = match f.as_slice() {
+    match f.as_slice() {
         ["REQ", id, len, delay] => match (id.parse::<u64>(), len.parse::<usize>(), delay.parse::<u64>()) {
             (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, Some(d))),
             _ => None,
@@ -111,14 +131,22 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
             _ => None,
         },
         _ => None,
-    };
-    let Some((id, len, delay)) = parsed else {
-        return c.write_all(b"ERR\n");
-    };
-    let replaying = c.replaying();
+    }
+}
+
+fn answer_bytes(id: u64, len: usize, salt: u64) -> Vec<u8> {
     let mut out = format!("RESP {id} {len}\n").into_bytes();
     out.extend_from_slice(&pattern(id, len, salt));
     out.push(b'\n');
+    out
+}
+
+fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+    let Some((id, len, delay)) = parse(line) else {
+        return c.write_all(b"ERR\n");
+    };
+    let replaying = c.replaying();
+    let out = answer_bytes(id, len, salt);
     let half = out.len() / 2;
     c.write_all(&out[..half])?;
     c.flush()?;
@@ -132,4 +160,56 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
         None => {}
     }
     c.write_all(&out[half..])
+}
+
+mod asynch {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use holdfast::tokio::{Conn, Listener};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub async fn run(listen: &[SocketAddr], salt: u64) -> Result<(), holdfast::Error> {
+        let mut listener = Listener::bind(listen).await?;
+        for a in listener.local_addrs() {
+            eprintln!("hf-testsvc listening on {a}");
+        }
+        while let Some(conn) = listener.accept().await? {
+            tokio::spawn(serve(conn, salt));
+        }
+        Ok(())
+    }
+
+    async fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(4096);
+        loop {
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
+                answer(&mut c, &line, salt).await?;
+                c.commit(nl + 1, &[]).await?;
+                buf.drain(..=nl);
+            }
+            if c.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+        let Some((id, len, delay)) = super::parse(line) else {
+            return c.write_all(b"ERR\n").await;
+        };
+        let replaying = c.replaying();
+        let out = super::answer_bytes(id, len, salt);
+        let half = out.len() / 2;
+        c.write_all(&out[..half]).await?;
+        c.flush().await?;
+        match delay {
+            Some(ms) if ms > 0 => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Some(_) => {}
+            None if !replaying => std::future::pending::<()>().await,
+            None => {}
+        }
+        c.write_all(&out[half..]).await
+    }
 }
