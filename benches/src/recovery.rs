@@ -67,25 +67,10 @@ pub enum Ack {
     Delayed,
 }
 
-/// hf-testsvc's answer body for request `id` (copied from its `pattern`,
-/// salt 0: no `--diverge`).
-fn pattern(id: u64, len: usize, salt: u64) -> Vec<u8> {
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt ^ 0xDEAD_BEEF;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b'a' + (x % 26) as u8
-        })
-        .collect()
-}
-
+/// The whole answer hf-testsvc sends to `HOLD id len` (the test harness's
+/// independent copy of the service's generator).
 fn answer(id: u64, len: usize) -> Vec<u8> {
-    let mut out = format!("RESP {id} {len}\n").into_bytes();
-    out.extend_from_slice(&pattern(id, len, 0));
-    out.push(b'\n');
-    out
+    hf_tests::testsvc::answer(id, len, 0)
 }
 
 enum ToConn {

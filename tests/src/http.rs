@@ -45,58 +45,91 @@ impl Client {
         self.read_response(false)
     }
 
-    fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; 65536];
-        let n = self.s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
     /// Reads one response (`head_only` for answers to HEAD).
     pub fn read_response(&mut self, head_only: bool) -> io::Result<Response> {
-        let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        let Client { s, buf } = self;
+        parse_one(buf, head_only, |buf| {
+            let mut chunk = [0u8; 65536];
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
             }
-            if self.buf.len() > 64 * 1024 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
-            }
-            self.fill()?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let mut parts = status_line.splitn(3, ' ');
-        let (Some(proto), Some(code)) = (parts.next(), parts.next()) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
-        };
-        if !proto.starts_with("HTTP/1.") {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
-        }
-        let status = code.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad status code"))?;
-        let headers: Vec<(String, String)> = lines
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-            .collect();
-        self.buf.drain(..end);
-        let len: usize = if head_only {
-            0
-        } else {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.parse().ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Content-Length"))?
-        };
-        while self.buf.len() < len {
-            self.fill()?;
-        }
-        let body = self.buf.drain(..len).collect();
-        Ok(Response { status, headers, body })
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        })
     }
+
+    /// Wraps an already connected stream.
+    pub fn from_stream(s: TcpStream) -> io::Result<Client> {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_nodelay(true)?;
+        Ok(Client { s, buf: Vec::new() })
+    }
+}
+
+/// Splits a captured byte stream into responses (`head_only[i]` for an
+/// answer to HEAD); an error if any is malformed or cut short, or if bytes
+/// are left over.
+pub fn parse_all(raw: &[u8], head_only: &[bool]) -> io::Result<Vec<Response>> {
+    let mut buf = raw.to_vec();
+    let mut out = Vec::new();
+    for (i, &h) in head_only.iter().enumerate() {
+        let r = parse_one(&mut buf, h, |_| {
+            Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ends inside response {i}")))
+        })?;
+        out.push(r);
+    }
+    if !buf.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} bytes after the last response", buf.len())));
+    }
+    Ok(out)
+}
+
+/// Takes one response off the front of `buf`, calling `fill` for more.
+fn parse_one(
+    buf: &mut Vec<u8>,
+    head_only: bool,
+    mut fill: impl FnMut(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<Response> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+        }
+        fill(buf)?;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (Some(proto), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+    };
+    if !proto.starts_with("HTTP/1.") {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+    }
+    let status = code.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad status code"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .collect();
+    buf.drain(..end);
+    let len: usize = if head_only {
+        0
+    } else {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Content-Length"))?
+    };
+    while buf.len() < len {
+        fill(buf)?;
+    }
+    let body = buf.drain(..len).collect();
+    Ok(Response { status, headers, body })
 }
 
 /// Deterministic content for test files.

@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod site;
+pub mod testsvc;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -82,8 +84,14 @@ impl Keeper {
     /// Starts `holdfast run --listen 127.0.0.1:0 EXTRA... -- CMD...` and waits
     /// until a worker serves.
     pub fn start(extra: &[&str], cmd: &[&str]) -> Keeper {
+        Keeper::start_with(None, extra, cmd)
+    }
+
+    /// [`Keeper::start`] with the control socket at `control` (default: in
+    /// the keeper's temporary directory).
+    pub fn start_with(control: Option<PathBuf>, extra: &[&str], cmd: &[&str]) -> Keeper {
         let dir = TempDir::new("keeper");
-        let control = dir.path().join("control.sock");
+        let control = control.unwrap_or_else(|| dir.path().join("control.sock"));
         let log = dir.path().join("keeper.log");
         let logf = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin("holdfast"))
@@ -151,6 +159,11 @@ impl Keeper {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The keeper's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the keeper to exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = rustix::process::kill_process(
@@ -193,6 +206,9 @@ pub fn start_pass_through(cmd: &mut Command) -> (Child, SocketAddr) {
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines.next().expect("service exited before listening").expect("read stderr");
+        // Log lines may be coloured (`listen\x1b[0m\x1b[2m=\x1b[0mADDR`):
+        // strip the escapes before looking for the address.
+        let line = strip_ansi(&line);
         let tail = line
             .rsplit_once("listening on ")
             .map(|(_, a)| a)
@@ -218,4 +234,105 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out.trim().to_owned()
+}
+
+/// Asks the keeper at `control` until its snapshot satisfies `cond`.
+pub fn wait_status(control: &Path, what: &str, timeout: Duration, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match hf_keeper::status::query(control) {
+            Ok(s) if cond(&s) => return s,
+            r => r,
+        };
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last status: {last:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// Connects with a small receive buffer (set before the handshake, so the
+/// window stays small): the server's writes then block early, which keeps a
+/// large response genuinely in flight while a test kills the worker.
+pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<std::net::TcpStream> {
+    use rustix::net::{connect, socket, sockopt, AddressFamily, SocketType};
+    let fam = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = socket(fam, SocketType::STREAM, None)?;
+    sockopt::set_socket_recv_buffer_size(&fd, rcvbuf)?;
+    connect(&fd, &addr)?;
+    let s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Closes `s` abortively: SO_LINGER 0 makes the close send an RST.
+pub fn reset(s: std::net::TcpStream) {
+    rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(s);
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends SIGTERM to `pid`.
+pub fn term(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    }
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One snapshot from the keeper at `control` (panics if none answers).
+pub fn status_of(control: &Path) -> Snapshot {
+    hf_keeper::status::query(control).unwrap_or_else(|e| panic!("status from {}: {e}", control.display()))
+}
+
+/// Reads `s` to its end at about `rate` bytes a second, publishing how much
+/// has arrived in `progress`. Errors say how the stream ended and where.
+pub fn paced_read_to_end(
+    mut s: std::net::TcpStream,
+    rate: f64,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let t0 = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{e} ({:?}) after {} bytes", e.kind(), got.len())),
+        }
+        progress.store(got.len(), Ordering::Relaxed);
+        let due = Duration::from_secs_f64(got.len() as f64 / rate);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }

@@ -183,7 +183,10 @@ impl Keeper {
         };
         // The first worker must at least start: a command that cannot be
         // exec'd is a configuration error, reported before we go on.
-        k.spawn_worker()?;
+        if let Err(e) = k.spawn_worker() {
+            let _ = std::fs::remove_file(&k.cfg.control);
+            return Err(e);
+        }
         k.ensure_workers();
         Ok((k, rx))
     }

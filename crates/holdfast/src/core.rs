@@ -28,7 +28,7 @@ use rustix::net::{RecvFlags, SendFlags, Shutdown};
 use crate::worker::Link;
 
 /// Committed input is discarded from the kernel once this much has piled up.
-pub const DISCARD_BATCH: u64 = 16 * 1024;
+pub const DISCARD_BATCH: u64 = 4096;
 
 /// The state of one connection. The fd is held by the flavour's wrapper
 /// (a plain `OwnedFd`, or tokio's `AsyncFd`) and lent to every call.
