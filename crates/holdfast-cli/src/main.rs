@@ -81,6 +81,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,9 +149,10 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
     println!("Try, in another terminal:");
     println!("  curl -i http://{listen}/hello.txt");
     println!("  curl -s http://{listen}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
-    println!("  holdfast status --control {}      # worker pids", control.display());
-    println!("  kill -9 <active worker pid>                # while the download runs: it completes, intact");
-    println!("  holdfast status --control {}      # restarts, last recovery time", control.display());
+    let status = format!("{} status --control {}", exe.display(), control.display());
+    println!("  {status}    # the worker pids");
+    println!("  kill -9 <pid of the active worker>    # while the download runs: it completes, intact");
+    println!("  {status}    # restarts, last recovery time");
     println!();
     println!("Stop with Ctrl-C.");
     let command = vec![httpd.into_os_string(), "--demo-site".into(), site.clone().into_os_string()];

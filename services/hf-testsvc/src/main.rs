@@ -59,7 +59,10 @@ pub fn pattern(id: u64, len: usize, salt: u64) -> Vec<u8> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let args = Args::parse();
     std::thread::sleep(Duration::from_millis(args.init_ms));
     let salt = if args.diverge { u64::from(std::process::id()) } else { 0 };
