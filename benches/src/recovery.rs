@@ -212,6 +212,10 @@ struct Acc {
     dead: Vec<u64>,
     /// Per kill: the keeper's `last_recovery_us`.
     keeper: Vec<u64>,
+    /// Every (kill, connection): worker gone (pidfd readable here) → first
+    /// replayed byte read — the part holdfast, not the kernel's teardown of
+    /// the dead process, is responsible for.
+    after_death: Vec<u64>,
 }
 
 fn rounds(
@@ -261,11 +265,14 @@ fn rounds(
         // Every connection has exactly the first half: the worker is mid-answer on all.
         let t0 = Instant::now();
         signal(pid, Signal::KILL);
+        let mut dead_at = None;
         if let Some(fd) = &pidfd {
             let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
             let timeout = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };
             if matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(1)) {
-                acc[usize::from(quick)].dead.push(t0.elapsed().as_nanos() as u64);
+                let d = t0.elapsed().as_nanos() as u64;
+                acc[usize::from(quick)].dead.push(d);
+                dead_at = Some(d);
             }
         }
         let mut got = 0;
@@ -283,6 +290,9 @@ fn rounds(
         let t_answered = Instant::now();
         let ac = &mut acc[usize::from(quick)];
         ac.all.extend_from_slice(&samples);
+        if let Some(d) = dead_at {
+            ac.after_death.extend(samples.iter().map(|s| s.saturating_sub(d)));
+        }
         let f = *samples.iter().min().unwrap_or(&0);
         let l = *samples.iter().max().unwrap_or(&0);
         ac.first.push(f);
@@ -342,6 +352,10 @@ fn rounds(
             rows.push(Row::new("recovery", format!("{name} ACK: keeper last_recovery_us p50/p99/max"), d.short_us()));
         }
         rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, all p50/p99/max"), dall.short_us()));
+        if let Some(d) = Dist::of(&ac.after_death) {
+            println!("{}", d.row_us("worker gone (pidfd) → 1st byte, all samples"));
+            rows.push(Row::new("recovery", format!("{name} ACK: worker gone→1st byte, all p50/p99/max"), d.short_us()));
+        }
         rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, 1st conn/kill p50/p99/max"), dfirst.short_us()));
         rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, last conn/kill p50/p99/max"), dlast.short_us()));
     }

@@ -31,6 +31,10 @@ use crate::{listen, Config, KeeperError};
 /// Longest pause between attempts to start a worker that keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// After a hand-over, the replacement standby is started this much later,
+/// so that its fork and exec do not compete for the CPU with the worker
+/// that is taking the connections over.
+const RESPAWN_DELAY: Duration = Duration::from_millis(5);
 /// Exits remembered for `holdfast status`.
 const EXITS_KEPT: usize = 8;
 
@@ -399,7 +403,11 @@ impl Keeper {
             self.recovery_started = Some(t0);
             let standby = self.workers.iter().find(|(_, w)| w.role == Role::Standby).map(|(id, _)| *id);
             match standby {
-                Some(sid) => self.promote(sid),
+                Some(sid) => {
+                    self.promote(sid);
+                    let later = Instant::now() + RESPAWN_DELAY;
+                    self.spawn_after = Some(self.spawn_after.map_or(later, |t| t.max(later)));
+                }
                 None => self.phase = Phase::Recovering,
             }
         }
