@@ -17,7 +17,11 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the hf-bench executable")?;
     let p = exe.with_file_name(name);
     if !p.exists() {
-        bail!("{} not found next to {} (run `cargo build --release --workspace`)", name, exe.display());
+        bail!(
+            "{} not found next to {} (run `cargo build --release --workspace`)",
+            name,
+            exe.display()
+        );
     }
     Ok(p)
 }
@@ -62,7 +66,8 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
-        let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let logf =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -129,17 +134,36 @@ impl Keeper {
         let log = dir.path().join("keeper.log");
         let mut c = Command::new(bin("holdfast")?);
         c.arg("run")
-            .args(["--listen", "127.0.0.1:0", "--standby", &standby.to_string(), "--control"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--standby",
+                &standby.to_string(),
+                "--control",
+            ])
             .arg(&control)
             .arg("--")
             .args(cmd)
             .env("HOLDFAST_LOG", LOG_FILTER);
         let proc_ = Proc::spawn(&mut c, &log)?;
-        let mut k = Keeper { proc_, control, addr: "127.0.0.1:1".parse()?, log, _dir: dir };
-        let s = k.wait_for("a serving worker and a ready standby", Duration::from_secs(20), |s| {
-            s.phase == Phase::Serving && (standby == 0 || standby_ready(s))
-        })?;
-        k.addr = s.listeners.first().context("keeper reports no listener")?.parse().context("listener address")?;
+        let mut k = Keeper {
+            proc_,
+            control,
+            addr: "127.0.0.1:1".parse()?,
+            log,
+            _dir: dir,
+        };
+        let s = k.wait_for(
+            "a serving worker and a ready standby",
+            Duration::from_secs(20),
+            |s| s.phase == Phase::Serving && (standby == 0 || standby_ready(s)),
+        )?;
+        k.addr = s
+            .listeners
+            .first()
+            .context("keeper reports no listener")?
+            .parse()
+            .context("listener address")?;
         Ok(k)
     }
 
@@ -168,7 +192,10 @@ impl Keeper {
                 }
             }
             if Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {what}; log:\n{}", self.log_tail());
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; log:\n{}",
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -187,7 +214,10 @@ impl Keeper {
 }
 
 pub fn active_pid(s: &Snapshot) -> Option<u32> {
-    s.workers.iter().find(|w| w.role == Role::Active).map(|w| w.pid)
+    s.workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .map(|w| w.pid)
 }
 
 pub fn standby_ready(s: &Snapshot) -> bool {
@@ -201,7 +231,12 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// Waits until something accepts connections on `addr`.
-pub fn wait_listening(addr: SocketAddr, p: &mut Proc, what: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn wait_listening(
+    addr: SocketAddr,
+    p: &mut Proc,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         p.check_alive(what)?;
@@ -310,20 +345,42 @@ pub struct Row {
 
 impl Row {
     pub fn new(bench: &'static str, metric: impl Into<String>, value: impl Into<String>) -> Row {
-        Row { bench, metric: metric.into(), value: value.into() }
+        Row {
+            bench,
+            metric: metric.into(),
+            value: value.into(),
+        }
     }
 }
 
 pub fn print_summary(rows: &[Row]) {
     let wb = rows.iter().map(|r| r.bench.len()).max().unwrap_or(5).max(5);
-    let wm = rows.iter().map(|r| r.metric.chars().count()).max().unwrap_or(6).max(6);
+    let wm = rows
+        .iter()
+        .map(|r| r.metric.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     let mut out = String::new();
     let _ = writeln!(out, "\n=== summary ===");
     let _ = writeln!(out, "{:<wb$}  {:<wm$}  value", "bench", "metric");
-    let _ = writeln!(out, "{}  {}  {}", "-".repeat(wb), "-".repeat(wm), "-".repeat(30));
+    let _ = writeln!(
+        out,
+        "{}  {}  {}",
+        "-".repeat(wb),
+        "-".repeat(wm),
+        "-".repeat(30)
+    );
     for r in rows {
         let pad = wm - r.metric.chars().count();
-        let _ = writeln!(out, "{:<wb$}  {}{}  {}", r.bench, r.metric, " ".repeat(pad), r.value);
+        let _ = writeln!(
+            out,
+            "{:<wb$}  {}{}  {}",
+            r.bench,
+            r.metric,
+            " ".repeat(pad),
+            r.value
+        );
     }
     print!("{out}");
 }

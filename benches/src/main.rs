@@ -28,7 +28,10 @@ use clap::{Parser, Subcommand};
 use common::{print_summary, Row};
 
 #[derive(Parser)]
-#[command(name = "hf-bench", about = "Benchmarks for holdfast (recovery latency, throughput overhead, keeper memory)")]
+#[command(
+    name = "hf-bench",
+    about = "Benchmarks for holdfast (recovery latency, throughput overhead, keeper memory)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -65,9 +68,11 @@ fn main() -> ExitCode {
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);
-            let (Ok(Cmd::Recovery(ra)), Ok(Cmd::Throughput(ta)), Ok(Cmd::Memory(ma))) =
-                (defaults("recovery"), defaults("throughput"), defaults("memory"))
-            else {
+            let (Ok(Cmd::Recovery(ra)), Ok(Cmd::Throughput(ta)), Ok(Cmd::Memory(ma))) = (
+                defaults("recovery"),
+                defaults("throughput"),
+                defaults("memory"),
+            ) else {
                 unreachable!("subcommand defaults parse")
             };
             step("recovery", recovery::run(&ra));

@@ -36,7 +36,11 @@ struct Mem {
 fn kb_field(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let v = l.strip_prefix(key)?.strip_prefix(':')?;
-        v.split_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024)
+        v.split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
     })
 }
 
@@ -62,7 +66,8 @@ fn read_mem(pid: u32) -> anyhow::Result<Mem> {
             in_journal = l.contains("holdfast-journal");
             if in_journal {
                 if let Some((a, b)) = first.split_once('-') {
-                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+                    {
                         m.journal_size += b - a;
                     }
                 }
@@ -80,7 +85,11 @@ fn read_mem(pid: u32) -> anyhow::Result<Mem> {
 }
 
 /// Opens `n` more connections, each after one complete request.
-fn open_more(addr: std::net::SocketAddr, n: usize, socks: &mut Vec<TcpStream>) -> anyhow::Result<()> {
+fn open_more(
+    addr: std::net::SocketAddr,
+    n: usize,
+    socks: &mut Vec<TcpStream>,
+) -> anyhow::Result<()> {
     const BATCH: usize = 250;
     let req = format!("GET /tiny.txt HTTP/1.1\r\nHost: {addr}\r\n\r\n").into_bytes();
     let mut buf = [0u8; 4096];
@@ -89,7 +98,8 @@ fn open_more(addr: std::net::SocketAddr, n: usize, socks: &mut Vec<TcpStream>) -
         let b = left.min(BATCH);
         let mut batch = Vec::with_capacity(b);
         for _ in 0..b {
-            let s = TcpStream::connect(addr).with_context(|| format!("connection #{} to {addr}", socks.len() + batch.len()))?;
+            let s = TcpStream::connect(addr)
+                .with_context(|| format!("connection #{} to {addr}", socks.len() + batch.len()))?;
             s.set_read_timeout(Some(Duration::from_secs(20)))?;
             s.set_nodelay(true)?;
             batch.push(s);
@@ -108,7 +118,10 @@ fn open_more(addr: std::net::SocketAddr, n: usize, socks: &mut Vec<TcpStream>) -
                 got.extend_from_slice(&buf[..k]);
             }
             if !got.starts_with(b"HTTP/1.1 200") {
-                bail!("unexpected response: {}", String::from_utf8_lossy(&got[..got.len().min(40)]));
+                bail!(
+                    "unexpected response: {}",
+                    String::from_utf8_lossy(&got[..got.len().min(40)])
+                );
             }
         }
         socks.extend(batch);
@@ -124,7 +137,14 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     targets.retain(|n| *n > 0);
     let limit = raise_nofile();
     let max = targets.last().copied().unwrap_or(0);
-    println!("== memory: keeper + hf-httpd, idle keep-alive connections held: 0, {} ==", targets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "== memory: keeper + hf-httpd, idle keep-alive connections held: 0, {} ==",
+        targets
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     // This process holds N client sockets; the keeper and the worker N each.
     let room = limit.saturating_sub(100) as usize;
     if max > room {
@@ -136,16 +156,32 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     let httpd = bin("hf-httpd")?;
     let site = TempDir::new("site")?;
     std::fs::write(site.path().join("tiny.txt"), b"ok\n")?;
-    let mut keeper = Keeper::start(1, &[httpd.as_os_str(), "--root".as_ref(), site.path().as_os_str()])?;
+    let mut keeper = Keeper::start(
+        1,
+        &[
+            httpd.as_os_str(),
+            "--root".as_ref(),
+            site.path().as_os_str(),
+        ],
+    )?;
     let kpid = keeper.pid();
-    println!("keeper pid {kpid} on {} (RLIMIT_NOFILE here: {limit})", keeper.addr);
+    println!(
+        "keeper pid {kpid} on {} (RLIMIT_NOFILE here: {limit})",
+        keeper.addr
+    );
 
     let settle = |keeper: &mut Keeper, n: usize| -> anyhow::Result<u32> {
-        let s = keeper.wait_for(&format!("{n} connections held by the active worker"), Duration::from_secs(30), |s| {
-            s.connections == n
-                && s.waiting == 0
-                && s.workers.iter().any(|w| w.role == hf_keeper::status::Role::Active && w.connections == n)
-        })?;
+        let s = keeper.wait_for(
+            &format!("{n} connections held by the active worker"),
+            Duration::from_secs(30),
+            |s| {
+                s.connections == n
+                    && s.waiting == 0
+                    && s.workers
+                        .iter()
+                        .any(|w| w.role == hf_keeper::status::Role::Active && w.connections == n)
+            },
+        )?;
         std::thread::sleep(Duration::from_millis(200));
         active_pid(&s).context("no active worker")
     };
@@ -158,7 +194,10 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         let t = Instant::now();
         open_more(keeper.addr, n - socks.len(), &mut socks)?;
         let w = settle(&mut keeper, n)?;
-        println!("  {n} connections open and handed over ({:.2} s)", t.elapsed().as_secs_f64());
+        println!(
+            "  {n} connections open and handed over ({:.2} s)",
+            t.elapsed().as_secs_f64()
+        );
         results.push((n, read_mem(kpid)?, read_mem(w)?));
     }
     let snap = keeper.status()?;
@@ -175,7 +214,17 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     );
     println!(
         "{:>7} │ {:>11} {:>11} {:>11} {:>11} {:>11} {:>12} │ {:>13} {:>13} {:>13} │ {:>14}",
-        "conns", "VmRSS", "Rss", "Pss", "private", "priv. dirty", "journal Rss", "Δprivate/c", "Δdirty/c", "Δjournal/c", "worker dirty"
+        "conns",
+        "VmRSS",
+        "Rss",
+        "Pss",
+        "private",
+        "priv. dirty",
+        "journal Rss",
+        "Δprivate/c",
+        "Δdirty/c",
+        "Δjournal/c",
+        "worker dirty"
     );
     let mut rows = Vec::new();
     for (n, m, wm) in &results {
@@ -203,7 +252,12 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         rows.push(Row::new(
             "memory",
             format!("keeper private (dirty) + journal Rss @ {n} conns"),
-            format!("{} ({}) + {}", kib(m.private), kib(m.private_dirty), kib(m.journal_rss)),
+            format!(
+                "{} ({}) + {}",
+                kib(m.private),
+                kib(m.private_dirty),
+                kib(m.journal_rss)
+            ),
         ));
         if *n > 0 {
             rows.push(Row::new(
@@ -222,6 +276,9 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     println!("(private = Private_Clean + Private_Dirty of smaps_rollup — Private_Clean is mostly the binary's text and drops when other");
     println!(" processes map the same binary, so the dirty part is the steadier figure; the journal is a shared memfd mapping, in Rss/Pss,");
     println!(" not in private; worker dirty = Private_Dirty of the active hf-httpd worker, for comparison; Δ…/c = (value − value at 0) / conns)");
-    println!("keeper accepted {} connections in all, {} held at the end", snap.accepted, snap.connections);
+    println!(
+        "keeper accepted {} connections in all, {} held at the end",
+        snap.accepted, snap.connections
+    );
     Ok(rows)
 }

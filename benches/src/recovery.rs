@@ -87,35 +87,50 @@ enum FromConn {
     Done(usize, Result<Instant, String>),
 }
 
-fn conn_thread(idx: usize, mut s: TcpStream, len: usize, rx: mpsc::Receiver<ToConn>, tx: mpsc::Sender<FromConn>) {
+fn conn_thread(
+    idx: usize,
+    mut s: TcpStream,
+    len: usize,
+    rx: mpsc::Receiver<ToConn>,
+    tx: mpsc::Sender<FromConn>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(ToConn::Go(id, quickack)) = rx.recv() {
         let expect = answer(id, len);
         let half = expect.len() / 2;
         let mut got: Vec<u8> = Vec::with_capacity(expect.len());
         let r = (|| -> Result<Instant, String> {
-            s.write_all(format!("HOLD {id} {len}\n").as_bytes()).map_err(|e| format!("write: {e}"))?;
+            s.write_all(format!("HOLD {id} {len}\n").as_bytes())
+                .map_err(|e| format!("write: {e}"))?;
             while got.len() < half {
                 match s.read(&mut buf) {
-                    Ok(0) => return Err(format!("EOF after {} bytes of the first half", got.len())),
+                    Ok(0) => {
+                        return Err(format!("EOF after {} bytes of the first half", got.len()))
+                    }
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                     Err(e) => return Err(format!("reading the first half: {e}")),
                 }
             }
             if got.len() > half {
-                return Err(format!("got {} bytes before the kill, expected exactly the first half ({half})", got.len()));
+                return Err(format!(
+                    "got {} bytes before the kill, expected exactly the first half ({half})",
+                    got.len()
+                ));
             }
             if got[..] != expect[..half] {
                 return Err("first half differs from the expected answer".into());
             }
             if quickack {
-                rustix::net::sockopt::set_tcp_quickack(&s, true).map_err(|e| format!("TCP_QUICKACK: {e}"))?;
+                rustix::net::sockopt::set_tcp_quickack(&s, true)
+                    .map_err(|e| format!("TCP_QUICKACK: {e}"))?;
             }
             if tx.send(FromConn::Ready(idx)).is_err() {
                 return Err("coordinator gone".into());
             }
             let first = match s.read(&mut buf) {
-                Ok(0) => return Err("EOF instead of the replayed second half (connection lost)".into()),
+                Ok(0) => {
+                    return Err("EOF instead of the replayed second half (connection lost)".into())
+                }
                 Ok(n) => {
                     let t = Instant::now();
                     got.extend_from_slice(&buf[..n]);
@@ -125,14 +140,24 @@ fn conn_thread(idx: usize, mut s: TcpStream, len: usize, rx: mpsc::Receiver<ToCo
             };
             while got.len() < expect.len() {
                 match s.read(&mut buf) {
-                    Ok(0) => return Err(format!("EOF after {} of {} bytes", got.len(), expect.len())),
+                    Ok(0) => {
+                        return Err(format!("EOF after {} of {} bytes", got.len(), expect.len()))
+                    }
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                     Err(e) => return Err(format!("reading the second half: {e}")),
                 }
             }
             if got != expect {
-                let at = got.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(expect.len());
-                return Err(format!("answer differs at byte {at} of {} ({} received)", expect.len(), got.len()));
+                let at = got
+                    .iter()
+                    .zip(&expect)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(expect.len());
+                return Err(format!(
+                    "answer differs at byte {at} of {} ({} received)",
+                    expect.len(),
+                    got.len()
+                ));
             }
             Ok(first)
         })();
@@ -147,7 +172,10 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     if a.conns == 0 || a.kills == 0 {
         bail!("--conns and --kills must be at least 1");
     }
-    println!("== recovery: SIGKILL the active worker mid-answer on {} connections, {} kills ==", a.conns, a.kills);
+    println!(
+        "== recovery: SIGKILL the active worker mid-answer on {} connections, {} kills ==",
+        a.conns, a.kills
+    );
     let testsvc = crate::common::bin("hf-testsvc")?;
     let flavour = if a.blocking { "blocking" } else { "tokio" };
     let mut cmd = vec![testsvc.as_os_str()];
@@ -167,7 +195,8 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     let mut socks = Vec::with_capacity(a.conns);
     let mut threads = Vec::with_capacity(a.conns);
     for i in 0..a.conns {
-        let s = TcpStream::connect(keeper.addr).with_context(|| format!("connect #{i} to {}", keeper.addr))?;
+        let s = TcpStream::connect(keeper.addr)
+            .with_context(|| format!("connect #{i} to {}", keeper.addr))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
         socks.push(s.try_clone()?);
@@ -229,14 +258,19 @@ fn rounds(
     let budget = Duration::from_secs(a.max_secs);
     let mut acc = [Acc::default(), Acc::default()]; // [delayed, quick]
     let mut settle: Vec<u64> = Vec::with_capacity(a.kills);
-    let mut snap = keeper.wait_for("an active worker and a ready standby", Duration::from_secs(20), |s| {
-        active_pid(s).is_some() && standby_ready(s)
-    })?;
+    let mut snap = keeper.wait_for(
+        "an active worker and a ready standby",
+        Duration::from_secs(20),
+        |s| active_pid(s).is_some() && standby_ready(s),
+    )?;
     let mut done = 0;
     let mut samples = vec![0u64; n];
     while done < a.kills {
         if started.elapsed() > budget {
-            println!("time budget of {} s reached after {done} kills; stopping early", a.max_secs);
+            println!(
+                "time budget of {} s reached after {done} kills; stopping early",
+                a.max_secs
+            );
             break;
         }
         let quick = match a.ack {
@@ -248,27 +282,38 @@ fn rounds(
         let restarts = snap.restarts;
         for (i, t) in to.iter().enumerate() {
             let id = (done * n + i + 1) as u64;
-            t.send(ToConn::Go(id, quick)).map_err(|_| anyhow::anyhow!("client thread {i} gone"))?;
+            t.send(ToConn::Go(id, quick))
+                .map_err(|_| anyhow::anyhow!("client thread {i} gone"))?;
         }
         let mut ready = 0;
         while ready < n {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(FromConn::Ready(_)) => ready += 1,
-                Ok(FromConn::Done(i, Err(e))) => bail!("round {done}, connection {i}, before the kill: {e}"),
-                Ok(FromConn::Done(i, Ok(_))) => bail!("round {done}, connection {i}: answer completed before the kill"),
-                Err(_) => bail!("round {done}: only {ready}/{n} connections got their first half within 20 s"),
+                Ok(FromConn::Done(i, Err(e))) => {
+                    bail!("round {done}, connection {i}, before the kill: {e}")
+                }
+                Ok(FromConn::Done(i, Ok(_))) => {
+                    bail!("round {done}, connection {i}: answer completed before the kill")
+                }
+                Err(_) => bail!(
+                    "round {done}: only {ready}/{n} connections got their first half within 20 s"
+                ),
             }
         }
         // Watch the worker die from here too: kill → pidfd readable.
-        let pidfd = rustix::process::Pid::from_raw(pid as i32)
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+        let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
         // Every connection has exactly the first half: the worker is mid-answer on all.
         let t0 = Instant::now();
         signal(pid, Signal::KILL);
         let mut dead_at = None;
         if let Some(fd) = &pidfd {
             let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-            let timeout = rustix::event::Timespec { tv_sec: 5, tv_nsec: 0 };
+            let timeout = rustix::event::Timespec {
+                tv_sec: 5,
+                tv_nsec: 0,
+            };
             if matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(1)) {
                 let d = t0.elapsed().as_nanos() as u64;
                 acc[usize::from(quick)].dead.push(d);
@@ -291,15 +336,20 @@ fn rounds(
         let ac = &mut acc[usize::from(quick)];
         ac.all.extend_from_slice(&samples);
         if let Some(d) = dead_at {
-            ac.after_death.extend(samples.iter().map(|s| s.saturating_sub(d)));
+            ac.after_death
+                .extend(samples.iter().map(|s| s.saturating_sub(d)));
         }
         let f = *samples.iter().min().unwrap_or(&0);
         let l = *samples.iter().max().unwrap_or(&0);
         ac.first.push(f);
         ac.last.push(l);
-        snap = keeper.wait_for("the restart, a new active worker and a ready standby", Duration::from_secs(20), |s| {
-            s.restarts > restarts && active_pid(s).is_some_and(|p| p != pid) && standby_ready(s)
-        })?;
+        snap = keeper.wait_for(
+            "the restart, a new active worker and a ready standby",
+            Duration::from_secs(20),
+            |s| {
+                s.restarts > restarts && active_pid(s).is_some_and(|p| p != pid) && standby_ready(s)
+            },
+        )?;
         settle.push(t_answered.elapsed().as_nanos() as u64);
         if let Some(k) = snap.last_recovery_us {
             ac.keeper.push(k * 1000);
@@ -326,11 +376,17 @@ fn rounds(
         snap.restarts,
         snap.recovered_connections
     );
-    let mut rows = vec![Row::new("recovery", "kills × conns (all answers byte-exact)", format!("{done} × {n}"))];
+    let mut rows = vec![Row::new(
+        "recovery",
+        "kills × conns (all answers byte-exact)",
+        format!("{done} × {n}"),
+    )];
     let mut p50s = [None, None];
     for (qi, name) in [(1usize, "quick"), (0, "delayed")] {
         let ac = &acc[qi];
-        let (Some(dall), Some(dfirst), Some(dlast)) = (Dist::of(&ac.all), Dist::of(&ac.first), Dist::of(&ac.last)) else {
+        let (Some(dall), Some(dfirst), Some(dlast)) =
+            (Dist::of(&ac.all), Dist::of(&ac.first), Dist::of(&ac.last))
+        else {
             continue;
         };
         p50s[qi] = Some(dfirst.p50);
@@ -345,19 +401,46 @@ fn rounds(
         println!("{}", dlast.row_us("last connection answered, per kill"));
         if let Some(d) = Dist::of(&ac.dead) {
             println!("{}", d.row_us("kill → worker pidfd readable (here)"));
-            rows.push(Row::new("recovery", format!("{name} ACK: kill→worker gone (pidfd) p50/p99/max"), d.short_us()));
+            rows.push(Row::new(
+                "recovery",
+                format!("{name} ACK: kill→worker gone (pidfd) p50/p99/max"),
+                d.short_us(),
+            ));
         }
         if let Some(d) = Dist::of(&ac.keeper) {
             println!("{}", d.row_us("keeper last_recovery_us (noticed → handed)"));
-            rows.push(Row::new("recovery", format!("{name} ACK: keeper last_recovery_us p50/p99/max"), d.short_us()));
+            rows.push(Row::new(
+                "recovery",
+                format!("{name} ACK: keeper last_recovery_us p50/p99/max"),
+                d.short_us(),
+            ));
         }
-        rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, all p50/p99/max"), dall.short_us()));
+        rows.push(Row::new(
+            "recovery",
+            format!("{name} ACK: kill→1st byte, all p50/p99/max"),
+            dall.short_us(),
+        ));
         if let Some(d) = Dist::of(&ac.after_death) {
-            println!("{}", d.row_us("worker gone (pidfd) → 1st byte, all samples"));
-            rows.push(Row::new("recovery", format!("{name} ACK: worker gone→1st byte, all p50/p99/max"), d.short_us()));
+            println!(
+                "{}",
+                d.row_us("worker gone (pidfd) → 1st byte, all samples")
+            );
+            rows.push(Row::new(
+                "recovery",
+                format!("{name} ACK: worker gone→1st byte, all p50/p99/max"),
+                d.short_us(),
+            ));
         }
-        rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, 1st conn/kill p50/p99/max"), dfirst.short_us()));
-        rows.push(Row::new("recovery", format!("{name} ACK: kill→1st byte, last conn/kill p50/p99/max"), dlast.short_us()));
+        rows.push(Row::new(
+            "recovery",
+            format!("{name} ACK: kill→1st byte, 1st conn/kill p50/p99/max"),
+            dfirst.short_us(),
+        ));
+        rows.push(Row::new(
+            "recovery",
+            format!("{name} ACK: kill→1st byte, last conn/kill p50/p99/max"),
+            dlast.short_us(),
+        ));
     }
     if let (Some(d), Some(q)) = (p50s[0], p50s[1]) {
         println!();

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::common::{active_pid, bin, free_port, median_f, wait_listening, Keeper, Proc, Row, TempDir, LOG_FILTER};
+use crate::common::{
+    active_pid, bin, free_port, median_f, wait_listening, Keeper, Proc, Row, TempDir, LOG_FILTER,
+};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -102,14 +104,18 @@ impl Conn {
         let mut searched = 0;
         loop {
             if head_end.is_none() {
-                if let Some(p) = self.buf[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
+                if let Some(p) = self.buf[searched..]
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                {
                     head_end = Some(searched + p + 4);
                 } else {
                     searched = self.buf.len().saturating_sub(3);
                 }
             }
             if let Some(h) = head_end {
-                let head = std::str::from_utf8(&self.buf[..h]).context("response head is not UTF-8")?;
+                let head =
+                    std::str::from_utf8(&self.buf[..h]).context("response head is not UTF-8")?;
                 if !head.starts_with("HTTP/1.1 200") {
                     bail!("unexpected response: {}", head.lines().next().unwrap_or(""));
                 }
@@ -117,7 +123,9 @@ impl Conn {
                     .lines()
                     .find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok()).flatten()
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())
+                            .flatten()
                     })
                     .context("no Content-Length")?;
                 if self.buf.len() >= h + cl {
@@ -156,11 +164,15 @@ impl Pool {
                 let s = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                g.push(Conn { s, buf: Vec::with_capacity(64 * 1024) });
+                g.push(Conn {
+                    s,
+                    buf: Vec::with_capacity(64 * 1024),
+                });
             }
             groups.push(g);
         }
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hf-bench\r\n\r\n").into_bytes();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hf-bench\r\n\r\n")
+            .into_bytes();
         Ok(Pool { addr, groups, req })
     }
 
@@ -181,10 +193,12 @@ impl Pool {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         for c in g.iter_mut() {
-                            c.s.write_all(req).with_context(|| format!("sending to {addr}"))?;
+                            c.s.write_all(req)
+                                .with_context(|| format!("sending to {addr}"))?;
                         }
                         for c in g.iter_mut() {
-                            c.read_response(&mut scratch, body).with_context(|| format!("response from {addr}"))?;
+                            c.read_response(&mut scratch, body)
+                                .with_context(|| format!("response from {addr}"))?;
                             n += 1;
                         }
                     }
@@ -195,7 +209,9 @@ impl Pool {
             let t0 = Instant::now();
             let mut total = 0;
             for h in hs {
-                total += h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+                total += h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
             }
             Ok((total, t0.elapsed().as_secs_f64()))
         })
@@ -203,10 +219,21 @@ impl Pool {
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }
 
-fn run_wrk(wrk: &Path, addr: SocketAddr, path: &str, conns: usize, threads: usize, secs: u64) -> anyhow::Result<f64> {
+fn run_wrk(
+    wrk: &Path,
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    threads: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
     let out = Command::new(wrk)
         .args([
             format!("-t{threads}"),
@@ -221,7 +248,10 @@ fn run_wrk(wrk: &Path, addr: SocketAddr, path: &str, conns: usize, threads: usiz
         eprintln!("wrk reported errors:\n{text}");
     }
     text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("Requests/sec:")
+                .and_then(|v| v.trim().parse().ok())
+        })
         .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
 }
 
@@ -252,16 +282,38 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     // Pass-through: the same binary, its own listener.
     let addr = free_port()?;
     let mut c = Command::new(&httpd);
-    c.arg("--root").arg(site.path()).arg("--listen").arg(addr.to_string()).env("HOLDFAST_LOG", LOG_FILTER);
+    c.arg("--root")
+        .arg(site.path())
+        .arg("--listen")
+        .arg(addr.to_string())
+        .env("HOLDFAST_LOG", LOG_FILTER);
     let plain_log = site.path().join("plain.log");
     let mut plain_proc = Proc::spawn(&mut c, &plain_log)?;
-    wait_listening(addr, &mut plain_proc, "hf-httpd (pass-through)", Duration::from_secs(10))?;
-    let plain = Server { addr, pids: vec![plain_proc.pid()] };
+    wait_listening(
+        addr,
+        &mut plain_proc,
+        "hf-httpd (pass-through)",
+        Duration::from_secs(10),
+    )?;
+    let plain = Server {
+        addr,
+        pids: vec![plain_proc.pid()],
+    };
 
-    let keeper = Keeper::start(1, &[httpd.as_os_str(), "--root".as_ref(), site.path().as_os_str()])?;
+    let keeper = Keeper::start(
+        1,
+        &[
+            httpd.as_os_str(),
+            "--root".as_ref(),
+            site.path().as_os_str(),
+        ],
+    )?;
     let snap = keeper.status()?;
     let worker = active_pid(&snap).context("no active worker")?;
-    let kept = Server { addr: keeper.addr, pids: vec![keeper.pid(), worker] };
+    let kept = Server {
+        addr: keeper.addr,
+        pids: vec![keeper.pid(), worker],
+    };
     println!(
         "plain: hf-httpd pid {} on {}   kept: keeper pid {} + worker pid {} on {} (1 standby)",
         plain_proc.pid(),
@@ -274,13 +326,18 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     // Warm-up (page cache, first connections, lazy allocations).
     for s in [&plain, &kept] {
         for (path, body) in &files {
-            Pool::connect(s.addr, path, a.conns, a.client_threads)?.run(body, Duration::from_millis(250))?;
+            Pool::connect(s.addr, path, a.conns, a.client_threads)?
+                .run(body, Duration::from_millis(250))?;
         }
     }
 
     let wrk = find_on_path("wrk");
     let mut series: Vec<Series> = Vec::new();
-    let tools: Vec<&'static str> = if wrk.is_some() { vec!["built-in", "wrk"] } else { vec!["built-in"] };
+    let tools: Vec<&'static str> = if wrk.is_some() {
+        vec!["built-in", "wrk"]
+    } else {
+        vec!["built-in"]
+    };
     for tool in &tools {
         // wrk on the small file only: it keeps the whole run under two minutes.
         let n = if *tool == "wrk" { 1 } else { files.len() };
@@ -308,9 +365,21 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 // wrk runs whole seconds: one run per mode, plain first.
                 for (mi, srv) in [&plain, &kept].into_iter().enumerate() {
                     let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
-                    let rps = run_wrk(wrk.as_deref().expect("wrk"), srv.addr, &s.file, a.conns, 2, a.secs)?;
+                    let rps = run_wrk(
+                        wrk.as_deref().expect("wrk"),
+                        srv.addr,
+                        &s.file,
+                        a.conns,
+                        2,
+                        a.secs,
+                    )?;
                     let n = (rps * a.secs as f64) as u64;
-                    acc[mi] = (n, a.secs as f64, cpu_of(&srv.pids) - c0, cpu_of(&srv.pids[..1]) - k0);
+                    acc[mi] = (
+                        n,
+                        a.secs as f64,
+                        cpu_of(&srv.pids) - c0,
+                        cpu_of(&srv.pids[..1]) - k0,
+                    );
                 }
             } else {
                 let mut pools = [
@@ -323,9 +392,9 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                     for mi in order {
                         let srv = if mi == 0 { &plain } else { &kept };
                         let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
-                        let (n, t) = pools[mi]
-                            .run(body, slice)
-                            .with_context(|| format!("{:?} round {}", [Mode::Plain, Mode::Kept][mi], r + 1))?;
+                        let (n, t) = pools[mi].run(body, slice).with_context(|| {
+                            format!("{:?} round {}", [Mode::Plain, Mode::Kept][mi], r + 1)
+                        })?;
                         let e = &mut acc[mi];
                         e.0 += n;
                         e.1 += t;
@@ -359,16 +428,28 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     plain_proc.check_alive("hf-httpd (pass-through)")?;
     let snap = keeper.status()?;
     if snap.restarts != 0 {
-        println!("warning: the kept worker restarted {} times during the run", snap.restarts);
+        println!(
+            "warning: the kept worker restarted {} times during the run",
+            snap.restarts
+        );
     }
     drop(plain_proc);
     keeper.stop();
-    println!("({:.0} s of measurement)", measuring.elapsed().as_secs_f64());
+    println!(
+        "({:.0} s of measurement)",
+        measuring.elapsed().as_secs_f64()
+    );
 
     println!();
     println!(
         "{:<9} {:<9} {:>12} {:>12} {:>10} {:>14} {:>26}",
-        "tool", "file", "plain req/s", "kept req/s", "overhead", "paired ratio", "server CPU µs/req (keeper)"
+        "tool",
+        "file",
+        "plain req/s",
+        "kept req/s",
+        "overhead",
+        "paired ratio",
+        "server CPU µs/req (keeper)"
     );
     let mut rows = Vec::new();
     for s in &series {
@@ -377,7 +458,9 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         let overhead = (mp - mk) / mp * 100.0;
         let ratios: Vec<f64> = s.plain.iter().zip(&s.kept).map(|(p, k)| k / p).collect();
         let mr = median_f(&ratios);
-        let (rmin, rmax) = ratios.iter().fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+        let (rmin, rmax) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
         let cpu = format!(
             "{:.1} → {:.1} ({:.2})",
             median_f(&s.plain_cpu) * 1e6,
@@ -391,14 +474,25 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         println!(
             "{:<19} per-round kept/plain: {}  (min {rmin:.3}, max {rmax:.3})",
             "",
-            ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ")
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         rows.push(Row::new(
             "throughput",
             format!("{} {} median plain / kept req/s", s.tool, s.file),
             format!("{mp:.0} / {mk:.0}"),
         ));
-        rows.push(Row::new("throughput", format!("{} {} server CPU µs/req plain → kept (keeper)", s.tool, s.file), cpu));
+        rows.push(Row::new(
+            "throughput",
+            format!(
+                "{} {} server CPU µs/req plain → kept (keeper)",
+                s.tool, s.file
+            ),
+            cpu,
+        ));
         rows.push(Row::new(
             "throughput",
             format!("{} {} overhead (medians; paired)", s.tool, s.file),

@@ -15,7 +15,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -52,7 +55,10 @@ impl Client {
             let mut chunk = [0u8; 65536];
             let n = s.read(&mut chunk)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-response",
+                ));
             }
             buf.extend_from_slice(&chunk[..n]);
             Ok(())
@@ -75,12 +81,18 @@ pub fn parse_all(raw: &[u8], head_only: &[bool]) -> io::Result<Vec<Response>> {
     let mut out = Vec::new();
     for (i, &h) in head_only.iter().enumerate() {
         let r = parse_one(&mut buf, h, |_| {
-            Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("stream ends inside response {i}")))
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stream ends inside response {i}"),
+            ))
         })?;
         out.push(r);
     }
     if !buf.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} bytes after the last response", buf.len())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} bytes after the last response", buf.len()),
+        ));
     }
     Ok(out)
 }
@@ -96,7 +108,10 @@ fn parse_one(
             break i + 4;
         }
         if buf.len() > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "response head too large",
+            ));
         }
         fill(buf)?;
     };
@@ -105,15 +120,26 @@ fn parse_one(
     let status_line = lines.next().unwrap_or_default();
     let mut parts = status_line.splitn(3, ' ');
     let (Some(proto), Some(code)) = (parts.next(), parts.next()) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad status line {status_line:?}"),
+        ));
     };
     if !proto.starts_with("HTTP/1.") {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad status line {status_line:?}"),
+        ));
     }
-    let status = code.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad status code"))?;
+    let status = code
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad status code"))?;
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        })
         .collect();
     buf.drain(..end);
     let len: usize = if head_only {
@@ -129,7 +155,11 @@ fn parse_one(
         fill(buf)?;
     }
     let body = buf.drain(..len).collect();
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Deterministic content for test files.

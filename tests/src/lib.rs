@@ -29,7 +29,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built (run `cargo build --workspace` with the same profile)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built (run `cargo build --workspace` with the same profile)",
+        p.display()
+    );
     p
 }
 
@@ -40,7 +44,10 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Op
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -107,7 +114,13 @@ impl Keeper {
             .stderr(logf)
             .spawn()
             .expect("start holdfast");
-        let mut k = Keeper { child, control, addr: "127.0.0.1:1".parse().unwrap(), _dir: dir, log };
+        let mut k = Keeper {
+            child,
+            control,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            _dir: dir,
+            log,
+        };
         let snap = k.wait_for("a serving worker", |s| s.phase == Phase::Serving);
         k.addr = snap.listeners[0].parse().expect("listener address");
         k
@@ -123,22 +136,35 @@ impl Keeper {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("keeper exited ({st}) while waiting for {what}; log:\n{}", self.log());
+                panic!(
+                    "keeper exited ({st}) while waiting for {what}; log:\n{}",
+                    self.log()
+                );
             }
             if let Ok(s) = self.status() {
                 if cond(&s) {
                     return s;
                 }
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
     /// Pid of the active worker.
     pub fn active_pid(&mut self) -> u32 {
-        let s = self.wait_for("an active worker", |s| s.workers.iter().any(|w| w.role == Role::Active));
-        s.workers.iter().find(|w| w.role == Role::Active).map(|w| w.pid).expect("active")
+        let s = self.wait_for("an active worker", |s| {
+            s.workers.iter().any(|w| w.role == Role::Active)
+        });
+        s.workers
+            .iter()
+            .find(|w| w.role == Role::Active)
+            .map(|w| w.pid)
+            .expect("active")
     }
 
     /// SIGKILLs the active worker; returns its pid.
@@ -151,7 +177,11 @@ impl Keeper {
     /// Kills the active worker and waits until another one is active.
     pub fn kill_and_wait(&mut self) -> u32 {
         let pid = self.kill_active();
-        self.wait_for("a new active worker", |s| s.workers.iter().any(|w| w.role == Role::Active && w.pid != pid));
+        self.wait_for("a new active worker", |s| {
+            s.workers
+                .iter()
+                .any(|w| w.role == Role::Active && w.pid != pid)
+        });
         pid
     }
 
@@ -201,18 +231,29 @@ pub fn run_cmd(cmd: &mut Command) -> (i32, String, String) {
 /// Starts a service without a keeper and returns it with the address it
 /// printed on stderr (`... listening on ADDR` or `listen=ADDR`).
 pub fn start_pass_through(cmd: &mut Command) -> (Child, SocketAddr) {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
-        let line = lines.next().expect("service exited before listening").expect("read stderr");
+        let line = lines
+            .next()
+            .expect("service exited before listening")
+            .expect("read stderr");
         // Log lines may be coloured (`listen\x1b[0m\x1b[2m=\x1b[0mADDR`):
         // strip the escapes before looking for the address.
         let line = strip_ansi(&line);
         let tail = line
             .rsplit_once("listening on ")
             .map(|(_, a)| a)
-            .or_else(|| line.split_once("listen=").map(|(_, a)| a.split_whitespace().next().unwrap_or("")));
+            .or_else(|| {
+                line.split_once("listen=")
+                    .map(|(_, a)| a.split_whitespace().next().unwrap_or(""))
+            });
         if let Some(a) = tail.and_then(|a| strip_ansi(a).parse().ok()) {
             break a;
         }
@@ -237,29 +278,47 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// Asks the keeper at `control` until its snapshot satisfies `cond`.
-pub fn wait_status(control: &Path, what: &str, timeout: Duration, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+pub fn wait_status(
+    control: &Path,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match hf_keeper::status::query(control) {
             Ok(s) if cond(&s) => return s,
             r => r,
         };
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last status: {last:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last status: {last:?}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// Connects with a small receive buffer (set before the handshake, so the
 /// window stays small): the server's writes then block early, which keeps a
 /// large response genuinely in flight while a test kills the worker.
-pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<std::net::TcpStream> {
+pub fn connect_small_rcvbuf(
+    addr: SocketAddr,
+    rcvbuf: usize,
+) -> std::io::Result<std::net::TcpStream> {
     use rustix::net::{connect, socket, sockopt, AddressFamily, SocketType};
-    let fam = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fam = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
     let fd = socket(fam, SocketType::STREAM, None)?;
     sockopt::set_socket_recv_buffer_size(&fd, rcvbuf)?;
     connect(&fd, &addr)?;
@@ -308,7 +367,8 @@ impl Drop for Proc {
 
 /// One snapshot from the keeper at `control` (panics if none answers).
 pub fn status_of(control: &Path) -> Snapshot {
-    hf_keeper::status::query(control).unwrap_or_else(|e| panic!("status from {}: {e}", control.display()))
+    hf_keeper::status::query(control)
+        .unwrap_or_else(|e| panic!("status from {}: {e}", control.display()))
 }
 
 /// Reads `s` to its end at about `rate` bytes a second, publishing how much

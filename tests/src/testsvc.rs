@@ -59,17 +59,23 @@ pub struct LineClient {
 impl LineClient {
     pub fn connect(addr: SocketAddr, name: impl Into<String>) -> LineClient {
         let name = name.into();
-        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{name}: connect to {addr}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let s =
+            TcpStream::connect(addr).unwrap_or_else(|e| panic!("{name}: connect to {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
         LineClient { s, name }
     }
 
     /// Wraps an already connected stream.
     pub fn from_stream(s: TcpStream, name: impl Into<String>) -> LineClient {
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
-        LineClient { s, name: name.into() }
+        LineClient {
+            s,
+            name: name.into(),
+        }
     }
 
     pub fn stream(&mut self) -> &mut TcpStream {
@@ -81,7 +87,9 @@ impl LineClient {
     }
 
     pub fn send(&mut self, raw: &str) {
-        self.s.write_all(raw.as_bytes()).unwrap_or_else(|e| panic!("{}: send {raw:?}: {e}", self.name));
+        self.s
+            .write_all(raw.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: send {raw:?}: {e}", self.name));
     }
 
     /// Reads exactly `n` bytes, or says how the stream ended and after how
@@ -94,7 +102,13 @@ impl LineClient {
                 Ok(0) => return Err(format!("{}: EOF after {at} of {n} bytes", self.name)),
                 Ok(k) => at += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("{}: {e} ({:?}) after {at} of {n} bytes", self.name, e.kind())),
+                Err(e) => {
+                    return Err(format!(
+                        "{}: {e} ({:?}) after {at} of {n} bytes",
+                        self.name,
+                        e.kind()
+                    ))
+                }
             }
         }
         Ok(got)
@@ -125,7 +139,9 @@ impl LineClient {
 
     /// Reads `want.len()` bytes and checks them byte for byte.
     pub fn expect(&mut self, want: &[u8], what: &str) {
-        let got = self.read_n(want.len()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = self
+            .read_n(want.len())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         if got != want {
             let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
             panic!(
@@ -141,7 +157,10 @@ impl LineClient {
     /// Sends `REQ id len 0` and checks the whole answer.
     pub fn request(&mut self, id: u64, len: usize, salt: u64) {
         self.send(&format!("REQ {id} {len} 0\n"));
-        self.expect(&answer(id, len, salt), &format!("answer to REQ {id} {len} 0"));
+        self.expect(
+            &answer(id, len, salt),
+            &format!("answer to REQ {id} {len} 0"),
+        );
     }
 
     /// Waits up to `timeout` for the peer to end the stream: `Ok(())` on a
@@ -156,9 +175,15 @@ impl LineClient {
                 self.name,
                 String::from_utf8_lossy(&buf[..n.min(80)])
             )),
-            Err(e) => Err(format!("{}: {e} ({:?}) instead of a clean EOF", self.name, e.kind())),
+            Err(e) => Err(format!(
+                "{}: {e} ({:?}) instead of a clean EOF",
+                self.name,
+                e.kind()
+            )),
         };
-        self.s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         r
     }
 
@@ -168,7 +193,11 @@ impl LineClient {
         self.s.set_read_timeout(Some(wait)).expect("timeout");
         let mut buf = [0u8; 256];
         match self.s.read(&mut buf) {
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Ok(n) => panic!(
                 "{}: {what}: expected silence, got {n} bytes {:?}",
                 self.name,
@@ -176,6 +205,8 @@ impl LineClient {
             ),
             Err(e) => panic!("{}: {what}: expected silence, got {e}", self.name),
         }
-        self.s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
     }
 }

@@ -12,8 +12,8 @@ use hf_tests::http::{make_site, Client};
 use hf_tests::site::{sample_bytes, BIG_BIN_LEN, BIG_BIN_SEED, HELLO_TXT};
 use hf_tests::testsvc::{answer, half, LineClient};
 use hf_tests::{
-    bin, connect_small_rcvbuf, free_port, kill9, paced_read_to_end, run_cmd, term, wait_exit, wait_status, Keeper,
-    Proc, Role, TempDir,
+    bin, connect_small_rcvbuf, free_port, kill9, paced_read_to_end, run_cmd, term, wait_exit,
+    wait_status, Keeper, Proc, Role, TempDir,
 };
 
 fn holdfast(args: &[&str]) -> (i32, String, String) {
@@ -22,9 +22,15 @@ fn holdfast(args: &[&str]) -> (i32, String, String) {
 
 fn assert_usage_error(args: &[&str], names: &[&str]) {
     let (code, out, err) = holdfast(args);
-    assert_eq!(code, 2, "holdfast {args:?}: exit code {code}\nstdout: {out}\nstderr: {err}");
+    assert_eq!(
+        code, 2,
+        "holdfast {args:?}: exit code {code}\nstdout: {out}\nstderr: {err}"
+    );
     for n in names {
-        assert!(err.contains(n), "holdfast {args:?}: stderr does not name {n:?}:\n{err}");
+        assert!(
+            err.contains(n),
+            "holdfast {args:?}: stderr does not name {n:?}:\n{err}"
+        );
     }
 }
 
@@ -34,9 +40,34 @@ fn argument_errors_exit_2_and_name_the_problem() {
     assert_usage_error(&["run", "--bogus", "--", "x"], &["--bogus"]);
     assert_usage_error(&["run"], &["required", "<CMD>"]);
     assert_usage_error(&["run", "--listen", "127.0.0.1:0"], &["required", "<CMD>"]);
-    assert_usage_error(&["run", "--listen", "nonsense", "--", "x"], &["nonsense", "--listen"]);
-    assert_usage_error(&["run", "--listen", "127.0.0.1:0", "--max-conns", "0", "--", "x"], &["--max-conns"]);
-    assert_usage_error(&["run", "--listen", "127.0.0.1:0", "--standby", "many", "--", "x"], &["many", "--standby"]);
+    assert_usage_error(
+        &["run", "--listen", "nonsense", "--", "x"],
+        &["nonsense", "--listen"],
+    );
+    assert_usage_error(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-conns",
+            "0",
+            "--",
+            "x",
+        ],
+        &["--max-conns"],
+    );
+    assert_usage_error(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--standby",
+            "many",
+            "--",
+            "x",
+        ],
+        &["many", "--standby"],
+    );
     assert_usage_error(&["frobnicate"], &["frobnicate"]);
     assert_usage_error(&[], &["Usage"]);
 }
@@ -57,12 +88,21 @@ fn worker_that_cannot_start_is_reported_at_once() {
             .spawn()
             .unwrap(),
     );
-    let st =
-        wait_exit(&mut child.0, Duration::from_secs(10)).expect("holdfast run hangs on a command that cannot start");
+    let st = wait_exit(&mut child.0, Duration::from_secs(10))
+        .expect("holdfast run hangs on a command that cannot start");
     let mut err = String::new();
-    child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!st.success(), "exit status {st}");
-    assert!(err.contains("/nonexistent/binary"), "stderr does not name the command:\n{err}");
+    assert!(
+        err.contains("/nonexistent/binary"),
+        "stderr does not name the command:\n{err}"
+    );
     assert!(err.contains("cannot start worker"), "stderr:\n{err}");
     eprintln!("failed in {:?}", t0.elapsed());
 }
@@ -84,9 +124,16 @@ fn listen_address_in_use_is_reported() {
             .spawn()
             .unwrap(),
     );
-    let st = wait_exit(&mut child.0, Duration::from_secs(10)).expect("holdfast run hangs on an address in use");
+    let st = wait_exit(&mut child.0, Duration::from_secs(10))
+        .expect("holdfast run hangs on an address in use");
     let mut err = String::new();
-    child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!st.success());
     assert!(err.contains(&addr), "stderr does not name {addr}:\n{err}");
 }
@@ -95,7 +142,10 @@ fn listen_address_in_use_is_reported() {
 fn status_without_keeper_fails_clearly() {
     let (code, out, err) = holdfast(&["status", "--control", "/nonexistent.sock"]);
     assert_ne!(code, 0, "stdout: {out}");
-    assert!(err.contains("/nonexistent.sock"), "stderr does not name the socket:\n{err}");
+    assert!(
+        err.contains("/nonexistent.sock"),
+        "stderr does not name the socket:\n{err}"
+    );
     assert!(err.contains("no keeper answers"), "stderr:\n{err}");
     let (code, _, err) = holdfast(&["status", "--json", "--control", "/nonexistent.sock"]);
     assert_ne!(code, 0);
@@ -111,23 +161,37 @@ fn status_json_and_text_of_a_running_keeper() {
     let mut k = Keeper::start_with(Some(control.clone()), &[], &[&svc]);
     let active = k.active_pid();
     // The standby is reported once it is ready.
-    k.wait_for("a ready standby", |s| s.workers.iter().any(|w| w.role == Role::Standby));
+    k.wait_for("a ready standby", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
 
     let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket mode {mode:o}");
-    let dmode = std::fs::metadata(control.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    let dmode = std::fs::metadata(control.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(dmode, 0o700, "control directory mode {dmode:o}");
 
     let ctl = control.display().to_string();
     let (code, out, err) = holdfast(&["status", "--json", "--control", &ctl]);
     assert_eq!(code, 0, "stderr: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"));
     assert_eq!(v["phase"], "serving", "{out}");
     assert_eq!(v["keeper_pid"], k.pid(), "{out}");
-    assert_eq!(v["listeners"], serde_json::json!([k.addr.to_string()]), "{out}");
+    assert_eq!(
+        v["listeners"],
+        serde_json::json!([k.addr.to_string()]),
+        "{out}"
+    );
     let workers = v["workers"].as_array().expect("workers array");
     assert_eq!(workers.len(), 2, "active + one standby by default:\n{out}");
-    let mut roles: Vec<&str> = workers.iter().map(|w| w["role"].as_str().expect("role")).collect();
+    let mut roles: Vec<&str> = workers
+        .iter()
+        .map(|w| w["role"].as_str().expect("role"))
+        .collect();
     roles.sort_unstable();
     assert_eq!(roles, ["active", "standby"], "{out}");
     let active_json = workers.iter().find(|w| w["role"] == "active").unwrap();
@@ -138,12 +202,22 @@ fn status_json_and_text_of_a_running_keeper() {
     let (code, out, err) = holdfast(&["status", "--control", &ctl]);
     assert_eq!(code, 0, "stderr: {err}");
     assert!(out.contains("Serving"), "{out}");
-    assert!(out.contains(&active.to_string()), "text status does not show the active pid {active}:\n{out}");
+    assert!(
+        out.contains(&active.to_string()),
+        "text status does not show the active pid {active}:\n{out}"
+    );
     assert!(out.contains(&k.addr.to_string()), "{out}");
 
     // A second keeper on the same control socket refuses to start.
-    let (code, _, err) =
-        run_cmd(Command::new(bin("holdfast")).args(["run", "--listen", "127.0.0.1:0", "--control", &ctl, "--", &svc]));
+    let (code, _, err) = run_cmd(Command::new(bin("holdfast")).args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        &ctl,
+        "--",
+        &svc,
+    ]));
     assert_ne!(code, 0);
     assert!(err.contains("another keeper"), "{err}");
     // ...and the first is unharmed.
@@ -155,22 +229,42 @@ fn help_mentions_the_key_options() {
     let (code, out, _) = holdfast(&["--help"]);
     assert_eq!(code, 0);
     for w in ["run", "status", "demo", "--help", "--version"] {
-        assert!(out.contains(w), "holdfast --help does not mention {w}:\n{out}");
+        assert!(
+            out.contains(w),
+            "holdfast --help does not mention {w}:\n{out}"
+        );
     }
     let (code, out, _) = holdfast(&["run", "--help"]);
     assert_eq!(code, 0);
-    for w in ["--listen", "--standby", "--control", "--max-conns", "<CMD>", "LISTEN_FDS", "Examples"] {
-        assert!(out.contains(w), "holdfast run --help does not mention {w}:\n{out}");
+    for w in [
+        "--listen",
+        "--standby",
+        "--control",
+        "--max-conns",
+        "<CMD>",
+        "LISTEN_FDS",
+        "Examples",
+    ] {
+        assert!(
+            out.contains(w),
+            "holdfast run --help does not mention {w}:\n{out}"
+        );
     }
     let (code, out, _) = holdfast(&["status", "--help"]);
     assert_eq!(code, 0);
     for w in ["--control", "--json"] {
-        assert!(out.contains(w), "holdfast status --help does not mention {w}:\n{out}");
+        assert!(
+            out.contains(w),
+            "holdfast status --help does not mention {w}:\n{out}"
+        );
     }
     let (code, out, _) = holdfast(&["demo", "--help"]);
     assert_eq!(code, 0);
     for w in ["--listen", "--control"] {
-        assert!(out.contains(w), "holdfast demo --help does not mention {w}:\n{out}");
+        assert!(
+            out.contains(w),
+            "holdfast demo --help does not mention {w}:\n{out}"
+        );
     }
     let (code, out, _) = holdfast(&["--version"]);
     assert_eq!(code, 0);
@@ -223,7 +317,10 @@ fn demo_serves_the_sample_site_through_a_kill() {
         format!("holdfast status --control {ctl}"),
         "kill -9".to_owned(),
     ] {
-        assert!(out.contains(&w), "the demo's instructions do not mention {w:?}:\n{out}");
+        assert!(
+            out.contains(&w),
+            "the demo's instructions do not mention {w:?}:\n{out}"
+        );
     }
     let site = out
         .split_once("serving a sample site from ")
@@ -237,8 +334,11 @@ fn demo_serves_the_sample_site_through_a_kill() {
     assert_eq!(s.listeners, [listen.as_str()]);
 
     // What the instructions say: curl hello.txt.
-    let (code, body, err) =
-        run_cmd(Command::new("curl").args(["-sS", "--fail", &format!("http://{listen}/hello.txt")]));
+    let (code, body, err) = run_cmd(Command::new("curl").args([
+        "-sS",
+        "--fail",
+        &format!("http://{listen}/hello.txt"),
+    ]));
     assert_eq!(code, 0, "curl: {err}");
     assert_eq!(body.as_bytes(), HELLO_TXT);
 
@@ -249,7 +349,8 @@ fn demo_serves_the_sample_site_through_a_kill() {
     let reader = {
         let progress = progress.clone();
         std::thread::spawn(move || -> Result<Vec<u8>, String> {
-            let mut s = connect_small_rcvbuf(addr, 64 * 1024).map_err(|e| format!("connect: {e}"))?;
+            let mut s =
+                connect_small_rcvbuf(addr, 64 * 1024).map_err(|e| format!("connect: {e}"))?;
             s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
                 .map_err(|e| e.to_string())?;
             paced_read_to_end(s, 4.0 * 1024.0 * 1024.0, progress)
@@ -258,26 +359,56 @@ fn demo_serves_the_sample_site_through_a_kill() {
     hf_tests::eventually(Duration::from_secs(20), "1 MiB of big.bin", || {
         (progress.load(Ordering::Relaxed) >= 1 << 20).then_some(())
     });
-    let active = s.workers.iter().find(|w| w.role == Role::Active).unwrap().pid;
+    let active = s
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .unwrap()
+        .pid;
     kill9(active);
     let at = progress.load(Ordering::Relaxed);
-    assert!(at < BIG_BIN_LEN / 2, "the kill came too late to interrupt the download ({at} bytes read)");
-    wait_status(&control, "a new active worker", Duration::from_secs(20), |s| {
-        s.workers.iter().any(|w| w.role == Role::Active && w.pid != active)
-    });
-    let got = reader.join().unwrap().unwrap_or_else(|e| panic!("big.bin download: {e}"));
-    let h = got.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    assert!(
+        at < BIG_BIN_LEN / 2,
+        "the kill came too late to interrupt the download ({at} bytes read)"
+    );
+    wait_status(
+        &control,
+        "a new active worker",
+        Duration::from_secs(20),
+        |s| {
+            s.workers
+                .iter()
+                .any(|w| w.role == Role::Active && w.pid != active)
+        },
+    );
+    let got = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("big.bin download: {e}"));
+    let h = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
     let head = String::from_utf8_lossy(&got[..h]);
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(head.to_ascii_lowercase().contains(&format!("content-length: {BIG_BIN_LEN}\r\n")), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {BIG_BIN_LEN}\r\n")),
+        "{head}"
+    );
     assert_eq!(got.len() - h, BIG_BIN_LEN, "big.bin length");
-    assert!(got[h..] == sample_bytes(BIG_BIN_LEN, BIG_BIN_SEED)[..], "big.bin differs from the generator's bytes");
+    assert!(
+        got[h..] == sample_bytes(BIG_BIN_LEN, BIG_BIN_SEED)[..],
+        "big.bin differs from the generator's bytes"
+    );
     let s = hf_tests::status_of(&control);
     assert_eq!(s.restarts, 1);
     assert!(s.recovered_connections >= 1, "{s:?}");
 
     term(demo.0.id());
-    let st = wait_exit(&mut demo.0, Duration::from_secs(10)).expect("demo still running 10 s after SIGTERM");
+    let st = wait_exit(&mut demo.0, Duration::from_secs(10))
+        .expect("demo still running 10 s after SIGTERM");
     assert!(st.success(), "demo exit status {st}");
     assert!(!control.exists(), "control socket left behind");
     assert!(!site.exists(), "sample site {} left behind", site.display());
@@ -314,11 +445,16 @@ fn max_conns_queues_the_rest_in_the_backlog() {
             let files = files.clone();
             std::thread::spawn(move || -> Result<Duration, String> {
                 let t0 = Instant::now();
-                let mut c = Client::connect(addr).map_err(|e| format!("client {i}: connect: {e}"))?;
+                let mut c =
+                    Client::connect(addr).map_err(|e| format!("client {i}: connect: {e}"))?;
                 let (path, want) = &files[i % files.len()];
                 let r = c.get(path).map_err(|e| format!("client {i}: {e}"))?;
                 if r.status != 200 || r.body != *want {
-                    return Err(format!("client {i}: status {} body {} bytes", r.status, r.body.len()));
+                    return Err(format!(
+                        "client {i}: status {} body {} bytes",
+                        r.status,
+                        r.body.len()
+                    ));
                 }
                 let waited = t0.elapsed();
                 std::thread::sleep(Duration::from_millis(150));
@@ -328,16 +464,29 @@ fn max_conns_queues_the_rest_in_the_backlog() {
         .collect();
     let mut waits = Vec::new();
     for c in clients {
-        waits.push(c.join().unwrap().unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log())));
+        waits.push(
+            c.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log())),
+        );
     }
     k.wait_for("every connection released", |s| s.connections == 0);
     done.store(true, Ordering::Relaxed);
     let max = monitor.join().unwrap();
-    assert!(max <= 4, "the keeper held {max} connections at once with --max-conns 4");
-    assert_eq!(max, 4, "the limit was never reached: the test did not exercise it");
+    assert!(
+        max <= 4,
+        "the keeper held {max} connections at once with --max-conns 4"
+    );
+    assert_eq!(
+        max, 4,
+        "the limit was never reached: the test did not exercise it"
+    );
     waits.sort();
     // Six clients had to wait for a slot: at least one held connection's 150 ms.
-    assert!(waits[9] >= Duration::from_millis(140), "no client waited for a slot: {waits:?}");
+    assert!(
+        waits[9] >= Duration::from_millis(140),
+        "no client waited for a slot: {waits:?}"
+    );
     assert_eq!(k.status().unwrap().accepted, 10);
 }
 
@@ -350,17 +499,29 @@ fn two_listeners_both_serve_across_a_kill() {
     let s = k.status().unwrap();
     assert_eq!(s.listeners.len(), 2, "{s:?}");
     let addrs: Vec<std::net::SocketAddr> = s.listeners.iter().map(|l| l.parse().unwrap()).collect();
-    assert!(addrs.iter().any(|a| a.ip().to_string() == "127.0.0.2"), "{addrs:?}");
-    let mut cs: Vec<LineClient> =
-        addrs.iter().enumerate().map(|(i, a)| LineClient::connect(*a, format!("listener {i}"))).collect();
+    assert!(
+        addrs.iter().any(|a| a.ip().to_string() == "127.0.0.2"),
+        "{addrs:?}"
+    );
+    let mut cs: Vec<LineClient> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| LineClient::connect(*a, format!("listener {i}")))
+        .collect();
     for (i, c) in cs.iter_mut().enumerate() {
         c.request(i as u64, 100, 0);
         c.send(&format!("REQ {} 2000 500\n", 10 + i));
-        c.expect(&answer(10 + i as u64, 2000, 0)[..half(10 + i as u64, 2000)], "first half");
+        c.expect(
+            &answer(10 + i as u64, 2000, 0)[..half(10 + i as u64, 2000)],
+            "first half",
+        );
     }
     k.kill_and_wait();
     for (i, c) in cs.iter_mut().enumerate() {
-        c.expect(&answer(10 + i as u64, 2000, 0)[half(10 + i as u64, 2000)..], "rest after the kill");
+        c.expect(
+            &answer(10 + i as u64, 2000, 0)[half(10 + i as u64, 2000)..],
+            "rest after the kill",
+        );
     }
 }
 
@@ -382,9 +543,20 @@ fn failing_worker_is_retried_with_backoff() {
             .spawn()
             .unwrap(),
     );
-    let s = wait_status(&control, "two failed starts", Duration::from_secs(10), |s| s.last_exits.len() >= 2);
+    let s = wait_status(
+        &control,
+        "two failed starts",
+        Duration::from_secs(10),
+        |s| s.last_exits.len() >= 2,
+    );
     assert_eq!(s.phase, hf_tests::Phase::Starting, "{s:?}");
-    assert!(s.last_exits.iter().all(|e| e.contains("exited with code 3")), "{:?}", s.last_exits);
+    assert!(
+        s.last_exits
+            .iter()
+            .all(|e| e.contains("exited with code 3")),
+        "{:?}",
+        s.last_exits
+    );
     let addr: std::net::SocketAddr = s.listeners[0].parse().unwrap();
     let mut c = LineClient::connect(addr, "waiting");
     c.send("REQ 1 10 0\n");
@@ -393,9 +565,16 @@ fn failing_worker_is_retried_with_backoff() {
     // keeps the last 8. A time window, so a sleep.
     std::thread::sleep(Duration::from_millis(700));
     let s = hf_tests::status_of(&control);
-    assert!(s.last_exits.len() < 8, "restarted in a tight loop: {:?}", s.last_exits);
+    assert!(
+        s.last_exits.len() < 8,
+        "restarted in a tight loop: {:?}",
+        s.last_exits
+    );
     assert_eq!(s.phase, hf_tests::Phase::Starting);
-    assert!(wait_exit(&mut keeper.0, Duration::ZERO).is_none(), "the keeper gave up");
+    assert!(
+        wait_exit(&mut keeper.0, Duration::ZERO).is_none(),
+        "the keeper gave up"
+    );
     assert_eq!((s.connections, s.waiting), (1, 1), "{s:?}");
     c.assert_quiet(Duration::from_millis(100), "no worker to answer");
 }
@@ -414,14 +593,20 @@ fn failed_start_leaves_no_control_socket() {
             .args(["--", "/nonexistent/binary"]),
     );
     assert_ne!(code, 0, "{err}");
-    assert!(!control.exists(), "stale control socket {} left behind after a failed start", control.display());
+    assert!(
+        !control.exists(),
+        "stale control socket {} left behind after a failed start",
+        control.display()
+    );
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped yet).
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 
@@ -431,7 +616,9 @@ fn gone(pid: u32) -> bool {
 fn sigterm_stops_keeper_and_workers() {
     let svc = bin("hf-testsvc").display().to_string();
     let mut k = Keeper::start(&[], &[&svc]);
-    let s = k.wait_for("a standby", |s| s.workers.len() == 2 && s.workers.iter().any(|w| w.role == Role::Standby));
+    let s = k.wait_for("a standby", |s| {
+        s.workers.len() == 2 && s.workers.iter().any(|w| w.role == Role::Standby)
+    });
     let pids: Vec<u32> = s.workers.iter().map(|w| w.pid).collect();
     let mut c = LineClient::connect(k.addr, "client");
     c.request(1, 10, 0);
@@ -452,9 +639,15 @@ fn workers_exit_when_the_keeper_is_killed() {
         let exe = bin(svc).display().to_string();
         let dir = TempDir::new("cli-orphans");
         let root = dir.path().display().to_string();
-        let cmd: Vec<&str> = if svc == "hf-httpd" { vec![&exe, "--root", &root] } else { vec![&exe] };
+        let cmd: Vec<&str> = if svc == "hf-httpd" {
+            vec![&exe, "--root", &root]
+        } else {
+            vec![&exe]
+        };
         let mut k = Keeper::start(&[], &cmd);
-        let s = k.wait_for("a standby", |s| s.workers.len() == 2 && s.workers.iter().any(|w| w.role == Role::Standby));
+        let s = k.wait_for("a standby", |s| {
+            s.workers.len() == 2 && s.workers.iter().any(|w| w.role == Role::Standby)
+        });
         let pids: Vec<u32> = s.workers.iter().map(|w| w.pid).collect();
         kill9(k.pid());
         for p in pids {
@@ -475,8 +668,28 @@ fn demo_startup_errors_are_clear() {
     let lonely = dir.path().join("holdfast");
     std::fs::copy(bin("holdfast"), &lonely).unwrap();
     let ctl = dir.path().join("control.sock");
-    let (code, _, err) =
-        run_cmd(Command::new(&lonely).args(["demo", "--listen", "127.0.0.1:0", "--control"]).arg(&ctl));
+    // Another test thread forking while the copy was open for writing can
+    // leave it briefly "busy" (ETXTBSY) in that child: retry the exec.
+    let out = (0..100)
+        .find_map(|_| {
+            match Command::new(&lonely)
+                .args(["demo", "--listen", "127.0.0.1:0", "--control"])
+                .arg(&ctl)
+                .stdin(Stdio::null())
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(26) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                other => Some(other.expect("run the copied holdfast")),
+            }
+        })
+        .expect("the copied binary stays busy");
+    let (code, err) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert_ne!(code, 0);
     assert!(err.contains("hf-httpd not found"), "{err}");
 
@@ -492,9 +705,15 @@ fn demo_startup_errors_are_clear() {
             .spawn()
             .unwrap(),
     );
-    let st = wait_exit(&mut demo.0, Duration::from_secs(10)).expect("demo hangs on an address in use");
+    let st =
+        wait_exit(&mut demo.0, Duration::from_secs(10)).expect("demo hangs on an address in use");
     let mut err = String::new();
-    demo.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    demo.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!st.success());
     assert!(err.contains(&addr), "{err}");
 }

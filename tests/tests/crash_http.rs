@@ -9,7 +9,11 @@ use hf_tests::http::{make_site, Client};
 use hf_tests::{bin, Keeper, TempDir};
 
 fn httpd(root: &std::path::Path) -> Vec<String> {
-    vec![bin("hf-httpd").display().to_string(), "--root".into(), root.display().to_string()]
+    vec![
+        bin("hf-httpd").display().to_string(),
+        "--root".into(),
+        root.display().to_string(),
+    ]
 }
 
 fn start(root: &std::path::Path, extra: &[&str]) -> Keeper {
@@ -23,7 +27,9 @@ fn start(root: &std::path::Path, extra: &[&str]) -> Keeper {
 #[test]
 fn storm_of_kills_under_64_keepalive_clients() {
     let dir = TempDir::new("storm");
-    let sizes = [0, 1, 100, 1000, 4095, 4096, 20_000, 65_536, 100_000, 300_000, 1_000_000];
+    let sizes = [
+        0, 1, 100, 1000, 4095, 4096, 20_000, 65_536, 100_000, 300_000, 1_000_000,
+    ];
     let files = Arc::new(make_site(dir.path(), &sizes));
     let mut k = start(dir.path(), &[]);
     let addr = k.addr;
@@ -33,13 +39,16 @@ fn storm_of_kills_under_64_keepalive_clients() {
         .map(|c| {
             let (files, stop, done) = (files.clone(), stop.clone(), done.clone());
             std::thread::spawn(move || -> Result<u64, String> {
-                let mut cl = Client::connect(addr).map_err(|e| format!("client {c}: connect: {e}"))?;
+                let mut cl =
+                    Client::connect(addr).map_err(|e| format!("client {c}: connect: {e}"))?;
                 let mut n = 0u64;
                 let mut i = c as usize;
                 while !stop.load(Ordering::Relaxed) {
                     let (path, want) = &files[i % files.len()];
                     i = i.wrapping_mul(7).wrapping_add(3);
-                    let r = cl.get(path).map_err(|e| format!("client {c} request {n} {path}: {e}"))?;
+                    let r = cl
+                        .get(path)
+                        .map_err(|e| format!("client {c} request {n} {path}: {e}"))?;
                     if r.status != 200 || r.body != *want {
                         return Err(format!(
                             "client {c} request {n} {path}: status {} body {} bytes, want {}",
@@ -93,7 +102,8 @@ fn large_response_to_slow_reader_survives_kills() {
     let (path, want) = &files[0];
     let mut k = start(dir.path(), &[]);
     let mut cl = Client::connect(k.addr).unwrap();
-    cl.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+    cl.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
     let reader = std::thread::spawn(move || {
         // Slow: about 64 MiB in 2.5 s, in small reads.
         let s = cl.stream();
@@ -124,13 +134,21 @@ fn large_response_to_slow_reader_survives_kills() {
         k.kill_and_wait();
     }
     let got = reader.join().expect("reader");
-    let h = got.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let h = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
     assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
     assert_eq!(got.len() - h, want.len(), "body length");
     assert!(got[h..] == want[..], "body differs");
     let s = k.status().unwrap();
     assert_eq!(s.restarts, 5);
-    assert!(s.recovered_connections >= 5, "the download was recovered each time: {}", s.recovered_connections);
+    assert!(
+        s.recovered_connections >= 5,
+        "the download was recovered each time: {}",
+        s.recovered_connections
+    );
 }
 
 fn want_len() -> usize {
@@ -150,7 +168,9 @@ fn request_split_around_a_kill_completes() {
     let (a, b) = req.as_bytes().split_at(req.len() / 2);
     cl.send(a).unwrap();
     // Let the worker peek the first half before it dies.
-    k.wait_for("connection handed out", |s| s.workers.iter().any(|w| w.connections == 1));
+    k.wait_for("connection handed out", |s| {
+        s.workers.iter().any(|w| w.connections == 1)
+    });
     std::thread::sleep(Duration::from_millis(30));
     k.kill_and_wait();
     cl.send(b).unwrap();
@@ -188,7 +208,10 @@ fn connections_wait_while_no_worker_runs() {
     }
     let s = k.wait_for("a new worker", |s| s.workers.iter().any(|w| w.pid != pid));
     assert_eq!(s.restarts, 1);
-    eprintln!("200 connections answered {:?} after the only worker died", t0.elapsed());
+    eprintln!(
+        "200 connections answered {:?} after the only worker died",
+        t0.elapsed()
+    );
 }
 
 /// curl, a client nobody here wrote, downloads through two kills.
@@ -212,7 +235,11 @@ fn curl_download_survives_kills() {
     let st = curl.wait().unwrap();
     assert!(st.success(), "curl failed: {st}");
     let got = std::fs::read(&out).unwrap();
-    assert!(got == *want, "downloaded file differs ({} bytes)", got.len());
+    assert!(
+        got == *want,
+        "downloaded file differs ({} bytes)",
+        got.len()
+    );
     assert!(k.status().unwrap().recovered_connections >= 2);
 }
 
@@ -225,7 +252,8 @@ fn error_replies_and_keepalive_across_a_kill() {
     let (path, _) = &files[0];
     let mut k = start(dir.path(), &[]);
     let mut cl = Client::connect(k.addr).unwrap();
-    cl.send(format!("HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+    cl.send(format!("HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
     let r = cl.read_response(true).unwrap();
     assert_eq!((r.status, r.header("content-length")), (200, Some("10")));
     k.kill_and_wait();

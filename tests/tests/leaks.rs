@@ -13,7 +13,9 @@ use hf_tests::{bin, reset, Keeper, Snapshot, TempDir};
 
 /// Open file descriptors of process `pid`.
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(usize::MAX)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX)
 }
 
 fn held(s: &Snapshot) -> usize {
@@ -36,7 +38,10 @@ fn client_close_of_an_idle_connection_is_released() {
     let s = k.wait_for("the connection held", |s| s.connections == 1);
     assert_eq!(held(&s), 1, "{s:?}");
     drop(c);
-    released(&mut k, "the idle connection released after the client closed");
+    released(
+        &mut k,
+        "the idle connection released after the client closed",
+    );
     // A client that closes before sending anything at all.
     let s = TcpStream::connect(k.addr).unwrap();
     k.wait_for("the silent connection accepted", |s| s.accepted == 2);
@@ -102,8 +107,15 @@ fn client_gone_during_recovery_is_released() {
     for c in after {
         reset(c.into_stream());
     }
-    k.wait_for("a new active worker", |s| s.workers.iter().any(|w| w.role == hf_tests::Role::Active && w.pid != pid));
-    let s = released(&mut k, "connections whose client left during a recovery released");
+    k.wait_for("a new active worker", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.role == hf_tests::Role::Active && w.pid != pid)
+    });
+    let s = released(
+        &mut k,
+        "connections whose client left during a recovery released",
+    );
     assert_eq!(s.restarts, 1);
     let mut c = LineClient::connect(k.addr, "after");
     c.request(7, 10, 0);
@@ -141,9 +153,11 @@ fn many_short_client_closed_connections_leave_nothing() {
     assert_eq!(s.accepted, 501);
     // Not only the count: no descriptor stays open in the keeper or the
     // worker (one may be a status query in progress).
-    hf_tests::eventually(Duration::from_secs(10), "the keeper's and the worker's fds back to their baselines", || {
-        (fds(k.pid()) <= keeper_fds + 1 && fds(worker) <= worker_fds).then_some(())
-    });
+    hf_tests::eventually(
+        Duration::from_secs(10),
+        "the keeper's and the worker's fds back to their baselines",
+        || (fds(k.pid()) <= keeper_fds + 1 && fds(worker) <= worker_fds).then_some(()),
+    );
     // The journal slots of those 500 are reused: connections on them
     // recover like any other.
     let mut cs: Vec<LineClient> = (0..20u64)
@@ -156,7 +170,10 @@ fn many_short_client_closed_connections_leave_nothing() {
         .collect();
     k.kill_and_wait();
     for (i, c) in cs.iter_mut().enumerate() {
-        c.expect(&answer(i as u64, 3000, 0)[half(i as u64, 3000)..], "rest after the kill");
+        c.expect(
+            &answer(i as u64, 3000, 0)[half(i as u64, 3000)..],
+            "rest after the kill",
+        );
     }
     drop(cs);
     released(&mut k, "the 20 recovered connections released");
@@ -180,8 +197,14 @@ fn many_connection_close_requests_leave_nothing() {
                 for i in 0..100usize {
                     let (path, want) = &files[(t + i) % files.len()];
                     let mut c = Client::connect(addr).unwrap();
-                    c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-                    let r = c.read_response(false).unwrap_or_else(|e| panic!("request {t}/{i}: {e}"));
+                    c.send(
+                        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .unwrap();
+                    let r = c
+                        .read_response(false)
+                        .unwrap_or_else(|e| panic!("request {t}/{i}: {e}"));
                     assert_eq!(r.status, 200);
                     assert!(r.body == *want);
                     // The server ends the connection: a clean EOF.
@@ -203,7 +226,9 @@ fn many_connection_close_requests_leave_nothing() {
     // And after a kill with nothing held, still nothing.
     k.kill_and_wait();
     let mut c = Client::connect(addr).unwrap();
-    c.stream().write_all(b"GET /f0-10.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    c.stream()
+        .write_all(b"GET /f0-10.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     assert_eq!(c.read_response(false).unwrap().body, files[0].1);
     drop(c);
     released(&mut k, "the last connection released");

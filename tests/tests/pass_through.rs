@@ -13,16 +13,29 @@ fn httpd_alone_serves_files_with_keepalive() {
     let sizes = [0, 1, 4096, 100_000, 256 * 1024, 256 * 1024 + 1, 3_000_000];
     let files = make_site(dir.path(), &sizes);
     let (child, addr) = start_pass_through(
-        Command::new(bin("hf-httpd")).arg("--root").arg(dir.path()).args(["--listen", "127.0.0.1:0"]),
+        Command::new(bin("hf-httpd"))
+            .arg("--root")
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0"]),
     );
     let _child = Proc(child);
     let mut c = Client::connect(addr).unwrap();
     for round in 0..2 {
         for (path, want) in &files {
-            let r = c.get(path).unwrap_or_else(|e| panic!("round {round} {path}: {e}"));
+            let r = c
+                .get(path)
+                .unwrap_or_else(|e| panic!("round {round} {path}: {e}"));
             assert_eq!(r.status, 200, "{path}");
-            assert_eq!(r.header("content-length"), Some(want.len().to_string().as_str()), "{path}");
-            assert!(r.body == *want, "{path}: body differs ({} bytes)", r.body.len());
+            assert_eq!(
+                r.header("content-length"),
+                Some(want.len().to_string().as_str()),
+                "{path}"
+            );
+            assert!(
+                r.body == *want,
+                "{path}: body differs ({} bytes)",
+                r.body.len()
+            );
         }
     }
     // Pipelined requests on the same connection, answered in order.
@@ -36,7 +49,10 @@ fn httpd_alone_serves_files_with_keepalive() {
     c.send(pipelined.as_bytes()).unwrap();
     assert!(c.read_response(false).unwrap().body == *w0);
     let head = c.read_response(true).unwrap();
-    assert_eq!(head.header("content-length"), Some(w1.len().to_string().as_str()));
+    assert_eq!(
+        head.header("content-length"),
+        Some(w1.len().to_string().as_str())
+    );
     assert!(c.read_response(false).unwrap().body == *w1);
     assert_eq!(c.get("/missing").unwrap().status, 404);
     // Still the same connection, still good.
@@ -45,7 +61,8 @@ fn httpd_alone_serves_files_with_keepalive() {
 
 #[test]
 fn testsvc_alone_answers_requests() {
-    let (child, addr) = start_pass_through(Command::new(bin("hf-testsvc")).args(["--listen", "127.0.0.1:0"]));
+    let (child, addr) =
+        start_pass_through(Command::new(bin("hf-testsvc")).args(["--listen", "127.0.0.1:0"]));
     let _child = Proc(child);
     let mut c = LineClient::connect(addr, "pass-through");
     c.request(1, 0, 0);
@@ -65,17 +82,31 @@ fn testsvc_alone_answers_requests() {
 
 #[test]
 fn httpd_startup_errors_are_clear() {
-    let (code, _, err) =
-        run_cmd(Command::new(bin("hf-httpd")).args(["--root", "/nonexistent/www", "--listen", "127.0.0.1:0"]));
+    let (code, _, err) = run_cmd(Command::new(bin("hf-httpd")).args([
+        "--root",
+        "/nonexistent/www",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
     assert_eq!(code, 1, "stderr: {err}");
-    assert!(err.contains("/nonexistent/www"), "stderr does not name the root:\n{err}");
+    assert!(
+        err.contains("/nonexistent/www"),
+        "stderr does not name the root:\n{err}"
+    );
     assert!(err.contains("document root"), "{err}");
 
     let dir = TempDir::new("pt-notdir");
     let file = dir.path().join("file.txt");
-    std::fs::File::create(&file).unwrap().write_all(b"x").unwrap();
-    let (code, _, err) =
-        run_cmd(Command::new(bin("hf-httpd")).arg("--root").arg(&file).args(["--listen", "127.0.0.1:0"]));
+    std::fs::File::create(&file)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    let (code, _, err) = run_cmd(
+        Command::new(bin("hf-httpd"))
+            .arg("--root")
+            .arg(&file)
+            .args(["--listen", "127.0.0.1:0"]),
+    );
     assert_eq!(code, 1, "stderr: {err}");
     assert!(err.contains("not a directory"), "{err}");
 
@@ -87,14 +118,20 @@ fn httpd_startup_errors_are_clear() {
     assert_eq!(code, 2, "stderr: {err}");
     assert!(err.contains("--root"), "missing --root not named:\n{err}");
 
-    let (code, _, err) = run_cmd(Command::new(bin("hf-httpd")).args(["--root", "/tmp", "--listen", "not-an-address"]));
+    let (code, _, err) = run_cmd(Command::new(bin("hf-httpd")).args([
+        "--root",
+        "/tmp",
+        "--listen",
+        "not-an-address",
+    ]));
     assert_eq!(code, 2, "stderr: {err}");
     assert!(err.contains("not-an-address"), "{err}");
 
     // Port taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let a = taken.local_addr().unwrap().to_string();
-    let (code, _, err) = run_cmd(Command::new(bin("hf-httpd")).args(["--root", "/tmp", "--listen", &a]));
+    let (code, _, err) =
+        run_cmd(Command::new(bin("hf-httpd")).args(["--root", "/tmp", "--listen", &a]));
     assert_eq!(code, 1, "stderr: {err}");
     assert!(err.to_lowercase().contains("address"), "{err}");
 }

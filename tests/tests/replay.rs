@@ -81,7 +81,10 @@ fn pipelined_requests_across_kills(fl: &[&str]) {
     let s = k.status().unwrap();
     assert_eq!(s.restarts, 2, "{s:?}");
     assert!(s.recovered_connections >= 2, "{s:?}");
-    assert!(!s.workers.iter().any(|w| killed.contains(&w.pid)), "a killed worker is still listed: {s:?}");
+    assert!(
+        !s.workers.iter().any(|w| killed.contains(&w.pid)),
+        "a killed worker is still listed: {s:?}"
+    );
 }
 
 /// Six connections, each with an answer of a different size half written
@@ -110,7 +113,11 @@ fn kill_mid_response_on_many_connections(fl: &[&str]) {
         let h = half(*id, *len);
         c.expect(&answer(*id, *len, 0)[..h], "first half before the kill");
     }
-    assert!(t0.elapsed() < delay, "too slow to kill inside the {delay:?} pause ({:?})", t0.elapsed());
+    assert!(
+        t0.elapsed() < delay,
+        "too slow to kill inside the {delay:?} pause ({:?})",
+        t0.elapsed()
+    );
     k.kill_and_wait();
     for (id, len, c) in &mut clients {
         let h = half(*id, *len);
@@ -130,21 +137,28 @@ fn kill_mid_response_on_many_connections(fl: &[&str]) {
 fn holds_complete_across_kills(fl: &[&str]) {
     let mut k = start(fl, &[], &[]);
     let lens = [0usize, 7, 4096, 100_000, 400_000];
-    let mut clients: Vec<LineClient> =
-        (0..lens.len()).map(|i| LineClient::connect(k.addr, format!("hold conn {i}"))).collect();
+    let mut clients: Vec<LineClient> = (0..lens.len())
+        .map(|i| LineClient::connect(k.addr, format!("hold conn {i}")))
+        .collect();
     for round in 0..2u64 {
         let ids: Vec<u64> = (0..lens.len() as u64).map(|i| round * 100 + i).collect();
         for (c, (id, len)) in clients.iter_mut().zip(ids.iter().zip(lens)) {
             c.send(&format!("HOLD {id} {len}\n"));
         }
         for (c, (id, len)) in clients.iter_mut().zip(ids.iter().zip(lens)) {
-            c.expect(&answer(*id, len, 0)[..half(*id, len)], &format!("round {round}: first half of HOLD"));
+            c.expect(
+                &answer(*id, len, 0)[..half(*id, len)],
+                &format!("round {round}: first half of HOLD"),
+            );
         }
         // The worker really holds the rest back until it dies.
         clients[2].assert_quiet(Duration::from_millis(150), "HOLD before the kill");
         k.kill_and_wait();
         for (c, (id, len)) in clients.iter_mut().zip(ids.iter().zip(lens)) {
-            c.expect(&answer(*id, len, 0)[half(*id, len)..], &format!("round {round}: rest of HOLD after the kill"));
+            c.expect(
+                &answer(*id, len, 0)[half(*id, len)..],
+                &format!("round {round}: rest of HOLD after the kill"),
+            );
         }
     }
     for (i, c) in clients.iter_mut().enumerate() {
@@ -189,19 +203,29 @@ fn divergent_replay_closes_only_that_connection(fl: &[&str]) {
     let mut c = LineClient::connect(k.addr, "C");
     c.request(6, 1234, p2);
 
-    let s = k.wait_for("A's connection released, B and C held", |s| s.connections == 2);
+    let s = k.wait_for("A's connection released, B and C held", |s| {
+        s.connections == 2
+    });
     assert_eq!(s.phase, Phase::Serving);
     assert_eq!(s.restarts, 1);
-    assert!(s.workers.iter().any(|w| w.role == Role::Active && u64::from(w.pid) == p2));
+    assert!(s
+        .workers
+        .iter()
+        .any(|w| w.role == Role::Active && u64::from(w.pid) == p2));
     let log = k.log();
-    assert!(log.contains("replayed output differs"), "the keeper log does not mention the divergence:\n{log}");
+    assert!(
+        log.contains("replayed output differs"),
+        "the keeper log does not mention the divergence:\n{log}"
+    );
     // B still works after A was closed.
     b.request(8, 1, p2);
 }
 
 /// Bytes waiting in `s`'s receive queue.
 fn queued(s: &std::net::TcpStream) -> usize {
-    rustix::io::ioctl_fionread(s).map(|n| n as usize).unwrap_or(0)
+    rustix::io::ioctl_fionread(s)
+        .map(|n| n as usize)
+        .unwrap_or(0)
 }
 
 /// Starts a big answer to a client that does not read (small receive
@@ -214,13 +238,17 @@ fn blocked_big_answer(k: &Keeper, id: u64, len: usize, name: &str) -> LineClient
     c.send(&format!("REQ {id} {len} 0\n"));
     // Wait until the window is full (the worker's write cannot go on).
     let mut last = 0;
-    hf_tests::eventually(Duration::from_secs(10), "the client's receive queue full and still", || {
-        let n = queued(c.stream());
-        let full = n > 0 && n == last;
-        last = n;
-        std::thread::sleep(Duration::from_millis(20));
-        full.then_some(())
-    });
+    hf_tests::eventually(
+        Duration::from_secs(10),
+        "the client's receive queue full and still",
+        || {
+            let n = queued(c.stream());
+            let full = n > 0 && n == last;
+            last = n;
+            std::thread::sleep(Duration::from_millis(20));
+            full.then_some(())
+        },
+    );
     c
 }
 
@@ -258,12 +286,24 @@ fn divergent_replay_after_a_partial_write_sends_nothing_new(fl: &[&str]) {
         }
     };
     if let Some(at) = got.iter().zip(&old).position(|(a, b)| a != b) {
-        panic!("byte {at} of {} is not the dead worker's: two answers spliced", got.len());
+        panic!(
+            "byte {at} of {} is not the dead worker's: two answers spliced",
+            got.len()
+        );
     }
-    assert!(got.len() < half(3, len), "{} bytes: the dead worker was not cut short inside the first half", got.len());
+    assert!(
+        got.len() < half(3, len),
+        "{} bytes: the dead worker was not cut short inside the first half",
+        got.len()
+    );
     assert!(!got.is_empty());
     if let Err(e) = end {
-        panic!("{e} ({:?}) after {} bytes instead of a clean EOF\nkeeper log:\n{}", e.kind(), got.len(), k.log());
+        panic!(
+            "{e} ({:?}) after {} bytes instead of a clean EOF\nkeeper log:\n{}",
+            e.kind(),
+            got.len(),
+            k.log()
+        );
     }
     k.wait_for("the divergent connection released", |s| s.connections == 0);
     let p2 = u64::from(k.active_pid());
@@ -278,7 +318,9 @@ fn long_pipeline_across_input_discards_and_kills(fl: &[&str]) {
     let mut k = start(fl, &[], &[]);
     let mut c = LineClient::connect(k.addr, "long pipeline");
     let n = 1500u64;
-    let batch: String = (0..n).map(|i| format!("REQ {} 20 1\n", 100_000 + i)).collect();
+    let batch: String = (0..n)
+        .map(|i| format!("REQ {} 20 1\n", 100_000 + i))
+        .collect();
     assert!(batch.len() > 20_000);
     c.send(&batch);
     for i in 0..n {
@@ -312,7 +354,8 @@ fn half_closed_client_gets_every_answer_across_a_kill(fl: &[&str]) {
             c.expect(&want, &format!("answer {i}"));
         }
     }
-    c.expect_eof(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
+    c.expect_eof(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
     k.wait_for("the connection released", |s| s.connections == 0);
 }
 
@@ -330,15 +373,24 @@ fn no_standby_connections_wait_for_a_slow_worker(fl: &[&str]) {
     assert!(s.workers.iter().all(|w| w.role != Role::Active), "{s:?}");
     let mut b = LineClient::connect(k.addr, "B");
     b.send("REQ 2 100 0\n");
-    let s = k.wait_for("both connections waiting", |s| s.waiting == 2 || s.phase == Phase::Serving);
-    assert_eq!(s.phase, Phase::Recovering, "the new worker was ready too soon to see the wait: {s:?}");
+    let s = k.wait_for("both connections waiting", |s| {
+        s.waiting == 2 || s.phase == Phase::Serving
+    });
+    assert_eq!(
+        s.phase,
+        Phase::Recovering,
+        "the new worker was ready too soon to see the wait: {s:?}"
+    );
     a.expect(&answer(1, 3000, 0)[h..], "rest of A's answer");
     b.expect(&answer(2, 100, 0), "B's answer");
     let s = k.wait_for("serving again", |s| s.phase == Phase::Serving);
     assert!(s.workers.iter().all(|w| w.pid != pid));
     assert_eq!((s.restarts, s.waiting), (1, 0));
     let us = s.last_recovery_us.expect("last recovery time");
-    assert!(us >= 500_000, "recovery took {us} µs with a worker that needs 600 ms to start");
+    assert!(
+        us >= 500_000,
+        "recovery took {us} µs with a worker that needs 600 ms to start"
+    );
 }
 
 /// 600 connections, each with an answer half written, recovered at once:
@@ -360,7 +412,11 @@ fn hundreds_of_in_flight_connections_recovered_in_batches(fl: &[&str]) {
         let len = 50 + i as usize;
         c.expect(&answer(i, len, 0)[..half(i, len)], "first half");
     }
-    assert!(t0.elapsed() < delay, "too slow to kill inside the pause ({:?})", t0.elapsed());
+    assert!(
+        t0.elapsed() < delay,
+        "too slow to kill inside the pause ({:?})",
+        t0.elapsed()
+    );
     // Twice back to back: the second worker dies while (or before) it takes
     // the hand-over batches in.
     k.kill_and_wait();
@@ -388,14 +444,28 @@ fn killing_the_standby_leaves_service_alone(fl: &[&str]) {
     let mut k = start(fl, &[], &[]);
     let mut c = LineClient::connect(k.addr, "client");
     c.request(1, 100, 0);
-    let s = k.wait_for("a standby", |s| s.workers.iter().any(|w| w.role == Role::Standby));
-    let standby = s.workers.iter().find(|w| w.role == Role::Standby).unwrap().pid;
+    let s = k.wait_for("a standby", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
+    let standby = s
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Standby)
+        .unwrap()
+        .pid;
     hf_tests::kill9(standby);
-    let s = k.wait_for("a new standby", |s| s.workers.iter().any(|w| w.role == Role::Standby && w.pid != standby));
+    let s = k.wait_for("a new standby", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.role == Role::Standby && w.pid != standby)
+    });
     assert_eq!(s.restarts, 0, "{s:?}");
     assert_eq!(s.phase, Phase::Serving);
     let exit = s.last_exits.last().expect("the standby's exit is reported");
-    assert!(exit.contains(&format!("pid {standby}")) && exit.contains("killed by SIGKILL"), "{exit}");
+    assert!(
+        exit.contains(&format!("pid {standby}")) && exit.contains("killed by SIGKILL"),
+        "{exit}"
+    );
     c.request(2, 100, 0);
     c.send("REQ 3 5000 300\n");
     c.expect(&answer(3, 5000, 0)[..half(3, 5000)], "first half");
@@ -403,8 +473,16 @@ fn killing_the_standby_leaves_service_alone(fl: &[&str]) {
     c.expect(&answer(3, 5000, 0)[half(3, 5000)..], "rest after the kill");
     let s = k.status().unwrap();
     assert_eq!(s.restarts, 1);
-    let exit = s.last_exits.last().expect("the active worker's exit is reported");
-    assert!(exit.contains(&format!("pid {active}")) && exit.contains("Active") && exit.contains("SIGKILL"), "{exit}");
+    let exit = s
+        .last_exits
+        .last()
+        .expect("the active worker's exit is reported");
+    assert!(
+        exit.contains(&format!("pid {active}"))
+            && exit.contains("Active")
+            && exit.contains("SIGKILL"),
+        "{exit}"
+    );
     assert!(s.last_recovery_us.is_some_and(|us| us < 5_000_000), "{s:?}");
 }
 
@@ -486,7 +564,10 @@ fn storm_of_kills_under_pipelining_clients(fl: &[&str]) {
                             (id, (next() % 20_000) as usize)
                         })
                         .collect();
-                    let batch: String = reqs.iter().map(|(i, len)| format!("REQ {i} {len} {}\n", next() % 4)).collect();
+                    let batch: String = reqs
+                        .iter()
+                        .map(|(i, len)| format!("REQ {i} {len} {}\n", next() % 4))
+                        .collect();
                     cl.send(&batch);
                     for (i, len) in reqs {
                         cl.expect(&answer(i, len, 0), &format!("answer to request {i}"));
@@ -520,7 +601,10 @@ fn storm_of_kills_under_pipelining_clients(fl: &[&str]) {
     }
     let s = k.status().unwrap();
     let total = done.load(Ordering::Relaxed);
-    eprintln!("{total} answers, {kills} kills, {} restarts, {} recovered", s.restarts, s.recovered_connections);
+    eprintln!(
+        "{total} answers, {kills} kills, {} restarts, {} recovered",
+        s.restarts, s.recovered_connections
+    );
     assert!(s.restarts >= 30, "{s:?}");
     assert!(total > 1000, "only {total} answers");
 }
@@ -546,7 +630,9 @@ fn divergent_storm_never_splices(fl: &[&str]) {
         let pids = pids.clone();
         move || {
             if let Ok(s) = hf_keeper::status::query(&control) {
-                pids.lock().unwrap().extend(s.workers.iter().map(|w| u64::from(w.pid)));
+                pids.lock()
+                    .unwrap()
+                    .extend(s.workers.iter().map(|w| u64::from(w.pid)));
             }
         }
     };
@@ -618,5 +704,8 @@ fn divergent_storm_never_splices(fl: &[&str]) {
     let (whole, cut) = (whole.load(Ordering::Relaxed), cut.load(Ordering::Relaxed));
     eprintln!("{whole} whole answers, {cut} cut short by a divergent replay");
     assert!(whole > 200, "{whole}");
-    assert!(cut > 5, "only {cut} divergent replays: the test hardly exercised them");
+    assert!(
+        cut > 5,
+        "only {cut} divergent replays: the test hardly exercised them"
+    );
 }

@@ -23,7 +23,9 @@ fn start(root: &std::path::Path) -> Keeper {
 fn pipelined_downloads_resume_across_kills() {
     let dir = TempDir::new("resume");
     let files = make_site(dir.path(), &[3_000_000, 1234, 2_500_000]);
-    let [(big1, w1), (small, w2), (big2, w3)] = &files[..] else { unreachable!() };
+    let [(big1, w1), (small, w2), (big2, w3)] = &files[..] else {
+        unreachable!()
+    };
     let mut k = start(dir.path());
     let mut s = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
     s.write_all(
@@ -49,16 +51,35 @@ fn pipelined_downloads_resume_across_kills() {
         });
         k.kill_and_wait();
         let now = progress.load(Ordering::Relaxed);
-        assert!(now < total - 500_000, "killed too late to interrupt a download ({now} of {total} bytes read)");
+        assert!(
+            now < total - 500_000,
+            "killed too late to interrupt a download ({now} of {total} bytes read)"
+        );
     }
-    let raw = reader.join().unwrap().unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
-    let rs = parse_all(&raw, &[false, true, false, false]).unwrap_or_else(|e| panic!("{e} ({} bytes)", raw.len()));
-    assert_eq!(rs.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200, 200, 200]);
+    let raw = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
+    let rs = parse_all(&raw, &[false, true, false, false])
+        .unwrap_or_else(|e| panic!("{e} ({} bytes)", raw.len()));
+    assert_eq!(
+        rs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [200, 200, 200, 200]
+    );
     assert!(rs[0].body == *w1, "first download differs");
-    assert_eq!(rs[1].header("content-length"), Some(w3.len().to_string().as_str()));
+    assert_eq!(
+        rs[1].header("content-length"),
+        Some(w3.len().to_string().as_str())
+    );
     assert!(rs[2].body == *w2, "small file differs");
     assert!(rs[3].body == *w3, "last download differs");
-    assert_eq!(rs[3].header("connection").map(str::to_ascii_lowercase).as_deref(), Some("close"));
+    assert_eq!(
+        rs[3]
+            .header("connection")
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("close")
+    );
     let s = k.wait_for("the connection released", |s| s.connections == 0);
     assert_eq!(s.restarts, 2);
 }
@@ -72,7 +93,8 @@ fn http10_download_across_a_kill_then_close() {
     let (path, want) = &files[0];
     let mut k = start(dir.path());
     let mut s = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
     let progress = Arc::new(AtomicUsize::new(0));
     let reader = {
         let progress = progress.clone();
@@ -82,7 +104,10 @@ fn http10_download_across_a_kill_then_close() {
         (progress.load(Ordering::Relaxed) >= 300_000).then_some(())
     });
     k.kill_and_wait();
-    let raw = reader.join().unwrap().unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
+    let raw = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\nkeeper log:\n{}", k.log()));
     let rs = parse_all(&raw, &[false]).unwrap();
     assert_eq!(rs[0].status, 200);
     assert!(rs[0].body == *want);

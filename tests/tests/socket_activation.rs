@@ -40,9 +40,15 @@ os.execve(args[0], args, env)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("python3 is installed");
-    let snap = eventually(Duration::from_secs(20), "keeper serving on the inherited socket", || {
-        hf_keeper::status::query(&control).ok().filter(|s| s.phase == hf_tests::Phase::Serving)
-    });
+    let snap = eventually(
+        Duration::from_secs(20),
+        "keeper serving on the inherited socket",
+        || {
+            hf_keeper::status::query(&control)
+                .ok()
+                .filter(|s| s.phase == hf_tests::Phase::Serving)
+        },
+    );
     assert_eq!(snap.listeners.len(), 1);
     assert_eq!(snap.listeners[0], "web");
     // The keeper names the listener after LISTEN_FDNAMES; find its port from /proc.
@@ -60,7 +66,12 @@ fn listening_port(pid: u32) -> Option<u16> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()?
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
         .collect();
     let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
     table.lines().skip(1).find_map(|line| {

@@ -74,7 +74,14 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     let logf = std::fs::File::create(&log).unwrap();
     let port = hf_tests::free_port();
     let mut keeper = Command::new(bin("holdfast"))
-        .args(["run", "--standby", "0", "--listen", &format!("127.0.0.1:{port}"), "--control"])
+        .args([
+            "run",
+            "--standby",
+            "0",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--control",
+        ])
         .arg(&control)
         .arg("--")
         .arg("python3")
@@ -87,34 +94,55 @@ fn rogue_workers_cannot_take_the_keeper_down() {
         .spawn()
         .expect("start holdfast");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_status(&control, "the rogue active", Duration::from_secs(20), |s| s.phase == Phase::Serving);
+    wait_status(&control, "the rogue active", Duration::from_secs(20), |s| {
+        s.phase == Phase::Serving
+    });
 
     // A: handed to the rogue, which scribbles over its journal record.
     let mut a = TcpStream::connect(addr).unwrap();
     a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // The rogue dies; the keeper kills the garbage-sending second worker
     // and starts a real hf-testsvc after a back-off.
-    wait_status(&control, "the rogue's death", Duration::from_secs(20), |s| s.restarts >= 1);
+    wait_status(
+        &control,
+        "the rogue's death",
+        Duration::from_secs(20),
+        |s| s.restarts >= 1,
+    );
     // B arrives while no good worker runs: it waits, then is served.
     let mut b = TcpStream::connect(addr).unwrap();
     b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     b.write_all(b"REQ 7 5000 0\n").unwrap();
     let want = answer(7, 5000, 0);
     let mut got = vec![0u8; want.len()];
-    b.read_exact(&mut got).expect("B is answered by the good worker");
+    b.read_exact(&mut got)
+        .expect("B is answered by the good worker");
     assert!(got == want, "B's answer differs");
 
-    let s = wait_status(&control, "a good worker serving", Duration::from_secs(20), |s| {
-        s.phase == Phase::Serving && s.last_exits.len() >= 2
-    });
+    let s = wait_status(
+        &control,
+        "a good worker serving",
+        Duration::from_secs(20),
+        |s| s.phase == Phase::Serving && s.last_exits.len() >= 2,
+    );
     // The keeper kills a worker at its first malformed message (the first
     // rogue may also have managed to exit on its own).
     assert!(
-        s.last_exits.iter().filter(|e| e.contains("SIGKILL") || e.contains("exited with code 3")).count() >= 2,
+        s.last_exits
+            .iter()
+            .filter(|e| e.contains("SIGKILL") || e.contains("exited with code 3"))
+            .count()
+            >= 2,
         "{:?}",
         s.last_exits
     );
-    assert!(s.last_exits.iter().any(|e| e.contains("Starting) killed by SIGKILL")), "{:?}", s.last_exits);
+    assert!(
+        s.last_exits
+            .iter()
+            .any(|e| e.contains("Starting) killed by SIGKILL")),
+        "{:?}",
+        s.last_exits
+    );
 
     // A's record was destroyed by its own worker: the successor cannot
     // resume it and closes it cleanly instead of guessing.
@@ -129,6 +157,7 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     assert!(text.contains("journal record"), "log:\n{text}");
 
     hf_tests::term(keeper.id());
-    let st = hf_tests::wait_exit(&mut keeper, Duration::from_secs(10)).expect("keeper stops on SIGTERM");
+    let st =
+        hf_tests::wait_exit(&mut keeper, Duration::from_secs(10)).expect("keeper stops on SIGTERM");
     assert!(st.success(), "keeper exit: {st}");
 }

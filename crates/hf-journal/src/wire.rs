@@ -22,6 +22,10 @@ pub const MAX_MSG: usize = 16 * 1024;
 /// Linux's `SCM_MAX_FD`: the most descriptors one `sendmsg` may carry.
 pub const MAX_FDS_PER_MSG: usize = 253;
 pub const CONN_RECOVERED: u8 = 1;
+/// The connection has an input spool: its memfd travels right after the
+/// connection's own fd.
+pub const CONN_SPOOL: u8 = 2;
+const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL;
 /// Service protocol level a worker announces in [`Msg::Hello`]; the keeper
 /// decides what to do with a mismatch, the frame decoder does not.
 pub const PROTO_VERSION: u16 = 1;
@@ -40,6 +44,7 @@ const _: () = assert!(2 + MAX_FDS_PER_MSG * CONN_ENTRY_LEN <= MAX_PAYLOAD);
 const KIND_HELLO: u8 = 0x01;
 const KIND_READY: u8 = 0x02;
 const KIND_CLOSED: u8 = 0x03;
+const KIND_SPOOL: u8 = 0x04;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
@@ -54,6 +59,9 @@ pub enum Msg {
     Ready,
     /// The service closed this connection; the keeper drops its duplicate.
     Closed { conn_id: u64, slot: u32 },
+    /// The connection's input spool (a memfd) travels with this message; the
+    /// keeper holds it with the connection and hands it to a successor.
+    Spool { conn_id: u64, slot: u32 },
     // keeper -> worker
     /// Answer to Hello; `slots` = number of records in the journal.
     Welcome {
@@ -63,7 +71,9 @@ pub enum Msg {
     },
     /// Standby promoted to active.
     Activate,
-    /// 1..=253 entries; exactly that many fds travel with the message, same order.
+    /// 1..=253 entries; their fds travel with the message in the same order,
+    /// each connection's fd followed by its spool's when it has one, at most
+    /// 253 fds in all.
     Conns(Vec<ConnEntry>),
     /// Finish and exit.
     Shutdown,
@@ -74,7 +84,7 @@ pub struct ConnEntry {
     pub conn_id: u64,
     /// Index of the connection's record in the journal.
     pub slot: u32,
-    /// Bit 0 [`CONN_RECOVERED`]; other bits are rejected.
+    /// Bit 0 [`CONN_RECOVERED`], bit 1 [`CONN_SPOOL`]; other bits are rejected.
     pub flags: u8,
 }
 
@@ -82,6 +92,11 @@ impl ConnEntry {
     /// The connection was held across a worker death; resume it from its journal record.
     pub fn recovered(&self) -> bool {
         self.flags & CONN_RECOVERED != 0
+    }
+
+    /// The connection's input spool travels with it.
+    pub fn spooled(&self) -> bool {
+        self.flags & CONN_SPOOL != 0
     }
 }
 
@@ -125,7 +140,7 @@ impl Msg {
                 out.extend_from_slice(&pid.to_le_bytes());
                 out.extend_from_slice(&proto.to_le_bytes());
             }
-            Msg::Closed { conn_id, slot } => {
+            Msg::Closed { conn_id, slot } | Msg::Spool { conn_id, slot } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
             }
@@ -207,6 +222,10 @@ impl Msg {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
             },
+            KIND_SPOOL => Msg::Spool {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+            },
             KIND_WELCOME => Msg::Welcome {
                 worker_id: r.u32()?,
                 generation: r.u32()?,
@@ -246,11 +265,14 @@ impl Msg {
             if !(1..=MAX_FDS_PER_MSG).contains(&entries.len()) {
                 return Err(WireError::ConnCount(entries.len()));
             }
-            if let Some(e) = entries.iter().find(|e| e.flags & !CONN_RECOVERED != 0) {
+            if let Some(e) = entries.iter().find(|e| e.flags & !CONN_FLAGS != 0) {
                 return Err(WireError::ConnFlags {
                     conn_id: e.conn_id,
                     flags: e.flags,
                 });
+            }
+            if self.fd_count() > MAX_FDS_PER_MSG {
+                return Err(WireError::ConnCount(self.fd_count()));
             }
         }
         Ok(())
@@ -259,7 +281,8 @@ impl Msg {
     /// How many file descriptors travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Msg::Conns(entries) => entries.len(),
+            Msg::Conns(entries) => entries.len() + entries.iter().filter(|e| e.spooled()).count(),
+            Msg::Spool { .. } => 1,
             _ => 0,
         }
     }
@@ -269,6 +292,7 @@ impl Msg {
             Msg::Hello { .. } => KIND_HELLO,
             Msg::Ready => KIND_READY,
             Msg::Closed { .. } => KIND_CLOSED,
+            Msg::Spool { .. } => KIND_SPOOL,
             Msg::Welcome { .. } => KIND_WELCOME,
             Msg::Activate => KIND_ACTIVATE,
             Msg::Conns(_) => KIND_CONNS,
@@ -377,10 +401,10 @@ mod tests {
             Ok(253)
         );
         assert_eq!(
-            Msg::decode(&frame(KIND_CONNS, &conns(2, 3))),
+            Msg::decode(&frame(KIND_CONNS, &conns(2, 4))),
             Err(WireError::ConnFlags {
                 conn_id: 0,
-                flags: 3
+                flags: 4
             })
         );
         let mut extra = conns(1, 0);

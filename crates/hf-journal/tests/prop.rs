@@ -73,17 +73,21 @@ fn journal(versions: &[&Record]) -> [u8; RECORD_SIZE] {
 }
 
 fn arb_msg() -> impl Strategy<Value = Msg> {
-    let entry = (any::<u64>(), any::<u32>(), 0..=wire::CONN_RECOVERED).prop_map(
-        |(conn_id, slot, flags)| ConnEntry {
+    let entry = (
+        any::<u64>(),
+        any::<u32>(),
+        0..=(wire::CONN_RECOVERED | wire::CONN_SPOOL),
+    )
+        .prop_map(|(conn_id, slot, flags)| ConnEntry {
             conn_id,
             slot,
             flags,
-        },
-    );
+        });
     prop_oneof![
         (any::<u32>(), any::<u16>()).prop_map(|(pid, proto)| Msg::Hello { pid, proto }),
         Just(Msg::Ready),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Closed { conn_id, slot }),
+        (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Spool { conn_id, slot }),
         (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(worker_id, generation, slots)| {
             Msg::Welcome {
                 worker_id,
@@ -92,7 +96,10 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             }
         }),
         Just(Msg::Activate),
-        vec(entry, 1..=MAX_FDS_PER_MSG).prop_map(Msg::Conns),
+        vec(entry, 1..=MAX_FDS_PER_MSG)
+            .prop_filter("at most 253 fds", |e| Msg::Conns(e.clone()).fd_count()
+                <= MAX_FDS_PER_MSG)
+            .prop_map(Msg::Conns),
         Just(Msg::Shutdown),
     ]
 }

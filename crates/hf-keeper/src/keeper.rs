@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
-use hf_journal::wire::{ConnEntry, Msg, CONN_RECOVERED, MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION};
+use hf_journal::wire::{
+    ConnEntry, Msg, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION,
+};
 use hf_sys::fdpass;
 use hf_sys::shm::SharedMem;
 use rustix::io::Errno;
@@ -40,7 +42,7 @@ const EXITS_KEPT: usize = 8;
 
 enum Event {
     Accepted(Vec<OwnedFd>),
-    FromWorker(u32, Result<Msg, String>),
+    FromWorker(u32, Result<Msg, String>, Vec<OwnedFd>),
     ControlClosed(u32),
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
@@ -56,6 +58,8 @@ struct Held {
     owner: Option<u32>,
     /// Some worker had it before: the next one must resume, not start fresh.
     handed: bool,
+    /// The input spool of a request larger than the socket buffer.
+    spool: Option<OwnedFd>,
 }
 
 struct Worker {
@@ -99,7 +103,9 @@ struct Keeper {
 
 /// Runs the keeper until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), KeeperError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let (mut keeper, mut rx) = Keeper::start(cfg)?;
         while let Some(ev) = rx.recv().await {
@@ -125,7 +131,10 @@ impl Keeper {
         let mut ls: Vec<(TcpListener, String)> = listen::inherited()?;
         for a in &cfg.listen {
             let l = listen::bind(*a)?;
-            let name = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| a.to_string());
+            let name = l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| a.to_string());
             ls.push((l, name));
         }
         if ls.is_empty() {
@@ -142,7 +151,13 @@ impl Keeper {
         let names = ls.iter().map(|(_, n)| n.clone()).collect();
         for (l, _) in ls {
             let afd = hf_sys::reactor::register(OwnedFd::from(l))?;
-            tokio::spawn(accept_loop(afd, tx.clone(), live.clone(), cfg.max_conns as usize, room.clone()));
+            tokio::spawn(accept_loop(
+                afd,
+                tx.clone(),
+                live.clone(),
+                cfg.max_conns as usize,
+                room.clone(),
+            ));
         }
         serve_status(&cfg.control, tx.clone())?;
         for (sig, name) in [
@@ -199,8 +214,8 @@ impl Keeper {
     fn handle(&mut self, ev: Event) -> bool {
         match ev {
             Event::Accepted(fds) => self.accepted(fds),
-            Event::FromWorker(id, Ok(msg)) => self.on_message(id, msg),
-            Event::FromWorker(id, Err(e)) => {
+            Event::FromWorker(id, Ok(msg), fds) => self.on_message(id, msg, fds),
+            Event::FromWorker(id, Err(e), _) => {
                 tracing::warn!(worker = id, error = %e, "malformed control message, stopping that worker");
                 self.kill(id);
             }
@@ -261,13 +276,25 @@ impl Keeper {
             let mut buf = [0u8; SLOT_SIZE];
             let n = rec.encode(&mut buf);
             let ok = self.journal.zero(off, RECORD_SIZE).is_ok()
-                && self.journal.write(off + slot_of(1) * SLOT_SIZE, &buf[..n]).is_ok();
+                && self
+                    .journal
+                    .write(off + slot_of(1) * SLOT_SIZE, &buf[..n])
+                    .is_ok();
             if !ok {
                 tracing::error!(slot, "journal slot out of range; dropping connection");
                 self.release_live(1);
                 continue;
             }
-            self.conns.insert(conn_id, Held { fd, slot, owner: None, handed: false });
+            self.conns.insert(
+                conn_id,
+                Held {
+                    fd,
+                    slot,
+                    owner: None,
+                    handed: false,
+                    spool: None,
+                },
+            );
             self.waiting.push_back(conn_id);
             self.accepted += 1;
         }
@@ -282,17 +309,33 @@ impl Keeper {
     /// Sends waiting connections to the active worker, in batches.
     fn hand_out(&mut self) {
         let Some(wid) = self.active else { return };
-        let Some(w) = self.workers.get(&wid) else { return };
+        let Some(w) = self.workers.get(&wid) else {
+            return;
+        };
         let control = w.control.clone();
         let mut msg = Vec::with_capacity(MAX_MSG);
         while !self.waiting.is_empty() {
-            let ids: Vec<u64> = self.waiting.iter().take(MAX_FDS_PER_MSG).copied().collect();
-            let mut entries = Vec::with_capacity(ids.len());
-            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(ids.len());
-            for id in &ids {
+            let mut ids: Vec<u64> = Vec::with_capacity(MAX_FDS_PER_MSG);
+            let mut entries = Vec::with_capacity(MAX_FDS_PER_MSG);
+            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(MAX_FDS_PER_MSG);
+            for id in self.waiting.iter() {
                 let h = &self.conns[id];
-                entries.push(ConnEntry { conn_id: *id, slot: h.slot, flags: if h.handed { CONN_RECOVERED } else { 0 } });
+                let need = 1 + usize::from(h.spool.is_some());
+                if fds.len() + need > MAX_FDS_PER_MSG {
+                    break;
+                }
+                let mut flags = if h.handed { CONN_RECOVERED } else { 0 };
                 fds.push(h.fd.as_fd());
+                if let Some(sp) = &h.spool {
+                    flags |= CONN_SPOOL;
+                    fds.push(sp.as_fd());
+                }
+                entries.push(ConnEntry {
+                    conn_id: *id,
+                    slot: h.slot,
+                    flags,
+                });
+                ids.push(*id);
             }
             Msg::Conns(entries).encode(&mut msg);
             match fdpass::send(&*control, &msg, &fds, true) {
@@ -321,22 +364,48 @@ impl Keeper {
         }
     }
 
-    fn on_message(&mut self, id: u32, msg: Msg) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+    fn on_message(&mut self, id: u32, msg: Msg, mut fds: Vec<OwnedFd>) {
+        if fds.len() != msg.fd_count() {
+            tracing::warn!(
+                worker = id,
+                fds = fds.len(),
+                ?msg,
+                "message with the wrong number of fds, stopping that worker"
+            );
+            self.kill(id);
+            return;
+        }
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         match msg {
             Msg::Hello { pid, proto } => {
                 if proto != PROTO_VERSION || pid != w.pid {
-                    tracing::warn!(worker = id, proto, pid, "worker speaks another protocol or lies about its pid");
+                    tracing::warn!(
+                        worker = id,
+                        proto,
+                        pid,
+                        "worker speaks another protocol or lies about its pid"
+                    );
                     self.kill(id);
                     return;
                 }
                 w.greeted = true;
-                let welcome = Msg::Welcome { worker_id: id, generation: w.generation, slots: self.cfg.max_conns };
+                let welcome = Msg::Welcome {
+                    worker_id: id,
+                    generation: w.generation,
+                    slots: self.cfg.max_conns,
+                };
                 let control = w.control.clone();
                 send_msg(&control, &welcome);
             }
             Msg::Ready if w.greeted && w.role == Role::Starting => {
-                tracing::info!(worker = id, pid = w.pid, ms = w.started.elapsed().as_millis() as u64, "worker ready");
+                tracing::info!(
+                    worker = id,
+                    pid = w.pid,
+                    ms = w.started.elapsed().as_millis() as u64,
+                    "worker ready"
+                );
                 w.role = Role::Standby;
                 self.start_failures = 0;
                 if self.active.is_none() {
@@ -344,16 +413,56 @@ impl Keeper {
                     self.ensure_workers();
                 }
             }
+            Msg::Spool { conn_id, slot } => {
+                let owned = self
+                    .conns
+                    .get(&conn_id)
+                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let spool = fds.pop().filter(|fd| {
+                    rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
+                        s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
+                    })
+                });
+                match (owned, spool) {
+                    (true, Some(fd)) => {
+                        if let Some(h) = self.conns.get_mut(&conn_id) {
+                            tracing::info!(worker = id, conn = conn_id, "input spool held");
+                            h.spool = Some(fd);
+                        }
+                    }
+                    (false, _) => tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        "spool for a connection the worker does not own; ignored"
+                    ),
+                    (true, None) => tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        "spool that is not a sealed memfd; ignored"
+                    ),
+                }
+            }
             Msg::Closed { conn_id, slot } => {
-                let owned = self.conns.get(&conn_id).is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let owned = self
+                    .conns
+                    .get(&conn_id)
+                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
                 if owned {
                     self.drop_conn(conn_id);
                 } else {
-                    tracing::warn!(worker = id, conn = conn_id, "worker closed a connection it does not own; ignored");
+                    tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        "worker closed a connection it does not own; ignored"
+                    );
                 }
             }
             other => {
-                tracing::warn!(worker = id, ?other, "unexpected message from worker; ignored");
+                tracing::warn!(
+                    worker = id,
+                    ?other,
+                    "unexpected message from worker; ignored"
+                );
             }
         }
     }
@@ -367,7 +476,9 @@ impl Keeper {
     }
 
     fn promote(&mut self, id: u32) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         w.role = Role::Active;
         let control = w.control.clone();
         let pid = w.pid;
@@ -386,13 +497,19 @@ impl Keeper {
 
     fn kill(&mut self, id: u32) {
         if let Some(w) = self.workers.get(&id) {
-            let _ = rustix::process::kill_process(Pid::from_raw(w.pid as i32).expect("child pid"), Signal::KILL);
+            let _ = rustix::process::kill_process(
+                Pid::from_raw(w.pid as i32).expect("child pid"),
+                Signal::KILL,
+            );
         }
     }
 
     fn died(&mut self, id: u32) {
         let t0 = Instant::now();
-        let Some(mut w) = self.workers.remove(&id) else { return };
+        self.drain_control(id);
+        let Some(mut w) = self.workers.remove(&id) else {
+            return;
+        };
         let was_active = self.active == Some(id);
         // Connections first: everything else (reaping, logging, starting a
         // new standby) waits until they are on their way to the successor.
@@ -401,7 +518,11 @@ impl Keeper {
             self.restarts += 1;
             self.recover_from(id);
             self.recovery_started = Some(t0);
-            let standby = self.workers.iter().find(|(_, w)| w.role == Role::Standby).map(|(id, _)| *id);
+            let standby = self
+                .workers
+                .iter()
+                .find(|(_, w)| w.role == Role::Standby)
+                .map(|(id, _)| *id);
             match standby {
                 Some(sid) => {
                     self.promote(sid);
@@ -424,7 +545,9 @@ impl Keeper {
         }
         if w.role == Role::Starting && self.phase != Phase::ShuttingDown {
             self.start_failures += 1;
-            let backoff = FIRST_BACKOFF.saturating_mul(1 << self.start_failures.min(10)).min(MAX_BACKOFF);
+            let backoff = FIRST_BACKOFF
+                .saturating_mul(1 << self.start_failures.min(10))
+                .min(MAX_BACKOFF);
             self.spawn_after = Some(Instant::now() + backoff);
         }
         self.last_exits.push_back(exit);
@@ -434,6 +557,28 @@ impl Keeper {
         self.ensure_workers();
     }
 
+    /// Handles what the dead worker sent but this loop has not read yet: a
+    /// `Closed` or `Spool` written just before death must count before its
+    /// connections are handed on.
+    fn drain_control(&mut self, id: u32) {
+        let Some(control) = self.workers.get(&id).map(|w| w.control.clone()) else {
+            return;
+        };
+        let mut buf = vec![0u8; MAX_MSG];
+        loop {
+            let mut fds = Vec::new();
+            match fdpass::recv(&*control, &mut buf, &mut fds, true) {
+                Ok(n) if n > 0 => match Msg::decode(&buf[..n]) {
+                    Ok(msg) => self.on_message(id, msg, fds),
+                    Err(e) => {
+                        tracing::warn!(worker = id, error = %e, "malformed control message from a dead worker")
+                    }
+                },
+                _ => return,
+            }
+        }
+    }
+
     /// Takes back every connection the dead worker owned and queues them,
     /// oldest first, ahead of new arrivals. Their journal records are not
     /// read here: the successor validates each one against the kernel's
@@ -441,7 +586,12 @@ impl Keeper {
     /// ones it cannot resume (or that the service had closed) as `Closed`.
     /// Reading them here too would only delay the hand-over.
     fn recover_from(&mut self, id: u32) {
-        let mut mine: Vec<u64> = self.conns.iter().filter(|(_, h)| h.owner == Some(id)).map(|(c, _)| *c).collect();
+        let mut mine: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, h)| h.owner == Some(id))
+            .map(|(c, _)| *c)
+            .collect();
         mine.sort_unstable();
         for cid in mine.iter().rev() {
             if let Some(h) = self.conns.get_mut(cid) {
@@ -457,7 +607,11 @@ impl Keeper {
         if self.phase == Phase::ShuttingDown {
             return;
         }
-        let spares = self.workers.values().filter(|w| w.role != Role::Active).count();
+        let spares = self
+            .workers
+            .values()
+            .filter(|w| w.role != Role::Active)
+            .count();
         let want = self.cfg.standby + usize::from(self.active.is_none());
         if spares >= want {
             return;
@@ -486,12 +640,17 @@ impl Keeper {
         let mut cmd = Command::new(prog);
         cmd.args(&self.cfg.command[1..])
             .env(hf_journal::ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
-            .env(hf_journal::ENV_JOURNAL_FD, self.journal_fd.as_raw_fd().to_string())
+            .env(
+                hf_journal::ENV_JOURNAL_FD,
+                self.journal_fd.as_raw_fd().to_string(),
+            )
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES");
         hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
-        let child = cmd.spawn().map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
         drop(theirs);
         let pid = child.id();
         let pidfd = rustix::process::pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
@@ -507,7 +666,12 @@ impl Keeper {
             let _ = pidfd.readable().await;
             let _ = tx.send(Event::Died(id));
         });
-        tracing::info!(worker = id, pid, generation = self.generation, "worker started");
+        tracing::info!(
+            worker = id,
+            pid,
+            generation = self.generation,
+            "worker started"
+        );
         self.workers.insert(
             id,
             Worker {
@@ -558,7 +722,10 @@ impl Keeper {
     async fn shutdown(&mut self) {
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
-            let _ = rustix::process::kill_process(Pid::from_raw(w.pid as i32).expect("child pid"), Signal::TERM);
+            let _ = rustix::process::kill_process(
+                Pid::from_raw(w.pid as i32).expect("child pid"),
+                Signal::TERM,
+            );
             tracing::debug!(worker = id, "asked to stop");
         }
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -612,17 +779,38 @@ fn describe_exit(st: std::process::ExitStatus) -> String {
 
 fn signal_name(sig: i32) -> String {
     let known = [
-        (1, "SIGHUP"), (2, "SIGINT"), (3, "SIGQUIT"), (4, "SIGILL"), (5, "SIGTRAP"), (6, "SIGABRT"),
-        (7, "SIGBUS"), (8, "SIGFPE"), (9, "SIGKILL"), (10, "SIGUSR1"), (11, "SIGSEGV"), (12, "SIGUSR2"),
-        (13, "SIGPIPE"), (14, "SIGALRM"), (15, "SIGTERM"), (24, "SIGXCPU"), (25, "SIGXFSZ"), (31, "SIGSYS"),
+        (1, "SIGHUP"),
+        (2, "SIGINT"),
+        (3, "SIGQUIT"),
+        (4, "SIGILL"),
+        (5, "SIGTRAP"),
+        (6, "SIGABRT"),
+        (7, "SIGBUS"),
+        (8, "SIGFPE"),
+        (9, "SIGKILL"),
+        (10, "SIGUSR1"),
+        (11, "SIGSEGV"),
+        (12, "SIGUSR2"),
+        (13, "SIGPIPE"),
+        (14, "SIGALRM"),
+        (15, "SIGTERM"),
+        (24, "SIGXCPU"),
+        (25, "SIGXFSZ"),
+        (31, "SIGSYS"),
     ];
-    known.iter().find(|(n, _)| *n == sig).map(|(_, s)| (*s).to_owned()).unwrap_or_else(|| format!("signal {sig}"))
+    known
+        .iter()
+        .find(|(n, _)| *n == sig)
+        .map(|(_, s)| (*s).to_owned())
+        .unwrap_or_else(|| format!("signal {sig}"))
 }
 
 async fn read_control(id: u32, fd: AsyncFd<OwnedFd>, tx: mpsc::UnboundedSender<Event>) {
     let mut buf = vec![0u8; MAX_MSG];
     loop {
-        let Ok(mut guard) = fd.readable().await else { break };
+        let Ok(mut guard) = fd.readable().await else {
+            break;
+        };
         let mut fds = Vec::new();
         match guard.try_io(|f| fdpass::recv(f.get_ref(), &mut buf, &mut fds, true)) {
             Err(_would_block) => continue,
@@ -631,10 +819,8 @@ async fn read_control(id: u32, fd: AsyncFd<OwnedFd>, tx: mpsc::UnboundedSender<E
                 break;
             }
             Ok(Ok(n)) => {
-                // Workers send no fds; any that came are closed here.
-                drop(fds);
                 let msg = Msg::decode(&buf[..n]).map_err(|e| e.to_string());
-                if tx.send(Event::FromWorker(id, msg)).is_err() {
+                if tx.send(Event::FromWorker(id, msg, fds)).is_err() {
                     break;
                 }
             }
@@ -658,10 +844,14 @@ async fn accept_loop(
             }
             notified.await;
         }
-        let Ok(mut guard) = l.readable().await else { return };
+        let Ok(mut guard) = l.readable().await else {
+            return;
+        };
         let mut batch = Vec::new();
         while batch.len() < MAX_FDS_PER_MSG && live.load(Ordering::Relaxed) + batch.len() < max {
-            match guard.try_io(|l| rustix::net::accept_with(l.get_ref(), SocketFlags::CLOEXEC).map_err(Into::into)) {
+            match guard.try_io(|l| {
+                rustix::net::accept_with(l.get_ref(), SocketFlags::CLOEXEC).map_err(Into::into)
+            }) {
                 Ok(Ok(fd)) => batch.push(fd),
                 Ok(Err(e)) => {
                     // EMFILE and friends: keep what we have, pause a little.
@@ -690,7 +880,11 @@ fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), Kee
     let err = |e: std::io::Error| KeeperError::Control(path.to_owned(), e);
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
         }
     }
     if path.exists() {
@@ -706,7 +900,9 @@ fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), Kee
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();

@@ -81,6 +81,10 @@ pub enum KeeperError {
 pub fn default_control_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("holdfast").join("control.sock"),
-        _ => PathBuf::from(format!("/tmp/holdfast-{}", rustix::process::getuid().as_raw())).join("control.sock"),
+        _ => PathBuf::from(format!(
+            "/tmp/holdfast-{}",
+            rustix::process::getuid().as_raw()
+        ))
+        .join("control.sock"),
     }
 }

@@ -14,9 +14,18 @@ const BACKLOG: i32 = 4096;
 
 pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, KeeperError> {
     let err = |e: std::io::Error| KeeperError::Bind(addr, e);
-    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
-    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)
-        .map_err(|e| err(e.into()))?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| err(e.into()))?;
     rustix::net::sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| err(e.into()))?;
     if addr.is_ipv6() {
         rustix::net::sockopt::set_ipv6_v6only(&fd, true).map_err(|e| err(e.into()))?;
@@ -28,7 +37,9 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, KeeperError> {
 
 /// Listeners passed by systemd socket activation, if any are meant for us.
 pub(crate) fn inherited() -> Result<Vec<(TcpListener, String)>, KeeperError> {
-    let Ok(pid) = std::env::var("LISTEN_PID") else { return Ok(Vec::new()) };
+    let Ok(pid) = std::env::var("LISTEN_PID") else {
+        return Ok(Vec::new());
+    };
     if pid.parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(Vec::new());
     }
@@ -42,13 +53,20 @@ pub(crate) fn inherited() -> Result<Vec<(TcpListener, String)>, KeeperError> {
         .unwrap_or_default();
     let mut out = Vec::new();
     for i in 0..n {
-        let fd: OwnedFd =
-            hf_sys::inherited::take(3 + i).map_err(|e| KeeperError::Inherit(format!("fd {}: {e}", 3 + i)))?;
+        let fd: OwnedFd = hf_sys::inherited::take(3 + i)
+            .map_err(|e| KeeperError::Inherit(format!("fd {}: {e}", 3 + i)))?;
         if !rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false) {
-            return Err(KeeperError::Inherit(format!("fd {} is not a listening socket", 3 + i)));
+            return Err(KeeperError::Inherit(format!(
+                "fd {} is not a listening socket",
+                3 + i
+            )));
         }
-        rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK).map_err(|e| KeeperError::Inherit(e.to_string()))?;
-        let name = names.get(i as usize).cloned().unwrap_or_else(|| format!("fd{}", 3 + i));
+        rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| KeeperError::Inherit(e.to_string()))?;
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("fd{}", 3 + i));
         out.push((TcpListener::from(fd), name));
     }
     Ok(out)

@@ -9,8 +9,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 
 /// The kernel's limit of fds in one message.
@@ -18,19 +18,35 @@ pub const MAX_FDS: usize = 253;
 
 /// A connected pair of `SOCK_SEQPACKET` sockets, both close-on-exec.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Sends one message carrying `fds`. Fails with `InvalidInput` above
 /// [`MAX_FDS`]. `MSG_NOSIGNAL`: a dead peer is an error, not a SIGPIPE.
-pub fn send(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>], nonblocking: bool) -> io::Result<()> {
+pub fn send(
+    sock: impl AsFd,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    nonblocking: bool,
+) -> io::Result<()> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "more than 253 fds in one message"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "more than 253 fds in one message",
+        ));
     }
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "control buffer too small"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "control buffer too small",
+        ));
     }
     let mut flags = SendFlags::NOSIGNAL;
     if nonblocking {
@@ -38,7 +54,10 @@ pub fn send(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>], nonblocking: b
     }
     let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, flags)?;
     if n != data.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short seqpacket send"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short seqpacket send",
+        ));
     }
     Ok(())
 }
@@ -47,7 +66,12 @@ pub fn send(sock: impl AsFd, data: &[u8], fds: &[BorrowedFd<'_>], nonblocking: b
 /// `CLOEXEC`). Returns the message length; `Ok(0)` means the peer closed.
 /// A message or fd list the buffers could not hold is an error, and the fds
 /// that did arrive are closed rather than leaked.
-pub fn recv(sock: impl AsFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, nonblocking: bool) -> io::Result<usize> {
+pub fn recv(
+    sock: impl AsFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    nonblocking: bool,
+) -> io::Result<usize> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut flags = RecvFlags::CMSG_CLOEXEC;
@@ -61,8 +85,14 @@ pub fn recv(sock: impl AsFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>, nonblocking
             got.extend(rights);
         }
     }
-    if msg.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated"));
+    if msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control message truncated",
+        ));
     }
     fds.extend(got);
     Ok(msg.bytes)

@@ -30,8 +30,8 @@
 
 pub mod fdpass;
 pub mod inherited;
+#[cfg(feature = "tokio")]
+pub mod reactor;
 pub mod shm;
 pub mod spawn;
 pub mod tcp;
-#[cfg(feature = "tokio")]
-pub mod reactor;

@@ -46,7 +46,10 @@ impl SharedMem {
         let dup = fd.as_fd().try_clone_to_owned()?;
         let seals = rustix::fs::fcntl_get_seals(&dup)?;
         if !seals.contains(SealFlags::SHRINK) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "journal memfd is not sealed against shrinking"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "journal memfd is not sealed against shrinking",
+            ));
         }
         let file = File::from(dup);
         let map = MmapRaw::map_raw(&file)?;
@@ -94,6 +97,38 @@ impl SharedMem {
         Ok(())
     }
 
+    /// Receives up to `len` bytes from socket `fd` straight into the mapping
+    /// at `off` (`recv(2)` with `flags`). Used so that bytes consumed from a
+    /// socket exist in shared memory the moment the kernel counts them as
+    /// consumed: a process killed right after the call loses nothing.
+    pub fn recv_into(
+        &self,
+        fd: impl std::os::fd::AsFd,
+        off: usize,
+        len: usize,
+        nonblocking: bool,
+    ) -> io::Result<usize> {
+        self.check(off, len)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        // SAFETY: [off, off+len) is inside the live, unshrinkable mapping
+        // (checked above); the kernel writes at most `len` bytes there and
+        // no Rust reference into the mapping exists to be invalidated. `fd`
+        // is borrowed and so open.
+        let r = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()),
+                self.map.as_mut_ptr().add(off).cast(),
+                len,
+                flags,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
     /// Zeroes `[off, off+n)`.
     pub fn zero(&self, off: usize, n: usize) -> Result<(), OutOfBounds> {
         self.check(off, n)?;
@@ -114,7 +149,8 @@ impl SharedMem {
         // SAFETY: the range is inside the live mapping and 8-aligned (the
         // mapping is page-aligned), so it is a valid place for an AtomicU64;
         // all accesses to such counters go through these atomic helpers.
-        let a = unsafe { &*(self.map.as_mut_ptr().add(off) as *const std::sync::atomic::AtomicU64) };
+        let a =
+            unsafe { &*(self.map.as_mut_ptr().add(off) as *const std::sync::atomic::AtomicU64) };
         a.store(v, std::sync::atomic::Ordering::Release);
         Ok(())
     }

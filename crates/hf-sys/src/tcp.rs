@@ -72,7 +72,10 @@ fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     // bytes_received was added in Linux 4.1; shorter answers lack it.
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
     if (len as usize) < needed {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO lacks byte counters"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO lacks byte counters",
+        ));
     }
     Ok(info)
 }
@@ -101,8 +104,14 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
         // TIME_WAIT (the time-wait state moves to a separate mini-socket).
         // CLOSE after a reset is also counted as "both FINs": the connection
         // is over either way.
-        let fin_received = matches!(st, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT | TCP_CLOSE);
-        let fin_sent = matches!(st, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSE);
+        let fin_received = matches!(
+            st,
+            TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT | TCP_CLOSE
+        );
+        let fin_sent = matches!(
+            st,
+            TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSE
+        );
         // SIOCOUTQ counts the FIN while it is unacknowledged, bytes_acked once
         // it is acknowledged: either way the sum holds it exactly once.
         let written = (info.tcpi_bytes_acked + outq).saturating_sub(u64::from(fin_sent));
@@ -111,9 +120,17 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
             .tcpi_bytes_received
             .saturating_sub(u64::from(fin_received))
             .saturating_sub(inq);
-        return Ok(StreamPos { written, consumed, fin_received, fin_sent });
+        return Ok(StreamPos {
+            written,
+            consumed,
+            fin_received,
+            fin_sent,
+        });
     }
-    Err(io::Error::new(io::ErrorKind::TimedOut, "TCP counters kept moving"))
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "TCP counters kept moving",
+    ))
 }
 
 /// Bytes waiting in the receive queue (`SIOCINQ`).
@@ -217,14 +234,20 @@ mod tests {
         c.write_all(b"abcdefgh").unwrap();
         settle();
         let mut buf = [0u8; 3];
-        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK).unwrap().0;
+        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK)
+            .unwrap()
+            .0;
         assert_eq!(&buf[..n], b"abc");
-        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK).unwrap().0;
+        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK)
+            .unwrap()
+            .0;
         assert_eq!(&buf[..n], b"def");
         assert_eq!(discard(&s, 4).unwrap(), 4);
         assert_eq!(stream_positions(&s).unwrap().consumed, 4);
         // The peek offset moved back by the 4 discarded bytes: "gh" is next.
-        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK).unwrap().0;
+        let n = rustix::net::recv(&s, &mut buf[..], rustix::net::RecvFlags::PEEK)
+            .unwrap()
+            .0;
         assert_eq!(&buf[..n], b"gh");
         assert_eq!(inq(&s).unwrap(), 4);
     }

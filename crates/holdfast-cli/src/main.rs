@@ -94,15 +94,31 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Run { listen, standby, control, max_conns, command } => {
+        Cmd::Run {
+            listen,
+            standby,
+            control,
+            max_conns,
+            command,
+        } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
-            hf_keeper::run(hf_keeper::Config { listen, standby, control, max_conns, command })?;
+            hf_keeper::run(hf_keeper::Config {
+                listen,
+                standby,
+                control,
+                max_conns,
+                command,
+            })?;
             Ok(())
         }
         Cmd::Status { control, json } => {
             let path = control.unwrap_or_else(hf_keeper::default_control_path);
-            let snap = status::query(&path)
-                .with_context(|| format!("no keeper answers at {} (is `holdfast run` running?)", path.display()))?;
+            let snap = status::query(&path).with_context(|| {
+                format!(
+                    "no keeper answers at {} (is `holdfast run` running?)",
+                    path.display()
+                )
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snap)?);
             } else {
@@ -118,15 +134,28 @@ fn print_status(s: &Snapshot) {
     println!("phase        {:?}", s.phase);
     println!("keeper pid   {}", s.keeper_pid);
     println!("listening    {}", s.listeners.join(", "));
-    println!("connections  {} held, {} waiting for a worker, {} accepted in all", s.connections, s.waiting, s.accepted);
-    println!("restarts     {} ({} connections recovered)", s.restarts, s.recovered_connections);
+    println!(
+        "connections  {} held, {} waiting for a worker, {} accepted in all",
+        s.connections, s.waiting, s.accepted
+    );
+    println!(
+        "restarts     {} ({} connections recovered)",
+        s.restarts, s.recovered_connections
+    );
     match s.last_recovery_us {
         Some(us) => println!("last recovery {us} µs (death noticed → connections handed over)"),
         None => println!("last recovery -"),
     }
     println!("workers:");
     for w in &s.workers {
-        println!("  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections", w.id, w.pid, w.generation, format!("{:?}", w.role).to_lowercase(), w.connections);
+        println!(
+            "  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections",
+            w.id,
+            w.pid,
+            w.generation,
+            format!("{:?}", w.role).to_lowercase(),
+            w.connections
+        );
     }
     if !s.last_exits.is_empty() {
         println!("last exits:");
@@ -140,23 +169,41 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot locate the holdfast binary")?;
     let httpd = exe.with_file_name("hf-httpd");
     if !httpd.exists() {
-        bail!("hf-httpd not found next to {} (build the workspace: cargo build --release)", exe.display());
+        bail!(
+            "hf-httpd not found next to {} (build the workspace: cargo build --release)",
+            exe.display()
+        );
     }
     let site = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
     let control = control.unwrap_or_else(hf_keeper::default_control_path);
-    println!("holdfast demo: hf-httpd serving a sample site from {} on http://{listen}/", site.display());
+    println!(
+        "holdfast demo: hf-httpd serving a sample site from {} on http://{listen}/",
+        site.display()
+    );
     println!();
     println!("Try, in another terminal:");
     println!("  curl -i http://{listen}/hello.txt");
     println!("  curl -s http://{listen}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
     let status = format!("{} status --control {}", exe.display(), control.display());
     println!("  {status}    # the worker pids");
-    println!("  kill -9 <pid of the active worker>    # while the download runs: it completes, intact");
+    println!(
+        "  kill -9 <pid of the active worker>    # while the download runs: it completes, intact"
+    );
     println!("  {status}    # restarts, last recovery time");
     println!();
     println!("Stop with Ctrl-C.");
-    let command = vec![httpd.into_os_string(), "--demo-site".into(), site.clone().into_os_string()];
-    let r = hf_keeper::run(hf_keeper::Config { listen: vec![listen], standby: 1, control, max_conns: 65536, command });
+    let command = vec![
+        httpd.into_os_string(),
+        "--demo-site".into(),
+        site.clone().into_os_string(),
+    ];
+    let r = hf_keeper::run(hf_keeper::Config {
+        listen: vec![listen],
+        standby: 1,
+        control,
+        max_conns: 65536,
+        command,
+    });
     let _ = std::fs::remove_dir_all(&site);
     r?;
     Ok(())

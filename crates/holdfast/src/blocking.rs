@@ -20,22 +20,46 @@ pub struct Listener {
 
 enum Inner {
     Pass(Vec<TcpListener>),
-    Kept { link: Arc<Link>, queue: VecDeque<(ConnEntry, OwnedFd)>, buf: Vec<u8> },
+    Kept {
+        link: Arc<Link>,
+        queue: VecDeque<(ConnEntry, OwnedFd, Option<OwnedFd>)>,
+        buf: Vec<u8>,
+    },
 }
 
 /// Turns a handed-over fd into a connection, or logs why it cannot be.
-pub(crate) fn adopt(link: &Arc<Link>, entry: ConnEntry, fd: &OwnedFd, nonblocking: bool) -> Option<Core> {
+pub(crate) fn adopt(
+    link: &Arc<Link>,
+    entry: ConnEntry,
+    fd: &OwnedFd,
+    spool: Option<OwnedFd>,
+    nonblocking: bool,
+) -> Option<Core> {
     let recovered = entry.flags & CONN_RECOVERED != 0;
-    match Core::kept(fd.as_fd(), link.clone(), entry.conn_id, entry.slot, recovered, nonblocking) {
+    match Core::kept(
+        fd.as_fd(),
+        link.clone(),
+        entry.conn_id,
+        entry.slot,
+        recovered,
+        spool,
+        nonblocking,
+    ) {
         Ok(core) => Some(core),
         Err(e) => {
             if e.kind() == std::io::ErrorKind::NotConnected {
-                tracing::debug!(conn = entry.conn_id, "connection was closed before the crash");
+                tracing::debug!(
+                    conn = entry.conn_id,
+                    "connection was closed before the crash"
+                );
             } else {
                 tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
             }
             // Dropping a `Core` that never came to be: tell the keeper.
-            let _ = link.send(&hf_journal::wire::Msg::Closed { conn_id: entry.conn_id, slot: entry.slot });
+            let _ = link.send(&hf_journal::wire::Msg::Closed {
+                conn_id: entry.conn_id,
+                slot: entry.slot,
+            });
             None
         }
     }
@@ -48,14 +72,25 @@ impl Listener {
         match Link::from_env()? {
             Some(link) => {
                 link.ready()?;
-                Ok(Listener { inner: Inner::Kept { link, queue: VecDeque::new(), buf: vec![0; MAX_MSG] } })
+                Ok(Listener {
+                    inner: Inner::Kept {
+                        link,
+                        queue: VecDeque::new(),
+                        buf: vec![0; MAX_MSG],
+                    },
+                })
             }
             None => {
                 if addrs.is_empty() {
                     return Err(Error::NoAddress);
                 }
-                let ls = addrs.iter().map(TcpListener::bind).collect::<io::Result<Vec<_>>>()?;
-                Ok(Listener { inner: Inner::Pass(ls) })
+                let ls = addrs
+                    .iter()
+                    .map(TcpListener::bind)
+                    .collect::<io::Result<Vec<_>>>()?;
+                Ok(Listener {
+                    inner: Inner::Pass(ls),
+                })
             }
         }
     }
@@ -82,11 +117,14 @@ impl Listener {
             Inner::Pass(ls) => {
                 let idx = if ls.len() == 1 { 0 } else { wait_any(ls)? };
                 let (s, _) = ls[idx].accept()?;
-                Ok(Some(Conn { fd: OwnedFd::from(s), core: Core::pass_through(false) }))
+                Ok(Some(Conn {
+                    fd: OwnedFd::from(s),
+                    core: Core::pass_through(false),
+                }))
             }
             Inner::Kept { link, queue, buf } => loop {
-                if let Some((entry, fd)) = queue.pop_front() {
-                    if let Some(core) = adopt(link, entry, &fd, false) {
+                if let Some((entry, fd, spool)) = queue.pop_front() {
+                    if let Some(core) = adopt(link, entry, &fd, spool, false) {
                         return Ok(Some(Conn { fd, core }));
                     }
                     continue;
@@ -161,7 +199,12 @@ impl Conn {
     }
 
     /// [`Conn::commit`] with an explicit state schema version.
-    pub fn commit_versioned(&mut self, consumed: usize, version: u16, state: &[u8]) -> io::Result<()> {
+    pub fn commit_versioned(
+        &mut self,
+        consumed: usize,
+        version: u16,
+        state: &[u8],
+    ) -> io::Result<()> {
         self.core.flush_pending(self.fd.as_fd())?;
         self.core.commit(self.fd.as_fd(), consumed, version, state)
     }
@@ -174,7 +217,9 @@ impl Conn {
 
     /// The current time in seconds since the epoch, recorded (see [`Conn::record`]).
     pub fn now(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.core.record_fixed(crate::now_bytes)?))
+        Ok(u64::from_le_bytes(
+            self.core.record_fixed(crate::now_bytes)?,
+        ))
     }
 
     /// Closes the connection now (dropping it does the same).

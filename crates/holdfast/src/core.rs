@@ -19,16 +19,26 @@
 //! are never spliced together.
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use hf_journal::record::{slot_of, Record, FLAG_CLOSING, MAX_NONDET, RECORD_SIZE, SLOT_SIZE};
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
 use crate::worker::Link;
+use hf_sys::shm::SharedMem;
 
 /// Committed input is discarded from the kernel once this much has piled up.
 pub const DISCARD_BATCH: u64 = 4096;
+/// A connection whose service has read this much input without committing
+/// it moves its input to a spool, so the client's window stays open.
+pub const SPOOL_AT: u64 = 64 * 1024;
+/// The most uncommitted input a spool holds (a request larger than this is
+/// refused with an error to the service).
+pub const SPOOL_MAX: usize = 64 << 20;
+/// Spool layout: the absolute input offset of its first data byte (`u64`
+/// at 0), then data from here on.
+const SPOOL_DATA: usize = 64;
 
 /// The state of one connection. The fd is held by the flavour's wrapper
 /// (a plain `OwnedFd`, or tokio's `AsyncFd`) and lent to every call.
@@ -62,6 +72,21 @@ struct Kept {
     /// Next unread entry of the recorded nondeterminism.
     nondet_cursor: usize,
     slot_buf: Box<[u8; SLOT_SIZE]>,
+    spool: Option<Spool>,
+}
+
+/// Uncommitted input moved out of the kernel into a memfd the keeper holds.
+///
+/// Input is received straight into the shared mapping, so the kernel's
+/// consumed counter says exactly how many bytes are in the spool even if the
+/// worker dies right after a `recv`. Everything from `base` to `end` (absolute
+/// input offsets) is in the spool; the input is consumed from the kernel up
+/// to `end`.
+struct Spool {
+    _fd: OwnedFd,
+    mem: SharedMem,
+    base: u64,
+    end: u64,
 }
 
 /// Output regeneration after a crash.
@@ -80,12 +105,19 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 pub(crate) fn divergence() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "replayed output differs from what the client already received")
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "replayed output differs from what the client already received",
+    )
 }
 
 impl Core {
     pub(crate) fn pass_through(nonblocking: bool) -> Core {
-        Core { kept: None, nonblocking, closed: false }
+        Core {
+            kept: None,
+            nonblocking,
+            closed: false,
+        }
     }
 
     /// A connection the keeper handed over. `recovered` means a previous
@@ -96,6 +128,7 @@ impl Core {
         conn_id: u64,
         slot: u32,
         recovered: bool,
+        spool: Option<OwnedFd>,
         nonblocking: bool,
     ) -> io::Result<Core> {
         let mut kept = Kept {
@@ -113,16 +146,21 @@ impl Core {
             push_until_commit: false,
             nondet_cursor: 0,
             slot_buf: Box::new([0u8; SLOT_SIZE]),
+            spool: None,
         };
         if recovered {
-            kept.recover(fd)?;
+            kept.recover(fd, spool)?;
         } else {
             // The keeper wrote seq 1; continue from there so our first write
             // goes to the other slot.
             kept.rec.seq = 1;
         }
         hf_sys::tcp::set_peek_off(fd, 0)?;
-        Ok(Core { kept: Some(Box::new(kept)), nonblocking, closed: false })
+        Ok(Core {
+            kept: Some(Box::new(kept)),
+            nonblocking,
+            closed: false,
+        })
     }
 
     pub(crate) fn recovered(&self) -> bool {
@@ -149,7 +187,10 @@ impl Core {
 
     fn flags(&self) -> (RecvFlags, SendFlags) {
         if self.nonblocking {
-            (RecvFlags::DONTWAIT, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
+            (
+                RecvFlags::DONTWAIT,
+                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            )
         } else {
             (RecvFlags::empty(), SendFlags::NOSIGNAL)
         }
@@ -160,6 +201,12 @@ impl Core {
         match &mut self.kept {
             None => Ok(rustix::net::recv(fd, buf, rflags)?.0),
             Some(k) => {
+                if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
+                    k.start_spool(fd)?;
+                }
+                if k.spool.is_some() {
+                    return k.read_spooled(fd, buf, self.nonblocking);
+                }
                 let n = rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0;
                 k.in_read += n as u64;
                 Ok(n)
@@ -198,7 +245,11 @@ impl Core {
         if k.push_until_commit {
             push(fd);
         }
-        k.crc_run = if n == buf.len() { k.rec.out_crc } else { crc32c::crc32c_append(k.crc_run, &buf[..n]) };
+        k.crc_run = if n == buf.len() {
+            k.rec.out_crc
+        } else {
+            crc32c::crc32c_append(k.crc_run, &buf[..n])
+        };
         k.out_pos += n as u64;
         Ok(n)
     }
@@ -207,7 +258,9 @@ impl Core {
     /// socket is full (non-blocking mode).
     pub(crate) fn flush_pending(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let (_, sflags) = self.flags();
-        let Some(k) = &mut self.kept else { return Ok(()) };
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
         if k.pending.is_empty() {
             return Ok(());
         }
@@ -226,8 +279,16 @@ impl Core {
     /// Marks a request boundary: `consumed` more input bytes are done with,
     /// all output so far is the response to them, and `state` is what a new
     /// worker needs to carry on from here.
-    pub(crate) fn commit(&mut self, fd: BorrowedFd<'_>, consumed: usize, state_version: u16, state: &[u8]) -> io::Result<()> {
-        let Some(k) = &mut self.kept else { return Ok(()) };
+    pub(crate) fn commit(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        consumed: usize,
+        state_version: u16,
+        state: &[u8],
+    ) -> io::Result<()> {
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
         if k.replay.is_some() {
             // The dead worker wrote more than this before its next commit:
             // the regenerated response is shorter, so it differs.
@@ -236,13 +297,21 @@ impl Core {
             return Err(e);
         }
         if !k.pending.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::WouldBlock, "flush before commit"));
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "flush before commit",
+            ));
         }
         let in_commit = k.rec.in_commit + consumed as u64;
         if in_commit > k.in_read {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "commit of more input than was read"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "commit of more input than was read",
+            ));
         }
-        k.rec.set_state(state_version, state).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        k.rec
+            .set_state(state_version, state)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         k.state_version = state_version;
         k.rec.in_commit = in_commit;
         k.rec.out_commit = k.out_pos;
@@ -253,9 +322,21 @@ impl Core {
         k.nondet_cursor = 0;
         k.push_until_commit = false;
         k.store()?;
-        if in_commit - k.in_discarded >= DISCARD_BATCH {
-            discard_exact(fd, in_commit - k.in_discarded)?;
-            k.in_discarded = in_commit;
+        match &mut k.spool {
+            None if in_commit - k.in_discarded >= DISCARD_BATCH => {
+                discard_exact(fd, in_commit - k.in_discarded)?;
+                k.in_discarded = in_commit;
+            }
+            // Everything spooled is committed: start the spool over. The
+            // journal already says so, so a crash on either side of this
+            // store finds nothing it needs before `base`.
+            Some(sp) if in_commit == sp.end && sp.base != sp.end => {
+                sp.base = sp.end;
+                sp.mem
+                    .store_u64(0, sp.base)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -265,7 +346,9 @@ impl Core {
     /// value back. The record reaches shared memory with the next write or
     /// commit: a value no output depended on need not survive a crash.
     pub(crate) fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
-        let Some(k) = &mut self.kept else { return Ok(make()) };
+        let Some(k) = &mut self.kept else {
+            return Ok(make());
+        };
         if let Some(v) = k.next_recorded()? {
             return Ok(v.to_vec());
         }
@@ -275,10 +358,20 @@ impl Core {
     }
 
     /// [`Core::record`] for a fixed-size value, without allocating.
-    pub(crate) fn record_fixed<const N: usize>(&mut self, make: impl FnOnce() -> [u8; N]) -> io::Result<[u8; N]> {
-        let Some(k) = &mut self.kept else { return Ok(make()) };
+    pub(crate) fn record_fixed<const N: usize>(
+        &mut self,
+        make: impl FnOnce() -> [u8; N],
+    ) -> io::Result<[u8; N]> {
+        let Some(k) = &mut self.kept else {
+            return Ok(make());
+        };
         if let Some(v) = k.next_recorded()? {
-            return v.try_into().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "recorded value has another size"));
+            return v.try_into().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "recorded value has another size",
+                )
+            });
         }
         let v = make();
         k.keep_recorded(&v)?;
@@ -311,7 +404,10 @@ impl Core {
                 }
             }
             let _ = rustix::net::shutdown(fd, Shutdown::Write);
-            let msg = hf_journal::wire::Msg::Closed { conn_id: k.rec.conn_id, slot: k.slot };
+            let msg = hf_journal::wire::Msg::Closed {
+                conn_id: k.rec.conn_id,
+                slot: k.slot,
+            };
             if let Err(e) = k.link.send(&msg) {
                 tracing::warn!(conn = k.rec.conn_id, error = %e, "could not tell the keeper about a close");
             }
@@ -336,7 +432,10 @@ fn discard_exact(fd: BorrowedFd<'_>, mut n: u64) -> io::Result<()> {
     while n > 0 {
         let got = hf_sys::tcp::discard(fd, n.min(1 << 30) as usize)?;
         if got == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "committed input missing from the socket"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "committed input missing from the socket",
+            ));
         }
         n -= got as u64;
     }
@@ -352,13 +451,20 @@ impl Kept {
         }
         let len = usize::from(nd[self.nondet_cursor]);
         let start = self.nondet_cursor + 1;
-        let v = nd.get(start..start + len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad recorded value"))?;
+        let v = nd
+            .get(start..start + len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad recorded value"))?;
         self.nondet_cursor = start + len;
         Ok(Some(v))
     }
 
     fn keep_recorded(&mut self, v: &[u8]) -> io::Result<()> {
-        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "recorded values exceed the journal's room");
+        let too_big = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "recorded values exceed the journal's room",
+            )
+        };
         let len = u8::try_from(v.len()).map_err(|_| too_big())?;
         if self.rec.nondet().len() + 1 + v.len() > MAX_NONDET {
             return Err(too_big());
@@ -367,6 +473,76 @@ impl Kept {
         self.rec.push_nondet(v).map_err(|_| too_big())?;
         self.nondet_cursor = self.rec.nondet().len();
         Ok(())
+    }
+
+    /// Moves this connection's input to a spool: the keeper gets the memfd
+    /// first, then the bytes already peeked are consumed into it.
+    fn start_spool(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let (sfd, mem) = SharedMem::create("holdfast-spool", SPOOL_DATA + SPOOL_MAX)?;
+        let base = self.in_discarded;
+        let oob = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+        mem.store_u64(0, base).map_err(oob)?;
+        self.link
+            .send_spool(self.rec.conn_id, self.slot, sfd.as_fd())?;
+        let want =
+            usize::try_from(self.in_read - base).map_err(|_| io::Error::other("spool offset"))?;
+        let mut have = 0;
+        while have < want {
+            // The bytes were peeked, so they are queued: this does not block.
+            let n = mem.recv_into(fd, SPOOL_DATA + have, want - have, false)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peeked input vanished",
+                ));
+            }
+            have += n;
+        }
+        tracing::debug!(conn = self.rec.conn_id, base, bytes = want, "input spooled");
+        self.in_discarded = self.in_read;
+        self.spool = Some(Spool {
+            _fd: sfd,
+            mem,
+            base,
+            end: self.in_read,
+        });
+        Ok(())
+    }
+
+    fn read_spooled(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+        nonblocking: bool,
+    ) -> io::Result<usize> {
+        let Some(sp) = &mut self.spool else {
+            return Ok(0);
+        };
+        if self.in_read == sp.end {
+            let used = (sp.end - sp.base) as usize;
+            let room = SPOOL_MAX - used;
+            if room == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "uncommitted input exceeds the 64 MiB spool; commit large requests in pieces",
+                ));
+            }
+            let want = room.min(buf.len().max(64 * 1024));
+            let n = sp.mem.recv_into(fd, SPOOL_DATA + used, want, nonblocking)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            sp.end += n as u64;
+            self.in_discarded = sp.end;
+        }
+        let avail = (sp.end - self.in_read) as usize;
+        let n = avail.min(buf.len());
+        let off = SPOOL_DATA + (self.in_read - sp.base) as usize;
+        sp.mem
+            .read(off, &mut buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.in_read += n as u64;
+        Ok(n)
     }
 
     fn store(&mut self) -> io::Result<()> {
@@ -382,21 +558,44 @@ impl Kept {
     /// Reads the dead worker's record and lines it up with the kernel's
     /// positions. Any inconsistency is an error: the caller closes the
     /// connection rather than guess.
-    fn recover(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    fn recover(&mut self, fd: BorrowedFd<'_>, spool: Option<OwnedFd>) -> io::Result<()> {
         let conn_id = self.rec.conn_id;
         let mut raw = [0u8; RECORD_SIZE];
         self.link
             .journal
             .read(hf_journal::record_offset(self.slot), &mut raw)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let rec = hf_journal::record::pick(&raw, conn_id)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("journal record: {e}")))?;
+        let rec = hf_journal::record::pick(&raw, conn_id).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("journal record: {e}"))
+        })?;
         if rec.closing() {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "connection was closed by the service"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection was closed by the service",
+            ));
         }
         let pos = hf_sys::tcp::stream_positions(fd)?;
-        if pos.consumed > rec.in_commit {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "kernel consumed past the committed input"));
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        if let Some(sfd) = spool {
+            // Uncommitted input [in_commit, consumed) is in the spool.
+            let mem = SharedMem::map(&sfd)?;
+            let base = mem.load_u64(0).map_err(|_| bad("spool too small"))?;
+            let held = pos
+                .consumed
+                .checked_sub(base)
+                .and_then(|n| usize::try_from(n).ok());
+            let fits = held.is_some_and(|n| n <= SPOOL_MAX && SPOOL_DATA + n <= mem.len());
+            if !(base <= rec.in_commit && rec.in_commit <= pos.consumed && fits) {
+                return Err(bad("spool does not match the journal and the kernel"));
+            }
+            self.spool = Some(Spool {
+                _fd: sfd,
+                mem,
+                base,
+                end: pos.consumed,
+            });
+        } else if pos.consumed > rec.in_commit {
+            return Err(bad("kernel consumed past the committed input"));
         }
         if pos.written < rec.out_commit || pos.written > rec.out_rec {
             return Err(io::Error::new(
@@ -407,14 +606,23 @@ impl Kept {
                 ),
             ));
         }
-        discard_exact(fd, rec.in_commit - pos.consumed)?;
         self.in_read = rec.in_commit;
-        self.in_discarded = rec.in_commit;
+        if self.spool.is_some() {
+            self.in_discarded = pos.consumed;
+        } else {
+            discard_exact(fd, rec.in_commit - pos.consumed)?;
+            self.in_discarded = rec.in_commit;
+        }
         self.out_pos = rec.out_commit;
         self.crc_run = 0;
         self.push_until_commit = pos.written > rec.out_commit;
         if rec.out_rec > rec.out_commit {
-            self.replay = Some(Replay { skip_to: pos.written, verify_at: rec.out_rec, crc: rec.out_crc, held: Vec::new() });
+            self.replay = Some(Replay {
+                skip_to: pos.written,
+                verify_at: rec.out_rec,
+                crc: rec.out_crc,
+                held: Vec::new(),
+            });
         }
         self.state_version = rec.state_version;
         tracing::debug!(
@@ -431,7 +639,9 @@ impl Kept {
 
     /// Takes regenerated output while a replay is under way.
     fn regenerate(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let Some(r) = &mut self.replay else { return Ok(0) };
+        let Some(r) = &mut self.replay else {
+            return Ok(0);
+        };
         let room = r.verify_at - self.out_pos;
         let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         let chunk = &buf[..take];

@@ -33,7 +33,7 @@ enum Inner {
     Kept {
         link: Arc<Link>,
         control: AsyncFd<OwnedFd>,
-        queue: VecDeque<(ConnEntry, OwnedFd)>,
+        queue: VecDeque<(ConnEntry, OwnedFd, Option<OwnedFd>)>,
         buf: Vec<u8>,
         yield_next: bool,
     },
@@ -48,7 +48,13 @@ impl Listener {
                 let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
                 link.ready()?;
                 Ok(Listener {
-                    inner: Inner::Kept { link, control, queue: VecDeque::new(), buf: vec![0; MAX_MSG], yield_next: false },
+                    inner: Inner::Kept {
+                        link,
+                        control,
+                        queue: VecDeque::new(),
+                        buf: vec![0; MAX_MSG],
+                        yield_next: false,
+                    },
                 })
             }
             None => {
@@ -59,7 +65,9 @@ impl Listener {
                 for a in addrs {
                     ls.push(TcpListener::bind(a).await?);
                 }
-                Ok(Listener { inner: Inner::Pass(ls) })
+                Ok(Listener {
+                    inner: Inner::Pass(ls),
+                })
             }
         }
     }
@@ -95,8 +103,14 @@ impl Listener {
                 let fd = OwnedFd::from(s.into_std()?);
                 Ok(Some(Conn::new(fd, Core::pass_through(true))?))
             }
-            Inner::Kept { link, control, queue, buf, yield_next } => loop {
-                if let Some((entry, fd)) = queue.pop_front() {
+            Inner::Kept {
+                link,
+                control,
+                queue,
+                buf,
+                yield_next,
+            } => loop {
+                if let Some((entry, fd, spool)) = queue.pop_front() {
                     if *yield_next {
                         // Recovered connections come in batches: let the
                         // task of the one handed out before run first, so
@@ -105,7 +119,7 @@ impl Listener {
                         ::tokio::task::yield_now().await;
                     }
                     *yield_next = !queue.is_empty();
-                    if let Some(core) = adopt(link, entry, &fd, true) {
+                    if let Some(core) = adopt(link, entry, &fd, spool, true) {
                         return Ok(Some(Conn::new(fd, core)?));
                     }
                     continue;
@@ -177,9 +191,15 @@ impl Conn {
     }
 
     /// [`Conn::commit`] with an explicit state schema version.
-    pub async fn commit_versioned(&mut self, consumed: usize, version: u16, state: &[u8]) -> io::Result<()> {
+    pub async fn commit_versioned(
+        &mut self,
+        consumed: usize,
+        version: u16,
+        state: &[u8],
+    ) -> io::Result<()> {
         poll_fn(|cx| self.poll_flush_pending(cx)).await?;
-        self.core.commit(self.io.get_ref().as_fd(), consumed, version, state)
+        self.core
+            .commit(self.io.get_ref().as_fd(), consumed, version, state)
     }
 
     /// See [`crate::Conn::record`].
@@ -189,7 +209,9 @@ impl Conn {
 
     /// The current time in seconds since the epoch, recorded.
     pub fn now(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.core.record_fixed(crate::now_bytes)?))
+        Ok(u64::from_le_bytes(
+            self.core.record_fixed(crate::now_bytes)?,
+        ))
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
@@ -216,7 +238,11 @@ impl AsFd for Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.io.poll_read_ready(cx))?;
@@ -235,7 +261,11 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.io.poll_write_ready(cx))?;

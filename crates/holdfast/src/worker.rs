@@ -28,7 +28,8 @@ pub(crate) struct Link {
 
 /// A message from the keeper, with the fds that came with it.
 pub(crate) enum Incoming {
-    Conns(Vec<(ConnEntry, OwnedFd)>),
+    /// Connections, each with its input spool if it has one.
+    Conns(Vec<(ConnEntry, OwnedFd, Option<OwnedFd>)>),
     Activate,
     Shutdown,
 }
@@ -42,12 +43,18 @@ fn env_fd(name: &str) -> Result<Option<RawFd>, Error> {
             .ok()
             .filter(|fd| *fd > 2)
             .map(Some)
-            .ok_or_else(|| Error::Environment(format!("{name}={v} is not a file descriptor number"))),
+            .ok_or_else(|| {
+                Error::Environment(format!("{name}={v} is not a file descriptor number"))
+            }),
     }
 }
 
 fn take_inherited(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
     hf_sys::inherited::take(fd).map_err(|e| Error::Environment(format!("{what} fd {fd}: {e}")))
+}
+
+fn msg_fds(entries: &[ConnEntry]) -> usize {
+    entries.len() + entries.iter().filter(|e| e.spooled()).count()
 }
 
 impl Link {
@@ -59,11 +66,16 @@ impl Link {
         };
         let control = take_inherited(cfd, "control socket")?;
         let journal_fd = take_inherited(jfd, "journal")?;
-        let journal = SharedMem::map(&journal_fd).map_err(|e| Error::Environment(format!("journal: {e}")))?;
+        let journal =
+            SharedMem::map(&journal_fd).map_err(|e| Error::Environment(format!("journal: {e}")))?;
         drop(journal_fd);
 
         let mut out = Vec::new();
-        Msg::Hello { pid: std::process::id(), proto: PROTO_VERSION }.encode(&mut out);
+        Msg::Hello {
+            pid: std::process::id(),
+            proto: PROTO_VERSION,
+        }
+        .encode(&mut out);
         hf_sys::fdpass::send(&control, &out, &[], false)?;
         let mut buf = vec![0u8; MAX_MSG];
         let mut fds = Vec::new();
@@ -72,16 +84,36 @@ impl Link {
             return Err(Error::KeeperGone);
         }
         let id = match Msg::decode(&buf[..n]) {
-            Ok(Msg::Welcome { worker_id, generation, slots }) => Identity { worker_id, generation, slots },
+            Ok(Msg::Welcome {
+                worker_id,
+                generation,
+                slots,
+            }) => Identity {
+                worker_id,
+                generation,
+                slots,
+            },
             Ok(other) => return Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
             Err(e) => return Err(Error::Protocol(e.to_string())),
         };
         let need = hf_journal::record_offset(id.slots);
         if journal.len() < need {
-            return Err(Error::Protocol(format!("journal of {} bytes cannot hold {} records", journal.len(), id.slots)));
+            return Err(Error::Protocol(format!(
+                "journal of {} bytes cannot hold {} records",
+                journal.len(),
+                id.slots
+            )));
         }
-        tracing::debug!(worker = id.worker_id, generation = id.generation, "connected to keeper");
-        Ok(Some(Arc::new(Link { control, journal, id })))
+        tracing::debug!(
+            worker = id.worker_id,
+            generation = id.generation,
+            "connected to keeper"
+        );
+        Ok(Some(Arc::new(Link {
+            control,
+            journal,
+            id,
+        })))
     }
 
     pub(crate) fn control(&self) -> BorrowedFd<'_> {
@@ -104,13 +136,27 @@ impl Link {
         let msg = Msg::decode(buf).map_err(|e| Error::Protocol(e.to_string()))?;
         match msg {
             Msg::Conns(entries) => {
-                if entries.len() != fds.len() {
-                    return Err(Error::Protocol(format!("{} conns with {} fds", entries.len(), fds.len())));
+                if msg_fds(&entries) != fds.len() {
+                    return Err(Error::Protocol(format!(
+                        "{} conns with {} fds",
+                        entries.len(),
+                        fds.len()
+                    )));
                 }
                 if let Some(e) = entries.iter().find(|e| e.slot >= self.id.slots) {
                     return Err(Error::Protocol(format!("slot {} out of range", e.slot)));
                 }
-                Ok(Some(Incoming::Conns(entries.into_iter().zip(fds).collect())))
+                let mut fds = fds.into_iter();
+                let mut out = Vec::with_capacity(entries.len());
+                for e in entries {
+                    let (Some(fd), spool) =
+                        (fds.next(), if e.spooled() { fds.next() } else { None })
+                    else {
+                        return Err(Error::Protocol("fds missing".into()));
+                    };
+                    out.push((e, fd, spool));
+                }
+                Ok(Some(Incoming::Conns(out)))
             }
             Msg::Activate => Ok(Some(Incoming::Activate)),
             Msg::Shutdown => Ok(Some(Incoming::Shutdown)),
@@ -119,6 +165,18 @@ impl Link {
                 Ok(None)
             }
         }
+    }
+
+    /// Hands a connection's input spool to the keeper.
+    pub(crate) fn send_spool(
+        &self,
+        conn_id: u64,
+        slot: u32,
+        spool: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        Msg::Spool { conn_id, slot }.encode(&mut out);
+        hf_sys::fdpass::send(&self.control, &out, &[spool], false)
     }
 
     pub(crate) fn ready(&self) -> io::Result<()> {

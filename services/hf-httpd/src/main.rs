@@ -35,7 +35,11 @@ const PIECE: usize = 256 * 1024;
 const STATE_V1: u16 = 1;
 
 #[derive(Parser)]
-#[command(name = "hf-httpd", version, about = "HTTP/1.1 static-file server on the holdfast library")]
+#[command(
+    name = "hf-httpd",
+    version,
+    about = "HTTP/1.1 static-file server on the holdfast library"
+)]
 struct Args {
     /// Directory to serve.
     #[arg(long, value_name = "DIR", required_unless_present = "demo_site")]
@@ -74,18 +78,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     let root = match (&args.root, &args.demo_site) {
         (_, Some(dir)) => {
             if !dir.join("big.bin").exists() {
-                site::write_sample_site(dir).with_context(|| format!("writing the sample site to {}", dir.display()))?;
+                site::write_sample_site(dir)
+                    .with_context(|| format!("writing the sample site to {}", dir.display()))?;
             }
             dir.clone()
         }
         (Some(r), None) => r.clone(),
         (None, None) => anyhow::bail!("--root DIR is required"),
     };
-    let root = root.canonicalize().with_context(|| format!("document root {}", root.display()))?;
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("document root {}", root.display()))?;
     if !root.is_dir() {
         anyhow::bail!("document root {} is not a directory", root.display());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.into()).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.into())
+        .enable_all()
+        .build()?;
     rt.block_on(serve(Arc::new(root), args.listen))
 }
 
@@ -137,7 +147,11 @@ impl Resume {
 
     fn decode(b: &[u8]) -> Option<Resume> {
         use std::os::unix::ffi::OsStrExt;
-        let u = |i: usize| b.get(i..i + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+        let u = |i: usize| {
+            b.get(i..i + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
         Some(Resume {
             offset: u(0)?,
             size: u(8)?,
@@ -151,7 +165,9 @@ impl Resume {
 async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
     let (version, state) = c.state();
     if !state.is_empty() {
-        let r = (version == STATE_V1).then(|| Resume::decode(state)).flatten();
+        let r = (version == STATE_V1)
+            .then(|| Resume::decode(state))
+            .flatten();
         let Some(r) = r else {
             tracing::warn!(version, "unreadable state blob; closing connection");
             return Ok(());
@@ -207,7 +223,12 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
 }
 
 /// Answers one request; returns whether the connection stays open.
-async fn respond(c: &mut Conn, root: &Path, req: &http::Request, len: usize) -> std::io::Result<bool> {
+async fn respond(
+    c: &mut Conn,
+    root: &Path,
+    req: &http::Request,
+    len: usize,
+) -> std::io::Result<bool> {
     let date = c.now()?;
     let file = http::resolve(root, &req.target).and_then(|p| {
         let f = std::fs::File::open(&p).map_err(|_| Status::NotFound)?;
@@ -270,7 +291,18 @@ async fn respond(c: &mut Conn, root: &Path, req: &http::Request, len: usize) -> 
         return Ok(req.keep_alive);
     }
     c.write_all(&out).await?;
-    send_pieces(c, len, Resume { offset: 0, size, mtime, keep_alive: req.keep_alive, path }).await
+    send_pieces(
+        c,
+        len,
+        Resume {
+            offset: 0,
+            size,
+            mtime,
+            keep_alive: req.keep_alive,
+            path,
+        },
+    )
+    .await
 }
 
 /// Sends a file from `r.offset` in pieces, committing after each with the

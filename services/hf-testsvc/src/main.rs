@@ -15,6 +15,10 @@
 //! `Conn::replaying`), it completes at once. Benchmarks use it to time crash →
 //! first replayed byte.
 //!
+//! `BODY <id> <len>\n` followed by `len` bytes is answered, once the whole
+//! body has been read, with `SUM <id> <len> <fnv1a-64 of the body>\n`: a
+//! request body larger than the socket buffers, for the input spool.
+//!
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
 
@@ -65,9 +69,16 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     std::thread::sleep(Duration::from_millis(args.init_ms));
-    let salt = if args.diverge { u64::from(std::process::id()) } else { 0 };
+    let salt = if args.diverge {
+        u64::from(std::process::id())
+    } else {
+        0
+    };
     if args.tokio {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
         return match rt.block_on(asynch::run(&args.listen, salt)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -100,15 +111,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// The next complete request in `buf`: (its line, its body, its length).
+fn next_request(buf: &[u8]) -> Option<(String, &[u8], usize)> {
+    let nl = buf.iter().position(|b| *b == b'\n')?;
+    let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
+    let body = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["BODY", _, len] => len
+            .parse::<usize>()
+            .ok()
+            .filter(|l| *l <= 256 << 20)
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let total = nl + 1 + body;
+    let body = buf.get(nl + 1..total)?;
+    Some((line, body, total))
+}
+
+/// The answer to `BODY <id> <len>`.
+pub fn body_answer(id: &str, body: &[u8]) -> Vec<u8> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("SUM {id} {} {h:016x}\n", body.len()).into_bytes()
+}
+
 fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-            let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
-            answer(&mut c, &line, salt)?;
-            c.commit(nl + 1, &[])?;
-            buf.drain(..=nl);
+        while let Some((line, body, total)) = next_request(&buf) {
+            if let Some(id) = line
+                .strip_prefix("BODY ")
+                .and_then(|r| r.split_whitespace().next())
+            {
+                c.write_all(&body_answer(id, body))?;
+            } else {
+                answer(&mut c, &line, salt)?;
+            }
+            c.commit(total, &[])?;
+            buf.drain(..total);
         }
         let n = c.read(&mut chunk)?;
         if n == 0 {
@@ -125,7 +169,11 @@ type Request = (u64, usize, Option<u64>);
 fn parse(line: &str) -> Option<Request> {
     let f: Vec<&str> = line.split_whitespace().collect();
     match f.as_slice() {
-        ["REQ", id, len, delay] => match (id.parse::<u64>(), len.parse::<usize>(), delay.parse::<u64>()) {
+        ["REQ", id, len, delay] => match (
+            id.parse::<u64>(),
+            len.parse::<usize>(),
+            delay.parse::<u64>(),
+        ) {
             (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, Some(d))),
             _ => None,
         },
@@ -186,11 +234,17 @@ mod asynch {
     async fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(4096);
         loop {
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
-                answer(&mut c, &line, salt).await?;
-                c.commit(nl + 1, &[]).await?;
-                buf.drain(..=nl);
+            while let Some((line, body, total)) = super::next_request(&buf) {
+                if let Some(id) = line
+                    .strip_prefix("BODY ")
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    c.write_all(&super::body_answer(id, body)).await?;
+                } else {
+                    answer(&mut c, &line, salt).await?;
+                }
+                c.commit(total, &[]).await?;
+                buf.drain(..total);
             }
             if c.read_buf(&mut buf).await? == 0 {
                 return Ok(());
