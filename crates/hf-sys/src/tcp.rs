@@ -36,6 +36,8 @@ pub struct StreamPos {
     pub fin_received: bool,
     /// We sent FIN (someone called `shutdown(SHUT_WR)`).
     pub fin_sent: bool,
+    /// Bytes written but not yet acknowledged by the peer (`SIOCOUTQ`).
+    pub unacked: u64,
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
@@ -125,6 +127,7 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
             consumed,
             fin_received,
             fin_sent,
+            unacked: outq,
         });
     }
     Err(io::Error::new(

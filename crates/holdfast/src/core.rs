@@ -615,7 +615,9 @@ impl Kept {
         }
         self.out_pos = rec.out_commit;
         self.crc_run = 0;
-        self.push_until_commit = pos.written > rec.out_commit;
+        // Nagle holds a small segment only while earlier data is
+        // unacknowledged: push only then.
+        self.push_until_commit = pos.written > rec.out_commit && pos.unacked > 0;
         if rec.out_rec > rec.out_commit {
             self.replay = Some(Replay {
                 skip_to: pos.written,
