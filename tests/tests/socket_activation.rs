@@ -83,3 +83,70 @@ fn listening_port(pid: u32) -> Option<u16> {
         u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
     })
 }
+
+/// sd_notify(3): READY=1 once a worker serves, WATCHDOG=1 pings at half the
+/// watchdog period from the keeper's own loop, STOPPING=1 on the way out;
+/// workers do not inherit the notification socket.
+#[test]
+fn keeper_speaks_sd_notify() {
+    let dir = TempDir::new("notify");
+    let sock = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let control = dir.path().join("control.sock");
+    let mut keeper = std::process::Command::new(bin("holdfast"))
+        .args(["run", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .arg("--")
+        .arg(bin("hf-httpd"))
+        .arg("--root")
+        .arg(dir.path())
+        .env("NOTIFY_SOCKET", &sock)
+        .env("WATCHDOG_USEC", "100000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
+    {
+        let n = notify
+            .recv(&mut buf)
+            .expect("notifications from the keeper");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let ready = seen
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .expect("READY=1");
+    let snap = hf_keeper::status::query(&control).unwrap();
+    assert_eq!(
+        snap.phase,
+        hf_tests::Phase::Serving,
+        "READY=1 at index {ready} of {seen:?}"
+    );
+    for w in &snap.workers {
+        let env = std::fs::read(format!("/proc/{}/environ", w.pid)).unwrap();
+        let env = String::from_utf8_lossy(&env);
+        assert!(
+            !env.contains("NOTIFY_SOCKET="),
+            "worker {} inherited NOTIFY_SOCKET",
+            w.pid
+        );
+    }
+    hf_tests::term(keeper.id());
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    let _ = keeper.wait();
+}

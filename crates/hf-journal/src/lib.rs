@@ -72,8 +72,35 @@ pub const ENV_JOURNAL_FD: &str = "HOLDFAST_JOURNAL_FD";
 /// bytes each.
 pub const HEADER_SIZE: usize = 4096;
 
+/// Heartbeat counters live in the header page, one `u64` per worker.
+const HEARTBEATS: usize = HEADER_SIZE / 8 - 1;
+
+/// Byte offset of worker `worker_id`'s heartbeat counter in the journal
+/// header: 8-aligned, inside the first page. Ids share a counter only when
+/// they are 511 apart, and a keeper never runs that many workers at once.
+pub fn heartbeat_offset(worker_id: u32) -> usize {
+    8 * (1 + worker_id as usize % HEARTBEATS)
+}
+
 /// Byte offset of record `slot` in the journal (also the journal size
 /// needed for `slot` records).
 pub fn record_offset(slot: u32) -> usize {
     HEADER_SIZE + slot as usize * record::RECORD_SIZE
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_stay_in_the_header_and_aligned() {
+        for id in [0, 1, 510, 511, 512, u32::MAX] {
+            let off = heartbeat_offset(id);
+            assert!(
+                off >= 8 && off + 8 <= HEADER_SIZE && off.is_multiple_of(8),
+                "{id} -> {off}"
+            );
+        }
+        assert_ne!(heartbeat_offset(1), heartbeat_offset(2));
+    }
 }

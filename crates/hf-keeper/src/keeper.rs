@@ -47,6 +47,8 @@ enum Event {
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
     Signal(&'static str),
+    /// Time to look at the workers' heartbeats.
+    HangCheck,
     /// Try again what could not be done at once (handing out to a full
     /// control socket, starting a worker after a back-off).
     Retry,
@@ -70,6 +72,11 @@ struct Worker {
     child: Child,
     greeted: bool,
     started: Instant,
+    /// Last heartbeat value seen, and when it last changed.
+    beat: u64,
+    beat_changed: Instant,
+    /// Killed for not beating: why, for its exit line.
+    hung: Option<Duration>,
 }
 
 struct Keeper {
@@ -172,6 +179,29 @@ impl Keeper {
                 }
             });
         }
+        // Under systemd with WatchdogSec=, ping from this loop: a keeper that
+        // stops running its loop stops pinging and gets restarted.
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(10)));
+                loop {
+                    tick.tick().await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            });
+        }
+        if let Some(timeout) = cfg.hang_timeout {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+                loop {
+                    tick.tick().await;
+                    if tx.send(Event::HangCheck).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let mut k = Keeper {
             cfg,
             tx,
@@ -234,6 +264,7 @@ impl Keeper {
                 self.phase = Phase::ShuttingDown;
                 return true;
             }
+            Event::HangCheck => self.check_heartbeats(),
             Event::Retry => {
                 self.retry_armed = false;
                 self.hand_out();
@@ -483,6 +514,9 @@ impl Keeper {
         let control = w.control.clone();
         let pid = w.pid;
         self.active = Some(id);
+        if self.phase == Phase::Starting {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
         self.phase = Phase::Serving;
         send_msg(&control, &Msg::Activate);
         self.hand_out();
@@ -492,6 +526,41 @@ impl Keeper {
             tracing::info!(worker = id, pid, us, "recovered onto standby");
         } else {
             tracing::info!(worker = id, pid, "worker active");
+        }
+    }
+
+    /// Kills workers whose heartbeat stopped for longer than the hang
+    /// timeout. A worker that never beat (a blocking service that does not
+    /// call `heartbeat`) is not watched. Reading the counter trusts nothing:
+    /// any change counts as a beat.
+    fn check_heartbeats(&mut self) {
+        let Some(timeout) = self.cfg.hang_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        let mut hung = Vec::new();
+        for (id, w) in self.workers.iter_mut() {
+            let v = self
+                .journal
+                .load_u64(hf_journal::heartbeat_offset(*id))
+                .unwrap_or(0);
+            if v != w.beat {
+                w.beat = v;
+                w.beat_changed = now;
+            } else if v != 0 && w.hung.is_none() && now - w.beat_changed > timeout {
+                let silent = now - w.beat_changed;
+                tracing::warn!(
+                    worker = *id,
+                    pid = w.pid,
+                    ms = silent.as_millis() as u64,
+                    "worker hung: no heartbeat; killing it"
+                );
+                w.hung = Some(silent);
+                hung.push(*id);
+            }
+        }
+        for id in hung {
+            self.kill(id);
         }
     }
 
@@ -537,7 +606,15 @@ impl Keeper {
             Ok(None) => "still running?".to_owned(),
             Err(e) => format!("unknown ({e})"),
         };
-        let exit = format!("worker {id} (pid {}, {:?}) {how}", w.pid, w.role);
+        let exit = match w.hung {
+            Some(d) => format!(
+                "worker {id} (pid {}, {:?}) hung (no heartbeat for {} ms), {how}",
+                w.pid,
+                w.role,
+                d.as_millis()
+            ),
+            None => format!("worker {id} (pid {}, {:?}) {how}", w.pid, w.role),
+        };
         if was_active || w.role == Role::Standby {
             tracing::warn!(worker = id, pid = w.pid, "{exit}");
         } else {
@@ -636,6 +713,10 @@ impl Keeper {
 
     fn spawn_worker(&mut self) -> Result<u32, KeeperError> {
         let (mine, theirs) = fdpass::seqpacket_pair()?;
+        // A previous worker with the same heartbeat counter left its value.
+        let _ = self
+            .journal
+            .store_u64(hf_journal::heartbeat_offset(self.next_worker), 0);
         let prog: &OsString = &self.cfg.command[0];
         let mut cmd = Command::new(prog);
         cmd.args(&self.cfg.command[1..])
@@ -646,7 +727,11 @@ impl Keeper {
             )
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES");
+            .env_remove("LISTEN_FDNAMES")
+            // systemd talks to the keeper, not to its workers.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
         hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
         let child = cmd
             .spawn()
@@ -682,6 +767,9 @@ impl Keeper {
                 child,
                 greeted: false,
                 started: Instant::now(),
+                beat: 0,
+                beat_changed: Instant::now(),
+                hung: None,
             },
         );
         Ok(id)
@@ -720,6 +808,7 @@ impl Keeper {
     }
 
     async fn shutdown(&mut self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
             let _ = rustix::process::kill_process(

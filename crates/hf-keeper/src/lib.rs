@@ -54,6 +54,9 @@ pub struct Config {
     pub control: PathBuf,
     /// Maximum connections held at once; more wait in the listen backlog.
     pub max_conns: u32,
+    /// A worker whose heartbeat stops for this long is killed and recovered
+    /// like a crash (`None`: no hang detection).
+    pub hang_timeout: Option<std::time::Duration>,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

@@ -35,38 +35,22 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, KeeperError> {
     Ok(TcpListener::from(fd))
 }
 
-/// Listeners passed by systemd socket activation, if any are meant for us.
+/// Listeners passed by systemd socket activation, if any are meant for us
+/// (`LISTEN_PID` is ours).
 pub(crate) fn inherited() -> Result<Vec<(TcpListener, String)>, KeeperError> {
-    let Ok(pid) = std::env::var("LISTEN_PID") else {
-        return Ok(Vec::new());
-    };
-    if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Ok(Vec::new());
-    }
-    let n: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| (1..=1024).contains(n))
-        .ok_or_else(|| KeeperError::Inherit("LISTEN_FDS is missing or not a count".into()))?;
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|v| v.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
+    let fds =
+        sd_notify::listen_fds_with_names().map_err(|e| KeeperError::Inherit(e.to_string()))?;
     let mut out = Vec::new();
-    for i in 0..n {
-        let fd: OwnedFd = hf_sys::inherited::take(3 + i)
-            .map_err(|e| KeeperError::Inherit(format!("fd {}: {e}", 3 + i)))?;
+    for (raw, name) in fds {
+        let fd: OwnedFd = hf_sys::inherited::take(raw)
+            .map_err(|e| KeeperError::Inherit(format!("fd {raw}: {e}")))?;
         if !rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false) {
             return Err(KeeperError::Inherit(format!(
-                "fd {} is not a listening socket",
-                3 + i
+                "fd {raw} is not a listening socket"
             )));
         }
         rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK)
             .map_err(|e| KeeperError::Inherit(e.to_string()))?;
-        let name = names
-            .get(i as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("fd{}", 3 + i));
         out.push((TcpListener::from(fd), name));
     }
     Ok(out)

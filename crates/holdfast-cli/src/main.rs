@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -49,6 +50,10 @@ enum Cmd {
         /// Connections held at once; more wait in the kernel's listen backlog.
         #[arg(long, default_value_t = 65536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_conns: u32,
+        /// Kill and replace a worker whose heartbeat stops for this many
+        /// milliseconds (the tokio flavour beats by itself; 0 = off).
+        #[arg(long, default_value_t = 0, value_name = "MS")]
+        hang_timeout: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -99,14 +104,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             standby,
             control,
             max_conns,
+            hang_timeout,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
+            let hang_timeout = (hang_timeout > 0).then(|| Duration::from_millis(hang_timeout));
             hf_keeper::run(hf_keeper::Config {
                 listen,
                 standby,
                 control,
                 max_conns,
+                hang_timeout,
                 command,
             })?;
             Ok(())
@@ -202,6 +210,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         standby: 1,
         control,
         max_conns: 65536,
+        hang_timeout: Some(Duration::from_secs(2)),
         command,
     });
     let _ = std::fs::remove_dir_all(&site);

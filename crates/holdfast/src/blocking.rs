@@ -95,6 +95,18 @@ impl Listener {
         }
     }
 
+    /// Tells the keeper this worker is alive. The blocking flavour cannot
+    /// tell a service that is waiting from one that is stuck, so hang
+    /// detection is opt-in here: a service that calls this from its main
+    /// loop (at least every `--hang-timeout / 4`) is replaced when it stops.
+    /// The tokio flavour does it by itself.
+    pub fn heartbeat(&self) {
+        if let Inner::Kept { link, .. } = &self.inner {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            link.beat(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        }
+    }
+
     pub fn mode(&self) -> Mode {
         match &self.inner {
             Inner::Pass(_) => Mode::PassThrough,

@@ -23,6 +23,9 @@ use crate::core::Core;
 use crate::worker::{Incoming, Link};
 use crate::{Error, Mode};
 
+/// How often the tokio flavour bumps the worker's heartbeat.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Yields new and recovered connections.
 pub struct Listener {
     inner: Inner,
@@ -46,6 +49,20 @@ impl Listener {
         match Link::from_env()? {
             Some(link) => {
                 let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
+                // The heartbeat is a task on the service's own runtime: if
+                // the runtime stops running tasks (a task blocks its thread,
+                // a deadlock), the counter stops and the keeper's
+                // `--hang-timeout` replaces the worker.
+                let beat = link.clone();
+                ::tokio::spawn(async move {
+                    let mut tick = ::tokio::time::interval(HEARTBEAT);
+                    let mut n = 0u64;
+                    loop {
+                        tick.tick().await;
+                        n += 1;
+                        beat.beat(n);
+                    }
+                });
                 link.ready()?;
                 Ok(Listener {
                     inner: Inner::Kept {

@@ -179,6 +179,14 @@ impl Link {
         hf_sys::fdpass::send(&self.control, &out, &[spool], false)
     }
 
+    /// Tells the keeper this worker's event loop is alive: bumps its
+    /// heartbeat counter in the journal header.
+    pub(crate) fn beat(&self, n: u64) {
+        let _ = self
+            .journal
+            .store_u64(hf_journal::heartbeat_offset(self.id.worker_id), n);
+    }
+
     pub(crate) fn ready(&self) -> io::Result<()> {
         self.send(&Msg::Ready)
     }

@@ -19,6 +19,9 @@
 //! body has been read, with `SUM <id> <len> <fnv1a-64 of the body>\n`: a
 //! request body larger than the socket buffers, for the input spool.
 //!
+//! `STALL <id> <len>\n` is a HOLD that blocks the whole thread instead of
+//! one task: with `--tokio` the runtime, and so the heartbeat, stops.
+//!
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
 
@@ -162,9 +165,20 @@ fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
     }
 }
 
-/// A parsed request: id, answer length, and `Some(delay)` for REQ or `None`
-/// for HOLD.
-type Request = (u64, usize, Option<u64>);
+/// What a request does between the two halves of its answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// `REQ`: sleep this many milliseconds (the task only, in the tokio flavour).
+    Sleep(u64),
+    /// `HOLD`: on first execution, wait until the worker is killed.
+    Hold,
+    /// `STALL`: on first execution, block the whole thread — in the tokio
+    /// flavour the runtime stops, and with it the worker's heartbeat.
+    Stall,
+}
+
+/// A parsed request: id, answer length, pause.
+type Request = (u64, usize, Pause);
 
 fn parse(line: &str) -> Option<Request> {
     let f: Vec<&str> = line.split_whitespace().collect();
@@ -174,11 +188,19 @@ fn parse(line: &str) -> Option<Request> {
             len.parse::<usize>(),
             delay.parse::<u64>(),
         ) {
-            (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, Some(d))),
+            (Ok(i), Ok(l), Ok(d)) if l <= 64 << 20 => Some((i, l, Pause::Sleep(d))),
             _ => None,
         },
-        ["HOLD", id, len] => match (id.parse::<u64>(), len.parse::<usize>()) {
-            (Ok(i), Ok(l)) if l <= 64 << 20 => Some((i, l, None)),
+        [verb @ ("HOLD" | "STALL"), id, len] => match (id.parse::<u64>(), len.parse::<usize>()) {
+            (Ok(i), Ok(l)) if l <= 64 << 20 => Some((
+                i,
+                l,
+                if *verb == "HOLD" {
+                    Pause::Hold
+                } else {
+                    Pause::Stall
+                },
+            )),
             _ => None,
         },
         _ => None,
@@ -202,13 +224,12 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
     c.write_all(&out[..half])?;
     c.flush()?;
     match delay {
-        Some(ms) if ms > 0 => std::thread::sleep(Duration::from_millis(ms)),
-        Some(_) => {}
-        // First execution of a HOLD: wait here until the worker is killed.
-        None if !replaying => loop {
+        Pause::Sleep(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        // First execution of a HOLD or STALL: wait here until the worker is killed.
+        Pause::Hold | Pause::Stall if !replaying => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
-        None => {}
+        Pause::Hold | Pause::Stall => {}
     }
     c.write_all(&out[half..])
 }
@@ -262,10 +283,14 @@ mod asynch {
         c.write_all(&out[..half]).await?;
         c.flush().await?;
         match delay {
-            Some(ms) if ms > 0 => tokio::time::sleep(Duration::from_millis(ms)).await,
-            Some(_) => {}
-            None if !replaying => std::future::pending::<()>().await,
-            None => {}
+            super::Pause::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            super::Pause::Hold if !replaying => std::future::pending::<()>().await,
+            // Blocks the runtime's only thread: nothing else runs, the
+            // heartbeat included, until the keeper's hang timeout.
+            super::Pause::Stall if !replaying => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            super::Pause::Hold | super::Pause::Stall => {}
         }
         c.write_all(&out[half..]).await
     }
