@@ -9,7 +9,7 @@
 //!  8  seq u64                      52  state_version u16
 //! 16  conn_id u64                  54  state_len u16
 //! 24  in_commit u64                56  nondet_len u16
-//!                                  58  reserved u16 = 0
+//!                                  58  deaths u16 (worker crashes with this request in flight)
 //!                                  60  crc u32 over [0,60) ++ [64, 64+state_len+nondet_len)
 //!                                  64  state bytes, then nondet bytes
 //! ```
@@ -47,7 +47,7 @@ const OFF_OUT_CRC: usize = 48;
 const OFF_STATE_VERSION: usize = 52;
 const OFF_STATE_LEN: usize = 54;
 const OFF_NONDET_LEN: usize = 56;
-const OFF_RESERVED: usize = 58;
+const OFF_DEATHS: usize = 58;
 const OFF_CRC: usize = 60;
 
 // The payload must fit in a slot whatever the lengths, so a length that passes
@@ -62,8 +62,6 @@ pub enum RecordError {
     BadVersion(u16),
     #[error("unknown record flags {0:#06x}")]
     BadFlags(u16),
-    #[error("reserved record field is nonzero")]
-    Reserved,
     #[error("record lengths out of range (state {state}, nondet {nondet})")]
     Lengths { state: u16, nondet: u16 },
     #[error("record checksum mismatch (torn or corrupt write)")]
@@ -116,6 +114,9 @@ pub struct Record {
     pub out_crc: u32,
     /// Service-defined version of the `state` bytes.
     pub state_version: u16,
+    /// Worker crashes the request after `in_commit` was in flight for; a
+    /// commit resets it. Poison-request detection counts with it.
+    pub deaths: u16,
     state: [u8; MAX_STATE],
     state_len: u16,
     nondet: [u8; MAX_NONDET],
@@ -133,6 +134,7 @@ impl Record {
             out_commit: 0,
             out_rec: 0,
             out_crc: 0,
+            deaths: 0,
             state_version: 0,
             state: [0; MAX_STATE],
             state_len: 0,
@@ -211,7 +213,7 @@ impl Record {
         put::<OFF_STATE_VERSION, 2>(slot, self.state_version.to_le_bytes());
         put::<OFF_STATE_LEN, 2>(slot, self.state_len.to_le_bytes());
         put::<OFF_NONDET_LEN, 2>(slot, self.nondet_len.to_le_bytes());
-        put::<OFF_RESERVED, 2>(slot, [0; 2]);
+        put::<OFF_DEATHS, 2>(slot, self.deaths.to_le_bytes());
         copy_into(slot.iter_mut().skip(HEADER), state.iter().chain(nondet));
         let crc = crc32c::crc32c(&get::<0, OFF_CRC>(slot));
         let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc, state), nondet);
@@ -258,9 +260,6 @@ impl Record {
         if flags & !FLAG_CLOSING != 0 {
             return Err(RecordError::BadFlags(flags));
         }
-        if get::<OFF_RESERVED, 2>(slot) != [0; 2] {
-            return Err(RecordError::Reserved);
-        }
         let seq = u64::from_le_bytes(get::<OFF_SEQ, 8>(slot));
         if seq == 0 {
             return Err(RecordError::Unwritten);
@@ -280,6 +279,7 @@ impl Record {
         rec.out_commit = out_commit;
         rec.out_rec = out_rec;
         rec.out_crc = u32::from_le_bytes(get::<OFF_OUT_CRC, 4>(slot));
+        rec.deaths = u16::from_le_bytes(get::<OFF_DEATHS, 2>(slot));
         rec.set_state(u16::from_le_bytes(get::<OFF_STATE_VERSION, 2>(slot)), state)?;
         rec.push_nondet(nondet)?;
         Ok(rec)
@@ -298,6 +298,7 @@ impl fmt::Debug for Record {
             .field("out_rec", &self.out_rec)
             .field("out_crc", &self.out_crc)
             .field("state_version", &self.state_version)
+            .field("deaths", &self.deaths)
             .field("state", &self.state())
             .field("nondet", &self.nondet())
             .finish()
@@ -418,8 +419,8 @@ mod tests {
             Err(RecordError::BadFlags(2))
         );
         assert_eq!(
-            resealed(|s| s[OFF_RESERVED + 1] = 1),
-            Err(RecordError::Reserved)
+            resealed(|s| s[OFF_DEATHS + 1] = 1).map(|r| r.deaths),
+            Ok(256)
         );
         assert_eq!(
             resealed(|s| s[OFF_VERSION] = 2),

@@ -25,7 +25,11 @@ pub const CONN_RECOVERED: u8 = 1;
 /// The connection has an input spool: its memfd travels right after the
 /// connection's own fd.
 pub const CONN_SPOOL: u8 = 2;
-const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL;
+/// The worker that had the connection crashed by itself (a fatal signal, a
+/// non-zero exit, a hang), rather than being stopped from outside: a request
+/// it had in flight counts towards poison detection.
+pub const CONN_CRASHED: u8 = 4;
+const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL | CONN_CRASHED;
 /// Service protocol level a worker announces in [`Msg::Hello`]; the keeper
 /// decides what to do with a mismatch, the frame decoder does not.
 pub const PROTO_VERSION: u16 = 1;
@@ -84,7 +88,8 @@ pub struct ConnEntry {
     pub conn_id: u64,
     /// Index of the connection's record in the journal.
     pub slot: u32,
-    /// Bit 0 [`CONN_RECOVERED`], bit 1 [`CONN_SPOOL`]; other bits are rejected.
+    /// Bit 0 [`CONN_RECOVERED`], bit 1 [`CONN_SPOOL`], bit 2 [`CONN_CRASHED`];
+    /// other bits are rejected.
     pub flags: u8,
 }
 
@@ -401,10 +406,10 @@ mod tests {
             Ok(253)
         );
         assert_eq!(
-            Msg::decode(&frame(KIND_CONNS, &conns(2, 4))),
+            Msg::decode(&frame(KIND_CONNS, &conns(2, 8))),
             Err(WireError::ConnFlags {
                 conn_id: 0,
-                flags: 4
+                flags: 8
             })
         );
         let mut extra = conns(1, 0);

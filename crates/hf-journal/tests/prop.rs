@@ -23,11 +23,12 @@ fn arb_record() -> impl Strategy<Value = Record> {
         vec(any::<u8>(), 0..=MAX_STATE),
         vec(any::<u8>(), 0..=MAX_NONDET),
         any::<Index>(),
+        any::<u16>(),
     );
     (fields, payload).prop_map(
         |(
             (closing, seq, conn_id, in_commit, out_commit, pending, out_crc, state_version),
-            (state, nondet, split),
+            (state, nondet, split, deaths),
         )| {
             let mut r = Record::new(conn_id);
             r.flags = u16::from(closing) * record::FLAG_CLOSING;
@@ -36,6 +37,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
             r.out_commit = out_commit;
             r.out_rec = out_commit.saturating_add(pending);
             r.out_crc = out_crc;
+            r.deaths = deaths;
             r.set_state(state_version, &state).unwrap();
             // Two pushes, to exercise appending.
             let (a, b) = nondet.split_at(split.index(nondet.len() + 1));
@@ -76,7 +78,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
     let entry = (
         any::<u64>(),
         any::<u32>(),
-        0..=(wire::CONN_RECOVERED | wire::CONN_SPOOL),
+        0..=(wire::CONN_RECOVERED | wire::CONN_SPOOL | wire::CONN_CRASHED),
     )
         .prop_map(|(conn_id, slot, flags)| ConnEntry {
             conn_id,
@@ -132,7 +134,7 @@ proptest! {
     #[test]
     fn record_decode_resealed_is_total_and_canonical(
         bytes in vec(any::<u8>(), SLOT_SIZE),
-        flags in 0u16..4, reserved in prop_oneof![3 => Just(0u16), 1 => any::<u16>()],
+        flags in 0u16..4, deaths in any::<u16>(),
         state_len in 0u16..400, nondet_len in 0u16..64, offsets_sane in any::<bool>(),
     ) {
         let mut slot: [u8; SLOT_SIZE] = bytes.try_into().unwrap();
@@ -144,7 +146,7 @@ proptest! {
         }
         slot[54..56].copy_from_slice(&state_len.to_le_bytes());
         slot[56..58].copy_from_slice(&nondet_len.to_le_bytes());
-        slot[58..60].copy_from_slice(&reserved.to_le_bytes());
+        slot[58..60].copy_from_slice(&deaths.to_le_bytes());
         let end = (64 + usize::from(state_len) + usize::from(nondet_len)).min(SLOT_SIZE);
         let crc = crc32c::crc32c_append(crc32c::crc32c(&slot[..60]), &slot[64..end]);
         slot[60..64].copy_from_slice(&crc.to_le_bytes());

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
 use hf_journal::wire::{
-    ConnEntry, Msg, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION,
+    ConnEntry, Msg, CONN_CRASHED, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG,
+    PROTO_VERSION,
 };
 use hf_sys::fdpass;
 use hf_sys::shm::SharedMem;
@@ -62,6 +63,8 @@ struct Held {
     handed: bool,
     /// The input spool of a request larger than the socket buffer.
     spool: Option<OwnedFd>,
+    /// Its last worker crashed by itself (see `CONN_CRASHED`).
+    crashed: bool,
 }
 
 struct Worker {
@@ -324,6 +327,7 @@ impl Keeper {
                     owner: None,
                     handed: false,
                     spool: None,
+                    crashed: false,
                 },
             );
             self.waiting.push_back(conn_id);
@@ -356,6 +360,9 @@ impl Keeper {
                     break;
                 }
                 let mut flags = if h.handed { CONN_RECOVERED } else { 0 };
+                if h.crashed {
+                    flags |= CONN_CRASHED;
+                }
                 fds.push(h.fd.as_fd());
                 if let Some(sp) = &h.spool {
                     flags |= CONN_SPOOL;
@@ -379,6 +386,7 @@ impl Keeper {
                             }
                             h.owner = Some(wid);
                             h.handed = true;
+                            h.crashed = false;
                         }
                     }
                     self.waiting.drain(..ids.len());
@@ -580,12 +588,16 @@ impl Keeper {
             return;
         };
         let was_active = self.active == Some(id);
-        // Connections first: everything else (reaping, logging, starting a
-        // new standby) waits until they are on their way to the successor.
+        // Reaped first (one waitid): how it died decides whether its
+        // requests in flight count towards poison detection.
+        let status = w.child.try_wait();
+        let crashed = w.hung.is_some() || matches!(&status, Ok(Some(st)) if crashed_by_itself(*st));
+        // Connections next: everything else (logging, starting a new
+        // standby) waits until they are on their way to the successor.
         if was_active {
             self.active = None;
             self.restarts += 1;
-            self.recover_from(id);
+            self.recover_from(id, crashed);
             self.recovery_started = Some(t0);
             let standby = self
                 .workers
@@ -601,7 +613,7 @@ impl Keeper {
                 None => self.phase = Phase::Recovering,
             }
         }
-        let how = match w.child.try_wait() {
+        let how = match status {
             Ok(Some(st)) => describe_exit(st),
             Ok(None) => "still running?".to_owned(),
             Err(e) => format!("unknown ({e})"),
@@ -662,7 +674,7 @@ impl Keeper {
     /// stream positions before it resumes the connection, and reports the
     /// ones it cannot resume (or that the service had closed) as `Closed`.
     /// Reading them here too would only delay the hand-over.
-    fn recover_from(&mut self, id: u32) {
+    fn recover_from(&mut self, id: u32, crashed: bool) {
         let mut mine: Vec<u64> = self
             .conns
             .iter()
@@ -673,6 +685,7 @@ impl Keeper {
         for cid in mine.iter().rev() {
             if let Some(h) = self.conns.get_mut(cid) {
                 h.owner = None;
+                h.crashed = crashed;
             }
             self.waiting.push_front(*cid);
         }
@@ -850,6 +863,16 @@ fn send_msg(control: &OwnedFd, msg: &Msg) {
     msg.encode(&mut out);
     if let Err(e) = fdpass::send(control, &out, &[], true) {
         tracing::warn!(error = %e, ?msg, "control send failed");
+    }
+}
+
+/// A worker that died of its own fault (a fatal signal of its own making, a
+/// non-zero exit), as opposed to being stopped from outside (SIGKILL,
+/// SIGTERM, SIGINT, SIGHUP: an operator, a test, the OOM killer).
+fn crashed_by_itself(st: std::process::ExitStatus) -> bool {
+    match st.signal() {
+        Some(sig) => !matches!(sig, 1 | 2 | 9 | 15),
+        None => st.code() != Some(0),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct StreamPos {
     pub fin_sent: bool,
     /// Bytes written but not yet acknowledged by the peer (`SIOCOUTQ`).
     pub unacked: u64,
+    /// Bytes received so far (consumed or queued), not counting a FIN.
+    pub received: u64,
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
@@ -128,6 +130,9 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
             fin_received,
             fin_sent,
             unacked: outq,
+            received: info
+                .tcpi_bytes_received
+                .saturating_sub(u64::from(fin_received)),
         });
     }
     Err(io::Error::new(

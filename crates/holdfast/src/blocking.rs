@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use hf_journal::wire::{ConnEntry, CONN_RECOVERED, MAX_MSG};
+use hf_journal::wire::{ConnEntry, MAX_MSG};
 
 use crate::core::Core;
 use crate::worker::{Incoming, Link};
@@ -35,16 +35,7 @@ pub(crate) fn adopt(
     spool: Option<OwnedFd>,
     nonblocking: bool,
 ) -> Option<Core> {
-    let recovered = entry.flags & CONN_RECOVERED != 0;
-    match Core::kept(
-        fd.as_fd(),
-        link.clone(),
-        entry.conn_id,
-        entry.slot,
-        recovered,
-        spool,
-        nonblocking,
-    ) {
+    match Core::kept(fd.as_fd(), link.clone(), entry, spool, nonblocking) {
         Ok(core) => Some(core),
         Err(e) => {
             if e.kind() == std::io::ErrorKind::NotConnected {
@@ -190,6 +181,14 @@ impl Conn {
     /// it to skip work whose only effect is output the client already has.
     pub fn replaying(&self) -> bool {
         self.core.replaying()
+    }
+
+    /// The request now in flight was in flight during two consecutive
+    /// crashes of this service's workers: it is probably what kills them.
+    /// Answer it with an error (HTTP 500, FTP 451, ...) without running it,
+    /// and commit as usual; the flag clears at the commit.
+    pub fn poisoned(&self) -> bool {
+        self.core.poisoned()
     }
 
     /// The keeper's id of this connection (`None` in pass-through mode).

@@ -26,6 +26,7 @@ use hf_journal::record::{slot_of, Record, FLAG_CLOSING, MAX_NONDET, RECORD_SIZE,
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
 use crate::worker::Link;
+use hf_journal::wire::{ConnEntry, CONN_CRASHED};
 use hf_sys::shm::SharedMem;
 
 /// Committed input is discarded from the kernel once this much has piled up.
@@ -36,6 +37,10 @@ pub const SPOOL_AT: u64 = 64 * 1024;
 /// The most uncommitted input a spool holds (a request larger than this is
 /// refused with an error to the service).
 pub const SPOOL_MAX: usize = 64 << 20;
+/// A request in flight during this many consecutive crashes of its worker
+/// is poison: the next worker is told (`Conn::poisoned`) so it answers with
+/// an error instead of running it again.
+pub const POISON_AFTER: u16 = 2;
 /// Spool layout: the absolute input offset of its first data byte (`u64`
 /// at 0), then data from here on.
 const SPOOL_DATA: usize = 64;
@@ -73,6 +78,8 @@ struct Kept {
     nondet_cursor: usize,
     slot_buf: Box<[u8; SLOT_SIZE]>,
     spool: Option<Spool>,
+    /// The request in flight is poison (see [`POISON_AFTER`]).
+    poisoned: bool,
 }
 
 /// Uncommitted input moved out of the kernel into a memfd the keeper holds.
@@ -120,17 +127,17 @@ impl Core {
         }
     }
 
-    /// A connection the keeper handed over. `recovered` means a previous
-    /// worker owned it; its journal record says where it stood.
+    /// A connection the keeper handed over. A recovered one (a previous
+    /// worker owned it) resumes where its journal record says it stood.
     pub(crate) fn kept(
         fd: BorrowedFd<'_>,
         link: Arc<Link>,
-        conn_id: u64,
-        slot: u32,
-        recovered: bool,
+        entry: ConnEntry,
         spool: Option<OwnedFd>,
         nonblocking: bool,
     ) -> io::Result<Core> {
+        let (conn_id, slot, recovered) = (entry.conn_id, entry.slot, entry.recovered());
+        let crashed = entry.flags & CONN_CRASHED != 0;
         let mut kept = Kept {
             link,
             slot,
@@ -147,9 +154,10 @@ impl Core {
             nondet_cursor: 0,
             slot_buf: Box::new([0u8; SLOT_SIZE]),
             spool: None,
+            poisoned: false,
         };
         if recovered {
-            kept.recover(fd, spool)?;
+            kept.recover(fd, spool, crashed)?;
         } else {
             // The keeper wrote seq 1; continue from there so our first write
             // goes to the other slot.
@@ -171,6 +179,13 @@ impl Core {
     /// what the dead worker already sent, not yet new.
     pub(crate) fn replaying(&self) -> bool {
         self.kept.as_ref().is_some_and(|k| k.replay.is_some())
+    }
+
+    /// The request in flight was in flight during [`POISON_AFTER`]
+    /// consecutive crashes of its worker: answer it with an error instead of
+    /// running it, then commit as usual.
+    pub(crate) fn poisoned(&self) -> bool {
+        self.kept.as_ref().is_some_and(|k| k.poisoned)
     }
 
     pub(crate) fn conn_id(&self) -> Option<u64> {
@@ -319,6 +334,8 @@ impl Core {
         k.rec.out_crc = 0;
         k.crc_run = 0;
         k.rec.clear_nondet();
+        k.rec.deaths = 0;
+        k.poisoned = false;
         k.nondet_cursor = 0;
         k.push_until_commit = false;
         k.store()?;
@@ -558,7 +575,12 @@ impl Kept {
     /// Reads the dead worker's record and lines it up with the kernel's
     /// positions. Any inconsistency is an error: the caller closes the
     /// connection rather than guess.
-    fn recover(&mut self, fd: BorrowedFd<'_>, spool: Option<OwnedFd>) -> io::Result<()> {
+    fn recover(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        spool: Option<OwnedFd>,
+        crashed: bool,
+    ) -> io::Result<()> {
         let conn_id = self.rec.conn_id;
         let mut raw = [0u8; RECORD_SIZE];
         self.link
@@ -627,6 +649,25 @@ impl Kept {
             });
         }
         self.state_version = rec.state_version;
+        // A request was in flight if input past the commit had arrived or
+        // output past it had been started. If its worker crashed by itself,
+        // that counts against the request; the count is stored before the
+        // request runs again, so a crash during the replay counts too.
+        let in_flight = pos.received > rec.in_commit || rec.out_rec > rec.out_commit;
+        let mut rec = rec;
+        let count = crashed && in_flight;
+        if count {
+            rec.deaths = rec.deaths.saturating_add(1);
+        }
+        self.poisoned = rec.deaths >= POISON_AFTER;
+        if self.poisoned {
+            tracing::warn!(
+                conn = conn_id,
+                input_offset = rec.in_commit,
+                crashes = rec.deaths,
+                "poison request: in flight during consecutive worker crashes; it will be refused"
+            );
+        }
         tracing::debug!(
             conn = conn_id,
             in_commit = rec.in_commit,
@@ -636,6 +677,9 @@ impl Kept {
             "recovered connection"
         );
         self.rec = rec;
+        if count {
+            self.store()?;
+        }
         Ok(())
     }
 

@@ -191,6 +191,14 @@ impl Conn {
         self.core.replaying()
     }
 
+    /// The request now in flight was in flight during two consecutive
+    /// crashes of this service's workers: it is probably what kills them.
+    /// Answer it with an error (HTTP 500, FTP 451, ...) without running it,
+    /// and commit as usual; the flag clears at the commit.
+    pub fn poisoned(&self) -> bool {
+        self.core.poisoned()
+    }
+
     /// The keeper's id of this connection (`None` in pass-through mode).
     pub fn id(&self) -> Option<u64> {
         self.core.conn_id()

@@ -186,33 +186,22 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
                 }
             }
             Parse::Complete { req, len } => {
-                let keep = respond(&mut c, root, &req, len).await?;
+                let keep = if c.poisoned() {
+                    // This request was being served during two crashes in a
+                    // row: answer 500 instead of serving it a third time.
+                    error_reply(&mut c, Status::InternalError, !req.keep_alive, len).await?;
+                    req.keep_alive
+                } else {
+                    respond(&mut c, root, &req, len).await?
+                };
                 buf.drain(..len);
                 if !keep {
                     return Ok(());
                 }
             }
             Parse::Error { status, len, close } => {
-                let date = c.now()?;
-                let body = http::error_body(status);
-                let mut out = Vec::with_capacity(256 + body.len());
-                http::write_head(
-                    &Head {
-                        status,
-                        date_unix_secs: date,
-                        content_length: body.len() as u64,
-                        content_type: Some("text/html; charset=utf-8"),
-                        last_modified_unix_secs: None,
-                        keep_alive: !close,
-                        http10: false,
-                        extra: &[],
-                    },
-                    &mut out,
-                );
-                out.extend_from_slice(&body);
-                c.write_all(&out).await?;
                 let len = len.min(buf.len());
-                c.commit(len, &[]).await?;
+                error_reply(&mut c, status, close, len).await?;
                 buf.drain(..len);
                 if close {
                     return Ok(());
@@ -220,6 +209,29 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
             }
         }
     }
+}
+
+/// Answers with an error page for `status` and commits `len` request bytes.
+async fn error_reply(c: &mut Conn, status: Status, close: bool, len: usize) -> std::io::Result<()> {
+    let date = c.now()?;
+    let body = http::error_body(status);
+    let mut out = Vec::with_capacity(256 + body.len());
+    http::write_head(
+        &Head {
+            status,
+            date_unix_secs: date,
+            content_length: body.len() as u64,
+            content_type: Some("text/html; charset=utf-8"),
+            last_modified_unix_secs: None,
+            keep_alive: !close,
+            http10: false,
+            extra: &[],
+        },
+        &mut out,
+    );
+    out.extend_from_slice(&body);
+    c.write_all(&out).await?;
+    c.commit(len, &[]).await
 }
 
 /// Answers one request; returns whether the connection stays open.

@@ -19,6 +19,9 @@
 //! body has been read, with `SUM <id> <len> <fnv1a-64 of the body>\n`: a
 //! request body larger than the socket buffers, for the input spool.
 //!
+//! `CRASH <id>\n` aborts the worker (SIGABRT), every time, until holdfast
+//! flags it as poison; then it is answered `ERR POISON <id>\n`.
+//!
 //! `STALL <id> <len>\n` is a HOLD that blocks the whole thread instead of
 //! one task: with `--tokio` the runtime, and so the heartbeat, stops.
 //!
@@ -215,6 +218,12 @@ fn answer_bytes(id: u64, len: usize, salt: u64) -> Vec<u8> {
 }
 
 fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+    if let Some(id) = line.strip_prefix("CRASH ") {
+        if c.poisoned() {
+            return c.write_all(format!("ERR POISON {id}\n").as_bytes());
+        }
+        std::process::abort();
+    }
     let Some((id, len, delay)) = parse(line) else {
         return c.write_all(b"ERR\n");
     };
@@ -274,6 +283,12 @@ mod asynch {
     }
 
     async fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+        if let Some(id) = line.strip_prefix("CRASH ") {
+            if c.poisoned() {
+                return c.write_all(format!("ERR POISON {id}\n").as_bytes()).await;
+            }
+            std::process::abort();
+        }
         let Some((id, len, delay)) = super::parse(line) else {
             return c.write_all(b"ERR\n").await;
         };

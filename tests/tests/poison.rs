@@ -1,0 +1,95 @@
+//! Poison requests: a request that kills every worker that runs it is
+//! refused after two crashes in a row, with the service's own error reply;
+//! the connection and every other one go on.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use hf_tests::testsvc::{answer, keeper};
+
+fn poison_is_refused(svc: &[&str]) {
+    let k = keeper(&[], svc);
+    // A bystander with a request of its own across the crashes.
+    let mut other = TcpStream::connect(k.addr).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let s = TcpStream::connect(k.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"REQ 1 10 0\nCRASH 2\nREQ 3 10 0\n").unwrap();
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).unwrap();
+    assert_eq!(line, b"RESP 1 10\n");
+    line.clear();
+    r.read_until(b'\n', &mut line).unwrap();
+    assert_eq!(
+        &line[..],
+        &answer(1, 10, 0)[b"RESP 1 10\n".len()..],
+        "REQ 1's body"
+    );
+    line.clear();
+    r.read_until(b'\n', &mut line).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&line),
+        "ERR POISON 2\n",
+        "the poison request is refused"
+    );
+    let mut rest = vec![0u8; answer(3, 10, 0).len()];
+    std::io::Read::read_exact(&mut r, &mut rest).unwrap();
+    assert!(rest == answer(3, 10, 0), "the request after it is served");
+
+    other.write_all(b"REQ 4 100 0\n").unwrap();
+    let mut got = vec![0u8; answer(4, 100, 0).len()];
+    std::io::Read::read_exact(&mut other, &mut got).unwrap();
+    assert!(got == answer(4, 100, 0));
+
+    // Exactly two crashes: the third worker refused the request.
+    let st = k.status().unwrap();
+    assert_eq!(st.restarts, 2, "{:?}", st.last_exits);
+    assert_eq!(
+        st.last_exits
+            .iter()
+            .filter(|e| e.contains("SIGABRT"))
+            .count(),
+        2,
+        "{:?}",
+        st.last_exits
+    );
+    assert!(k.log().contains("poison request"), "logged");
+}
+
+#[test]
+fn poison_request_is_refused_blocking() {
+    poison_is_refused(&[]);
+}
+
+#[test]
+fn poison_request_is_refused_tokio() {
+    poison_is_refused(&["--tokio"]);
+}
+
+/// Kills from outside (SIGKILL: an operator, a test, the OOM killer) are not
+/// the request's fault: a request in flight across several of them is still
+/// answered normally.
+#[test]
+fn external_kills_do_not_make_poison() {
+    let mut k = keeper(&[], &["--tokio"]);
+    let mut s = TcpStream::connect(k.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"HOLD 1 300\n").unwrap();
+    let half = hf_tests::testsvc::half(1, 300);
+    let mut got = vec![0u8; half];
+    std::io::Read::read_exact(&mut s, &mut got).unwrap();
+    // HOLD completes on replay; kill the replaying workers too, quickly.
+    for _ in 0..3 {
+        k.kill_and_wait();
+    }
+    let mut rest = vec![0u8; answer(1, 300, 0).len() - half];
+    std::io::Read::read_exact(&mut s, &mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    assert!(got == answer(1, 300, 0));
+    assert!(!k.log().contains("poison request"));
+}
