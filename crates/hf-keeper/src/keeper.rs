@@ -522,14 +522,18 @@ impl Keeper {
         let control = w.control.clone();
         let pid = w.pid;
         self.active = Some(id);
-        if self.phase == Phase::Starting {
+        let first = self.phase == Phase::Starting;
+        self.phase = Phase::Serving;
+        // Connections first, so the standby's first wake-up finds them; the
+        // Activate note (for its log) follows.
+        self.hand_out();
+        let handed = self.recovery_started.take().map(|t0| t0.elapsed());
+        send_msg(&control, &Msg::Activate);
+        if first {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
-        self.phase = Phase::Serving;
-        send_msg(&control, &Msg::Activate);
-        self.hand_out();
-        if let Some(t0) = self.recovery_started.take() {
-            let us = t0.elapsed().as_micros() as u64;
+        if let Some(elapsed) = handed {
+            let us = elapsed.as_micros() as u64;
             self.last_recovery_us = Some(us);
             tracing::info!(worker = id, pid, us, "recovered onto standby");
         } else {
