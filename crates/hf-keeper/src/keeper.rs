@@ -38,6 +38,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// so that its fork and exec do not compete for the CPU with the worker
 /// that is taking the connections over.
 const RESPAWN_DELAY: Duration = Duration::from_millis(5);
+/// How often the keeper looks at heartbeats and waiting connections.
+const TICK: Duration = Duration::from_millis(100);
 /// Exits remembered for `holdfast status`.
 const EXITS_KEPT: usize = 8;
 
@@ -48,8 +50,8 @@ enum Event {
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
     Signal(&'static str),
-    /// Time to look at the workers' heartbeats.
-    HangCheck,
+    /// Time to look at heartbeats and at connections waiting for a worker.
+    Tick,
     /// Try again what could not be done at once (handing out to a full
     /// control socket, starting a worker after a back-off).
     Retry,
@@ -61,6 +63,8 @@ struct Held {
     owner: Option<u32>,
     /// Some worker had it before: the next one must resume, not start fresh.
     handed: bool,
+    /// Since when it waits for a worker (`None` while a worker has it).
+    since: Option<Instant>,
     /// The input spool of a request larger than the socket buffer.
     spool: Option<OwnedFd>,
     /// Its last worker crashed by itself (see `CONN_CRASHED`).
@@ -104,6 +108,7 @@ struct Keeper {
     last_recovery_us: Option<u64>,
     recovery_started: Option<Instant>,
     last_exits: VecDeque<String>,
+    turned_away: u64,
     live: Arc<AtomicUsize>,
     room: Arc<Notify>,
     start_failures: u32,
@@ -193,13 +198,18 @@ impl Keeper {
                 }
             });
         }
-        if let Some(timeout) = cfg.hang_timeout {
+        {
+            let period = cfg
+                .hang_timeout
+                .map_or(TICK, |t| (t / 4).min(TICK))
+                .max(Duration::from_millis(10));
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    if tx.send(Event::HangCheck).is_err() {
+                    if tx.send(Event::Tick).is_err() {
                         return;
                     }
                 }
@@ -227,6 +237,7 @@ impl Keeper {
             last_recovery_us: None,
             recovery_started: None,
             last_exits: VecDeque::new(),
+            turned_away: 0,
             live,
             room,
             start_failures: 0,
@@ -267,7 +278,10 @@ impl Keeper {
                 self.phase = Phase::ShuttingDown;
                 return true;
             }
-            Event::HangCheck => self.check_heartbeats(),
+            Event::Tick => {
+                self.check_heartbeats();
+                self.expire_held();
+            }
             Event::Retry => {
                 self.retry_armed = false;
                 self.hand_out();
@@ -326,6 +340,7 @@ impl Keeper {
                     slot,
                     owner: None,
                     handed: false,
+                    since: Some(Instant::now()),
                     spool: None,
                     crashed: false,
                 },
@@ -387,6 +402,7 @@ impl Keeper {
                             h.owner = Some(wid);
                             h.handed = true;
                             h.crashed = false;
+                            h.since = None;
                         }
                     }
                     self.waiting.drain(..ids.len());
@@ -576,6 +592,84 @@ impl Keeper {
         }
     }
 
+    /// While no worker serves, connections wait at most `hold_timeout`, and
+    /// at most `hold_max` of them; the rest are turned away, oldest first.
+    fn expire_held(&mut self) {
+        if self.active.is_some() || self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let timeout = self.cfg.hold_timeout;
+        let excess = self.waiting.len().saturating_sub(self.cfg.hold_max);
+        let expired: Vec<u64> = self
+            .waiting
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| {
+                *i < excess
+                    || self
+                        .conns
+                        .get(c)
+                        .and_then(|h| h.since)
+                        .is_some_and(|t| now - t >= timeout)
+            })
+            .map(|(_, c)| *c)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            connections = expired.len(),
+            waiting = self.waiting.len(),
+            "no worker could serve in time; turning connections away"
+        );
+        self.waiting.retain(|c| !expired.contains(c));
+        for cid in expired {
+            self.turn_away(cid);
+        }
+    }
+
+    /// Sends the configured "unavailable" reply if the connection is at a
+    /// point where a fresh answer may start, then closes it cleanly: queued
+    /// input is dropped first, so the close is a FIN, not an RST.
+    fn turn_away(&mut self, cid: u64) {
+        let Some(h) = self.conns.get(&cid) else {
+            return;
+        };
+        let fresh = !h.handed || self.at_commit_point(cid, h);
+        if let (true, Some(reply)) = (fresh, &self.cfg.unavailable) {
+            let _ = rustix::net::send(
+                &h.fd,
+                reply,
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            );
+        }
+        while let Ok(n) = hf_sys::tcp::discard(&h.fd, 1 << 30) {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = rustix::net::shutdown(&h.fd, rustix::net::Shutdown::Write);
+        self.turned_away += 1;
+        self.drop_conn(cid);
+    }
+
+    /// The connection's last worker left it between two answers: its record
+    /// (copied out and validated) has no output past the commit, and the
+    /// kernel agrees.
+    fn at_commit_point(&self, cid: u64, h: &Held) -> bool {
+        let mut raw = [0u8; RECORD_SIZE];
+        if self.journal.read(journal_offset(h.slot), &mut raw).is_err() {
+            return false;
+        }
+        match hf_journal::record::pick(&raw, cid) {
+            Ok(rec) if rec.out_rec == rec.out_commit => {
+                hf_sys::tcp::stream_positions(&h.fd).is_ok_and(|p| p.written == rec.out_commit)
+            }
+            _ => false,
+        }
+    }
+
     fn kill(&mut self, id: u32) {
         if let Some(w) = self.workers.get(&id) {
             let _ = rustix::process::kill_process(
@@ -679,6 +773,7 @@ impl Keeper {
     /// ones it cannot resume (or that the service had closed) as `Closed`.
     /// Reading them here too would only delay the hand-over.
     fn recover_from(&mut self, id: u32, crashed: bool) {
+        let t0 = Instant::now();
         let mut mine: Vec<u64> = self
             .conns
             .iter()
@@ -690,6 +785,7 @@ impl Keeper {
             if let Some(h) = self.conns.get_mut(cid) {
                 h.owner = None;
                 h.crashed = crashed;
+                h.since = Some(t0);
             }
             self.waiting.push_front(*cid);
         }
@@ -821,6 +917,12 @@ impl Keeper {
             recovered_connections: self.recovered_total,
             last_recovery_us: self.last_recovery_us,
             last_exits: self.last_exits.iter().cloned().collect(),
+            start_failures: self.start_failures,
+            next_start_in_ms: self
+                .spawn_after
+                .and_then(|t| t.checked_duration_since(Instant::now()))
+                .map(|d| d.as_millis() as u64),
+            turned_away: self.turned_away,
         }
     }
 

@@ -57,6 +57,14 @@ pub struct Config {
     /// A worker whose heartbeat stops for this long is killed and recovered
     /// like a crash (`None`: no hang detection).
     pub hang_timeout: Option<std::time::Duration>,
+    /// While no worker can serve, a connection waits this long for one…
+    pub hold_timeout: std::time::Duration,
+    /// …and at most this many wait; then they are turned away.
+    pub hold_max: usize,
+    /// What a turned-away connection that has seen no answer yet receives
+    /// before a clean close (the service's "unavailable" reply); `None`:
+    /// just the close.
+    pub unavailable: Option<Vec<u8>>,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

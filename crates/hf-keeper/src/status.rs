@@ -66,6 +66,12 @@ pub struct Snapshot {
     pub last_recovery_us: Option<u64>,
     /// How the last workers ended (newest last).
     pub last_exits: Vec<String>,
+    /// Workers in a row that died before becoming ready.
+    pub start_failures: u32,
+    /// When the next worker start is due, if one is being held back.
+    pub next_start_in_ms: Option<u64>,
+    /// Connections turned away because no worker could serve them in time.
+    pub turned_away: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -54,6 +54,18 @@ enum Cmd {
         /// milliseconds (the tokio flavour beats by itself; 0 = off).
         #[arg(long, default_value_t = 0, value_name = "MS")]
         hang_timeout: u64,
+        /// While no worker can serve (crash loop), a connection waits at
+        /// most this many milliseconds for one...
+        #[arg(long, default_value_t = 30_000, value_name = "MS")]
+        hold_timeout: u64,
+        /// ...and at most this many connections wait; the rest are turned
+        /// away, oldest first.
+        #[arg(long, default_value_t = 10_000, value_name = "N")]
+        hold_max: usize,
+        /// File with the bytes a turned-away connection gets before a clean
+        /// close (e.g. an HTTP 503 response); without it, just the close.
+        #[arg(long, value_name = "FILE")]
+        unavailable: Option<PathBuf>,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -105,16 +117,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             control,
             max_conns,
             hang_timeout,
+            hold_timeout,
+            hold_max,
+            unavailable,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
             let hang_timeout = (hang_timeout > 0).then(|| Duration::from_millis(hang_timeout));
+            let unavailable = match unavailable {
+                Some(path) => Some(
+                    std::fs::read(&path)
+                        .with_context(|| format!("--unavailable {}", path.display()))?,
+                ),
+                None => None,
+            };
             hf_keeper::run(hf_keeper::Config {
                 listen,
                 standby,
                 control,
                 max_conns,
                 hang_timeout,
+                hold_timeout: Duration::from_millis(hold_timeout),
+                hold_max,
+                unavailable,
                 command,
             })?;
             Ok(())
@@ -165,6 +190,19 @@ fn print_status(s: &Snapshot) {
             w.connections
         );
     }
+    if s.start_failures > 0 {
+        let next = s
+            .next_start_in_ms
+            .map(|ms| format!(", next start in {ms} ms"))
+            .unwrap_or_default();
+        println!("start-ups    {} failed in a row{next}", s.start_failures);
+    }
+    if s.turned_away > 0 {
+        println!(
+            "turned away  {} connections (no worker could serve them in time)",
+            s.turned_away
+        );
+    }
     if !s.last_exits.is_empty() {
         println!("last exits:");
         for e in &s.last_exits {
@@ -211,6 +249,12 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         control,
         max_conns: 65536,
         hang_timeout: Some(Duration::from_secs(2)),
+        hold_timeout: Duration::from_secs(30),
+        hold_max: 10_000,
+        unavailable: Some(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        ),
         command,
     });
     let _ = std::fs::remove_dir_all(&site);

@@ -1,0 +1,98 @@
+//! A worker that cannot start: start-ups back off, connections wait for the
+//! hold timeout and then get the configured "unavailable" reply and a clean
+//! close — never a reset, never a spinning CPU.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hf_tests::{bin, free_port, wait_status, Phase, TempDir};
+
+const REPLY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+#[test]
+fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
+    let dir = TempDir::new("crashloop");
+    let control = dir.path().join("control.sock");
+    let reply = dir.path().join("503.http");
+    std::fs::write(&reply, REPLY).unwrap();
+    let port = free_port();
+    let mut keeper = Command::new(bin("holdfast"))
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--hold-timeout",
+            "600",
+            "--unavailable",
+        ])
+        .arg(&reply)
+        .arg("--control")
+        .arg(&control)
+        .args(["--", "/bin/sh", "-c", "exit 1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_status(
+        &control,
+        "failing start-ups",
+        Duration::from_secs(20),
+        |s| s.start_failures >= 2,
+    );
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 256];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => return Ok(got),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                            return Err("reset".to_owned())
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        let got = c.join().unwrap().expect("a clean close, not a reset");
+        assert_eq!(got, REPLY, "the unavailable reply, then EOF");
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(550),
+        "turned away before the hold timeout: {waited:?}"
+    );
+    let s = wait_status(&control, "the count", Duration::from_secs(5), |s| {
+        s.turned_away == 5
+    });
+    assert_eq!(s.phase, Phase::Starting);
+    assert!(
+        s.last_exits
+            .iter()
+            .all(|e| e.contains("exited with code 1")),
+        "{:?}",
+        s.last_exits
+    );
+    // Back-off, not a spin: 40 ms doubling to a 5 s cap allows only a
+    // handful of start-ups in the few seconds this test ran.
+    let elapsed = t0.elapsed() + Duration::from_millis(200);
+    assert!(
+        s.start_failures <= 12,
+        "{} start-ups failed in {elapsed:?}",
+        s.start_failures
+    );
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+}
