@@ -9,7 +9,7 @@ use std::time::Duration;
 use hf_tests::testsvc::{answer, keeper};
 
 fn poison_is_refused(svc: &[&str]) {
-    let k = keeper(&[], svc);
+    let mut k = keeper(&[], svc);
     // A bystander with a request of its own across the crashes.
     let mut other = TcpStream::connect(k.addr).unwrap();
     other
@@ -59,6 +59,8 @@ fn poison_is_refused(svc: &[&str]) {
         st.last_exits
     );
     assert!(k.log().contains("poison request"), "logged");
+    let st = k.wait_for("the poison request counted", |s| s.poisoned >= 1);
+    assert_eq!(st.poisoned, 1, "counted once");
 }
 
 #[test]

@@ -49,6 +49,7 @@ const KIND_HELLO: u8 = 0x01;
 const KIND_READY: u8 = 0x02;
 const KIND_CLOSED: u8 = 0x03;
 const KIND_SPOOL: u8 = 0x04;
+const KIND_POISONED: u8 = 0x05;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
@@ -66,6 +67,8 @@ pub enum Msg {
     /// The connection's input spool (a memfd) travels with this message; the
     /// keeper holds it with the connection and hands it to a successor.
     Spool { conn_id: u64, slot: u32 },
+    /// A request on this connection was found to be poison (for the count).
+    Poisoned { conn_id: u64, slot: u32 },
     // keeper -> worker
     /// Answer to Hello; `slots` = number of records in the journal.
     Welcome {
@@ -145,7 +148,9 @@ impl Msg {
                 out.extend_from_slice(&pid.to_le_bytes());
                 out.extend_from_slice(&proto.to_le_bytes());
             }
-            Msg::Closed { conn_id, slot } | Msg::Spool { conn_id, slot } => {
+            Msg::Closed { conn_id, slot }
+            | Msg::Spool { conn_id, slot }
+            | Msg::Poisoned { conn_id, slot } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
             }
@@ -231,6 +236,10 @@ impl Msg {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
             },
+            KIND_POISONED => Msg::Poisoned {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+            },
             KIND_WELCOME => Msg::Welcome {
                 worker_id: r.u32()?,
                 generation: r.u32()?,
@@ -298,6 +307,7 @@ impl Msg {
             Msg::Ready => KIND_READY,
             Msg::Closed { .. } => KIND_CLOSED,
             Msg::Spool { .. } => KIND_SPOOL,
+            Msg::Poisoned { .. } => KIND_POISONED,
             Msg::Welcome { .. } => KIND_WELCOME,
             Msg::Activate => KIND_ACTIVATE,
             Msg::Conns(_) => KIND_CONNS,

@@ -90,6 +90,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::Ready),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Closed { conn_id, slot }),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Spool { conn_id, slot }),
+        (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Poisoned { conn_id, slot }),
         (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(worker_id, generation, slots)| {
             Msg::Welcome {
                 worker_id,

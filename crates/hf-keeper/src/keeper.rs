@@ -109,6 +109,7 @@ struct Keeper {
     recovery_started: Option<Instant>,
     last_exits: VecDeque<String>,
     turned_away: u64,
+    poisoned: u64,
     live: Arc<AtomicUsize>,
     room: Arc<Notify>,
     start_failures: u32,
@@ -238,6 +239,7 @@ impl Keeper {
             recovery_started: None,
             last_exits: VecDeque::new(),
             turned_away: 0,
+            poisoned: 0,
             live,
             room,
             start_failures: 0,
@@ -495,6 +497,16 @@ impl Keeper {
                         conn = conn_id,
                         "spool that is not a sealed memfd; ignored"
                     ),
+                }
+            }
+            Msg::Poisoned { conn_id, slot } => {
+                if self
+                    .conns
+                    .get(&conn_id)
+                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot)
+                {
+                    self.poisoned += 1;
+                    tracing::warn!(worker = id, conn = conn_id, "poison request refused");
                 }
             }
             Msg::Closed { conn_id, slot } => {
@@ -923,6 +935,7 @@ impl Keeper {
                 .and_then(|t| t.checked_duration_since(Instant::now()))
                 .map(|d| d.as_millis() as u64),
             turned_away: self.turned_away,
+            poisoned: self.poisoned,
         }
     }
 

@@ -72,6 +72,8 @@ pub struct Snapshot {
     pub next_start_in_ms: Option<u64>,
     /// Connections turned away because no worker could serve them in time.
     pub turned_away: u64,
+    /// Requests refused as poison (in flight during consecutive crashes).
+    pub poisoned: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -197,6 +197,12 @@ fn print_status(s: &Snapshot) {
             .unwrap_or_default();
         println!("start-ups    {} failed in a row{next}", s.start_failures);
     }
+    if s.poisoned > 0 {
+        println!(
+            "poisoned     {} requests refused (in flight during crashes in a row)",
+            s.poisoned
+        );
+    }
     if s.turned_away > 0 {
         println!(
             "turned away  {} connections (no worker could serve them in time)",

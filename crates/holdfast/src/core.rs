@@ -667,6 +667,10 @@ impl Kept {
                 crashes = rec.deaths,
                 "poison request: in flight during consecutive worker crashes; it will be refused"
             );
+            let _ = self.link.send(&hf_journal::wire::Msg::Poisoned {
+                conn_id,
+                slot: self.slot,
+            });
         }
         tracing::debug!(
             conn = conn_id,
