@@ -129,6 +129,15 @@ pub struct Keeper {
 
 impl Keeper {
     pub fn start(standby: usize, cmd: &[&std::ffi::OsStr]) -> anyhow::Result<Keeper> {
+        Keeper::start_with(standby, &[], cmd)
+    }
+
+    /// [`Keeper::start`] with more `holdfast run` options.
+    pub fn start_with(
+        standby: usize,
+        extra: &[&str],
+        cmd: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Keeper> {
         let dir = TempDir::new("keeper")?;
         let control = dir.path().join("control.sock");
         let log = dir.path().join("keeper.log");
@@ -142,6 +151,7 @@ impl Keeper {
                 "--control",
             ])
             .arg(&control)
+            .args(extra)
             .arg("--")
             .args(cmd)
             .env("HOLDFAST_LOG", LOG_FILTER);

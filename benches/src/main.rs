@@ -6,6 +6,7 @@
 //! target/release/hf-bench recovery   [--kills 1000] [--conns 64]
 //! target/release/hf-bench throughput [--secs 3] [--rounds 5] [--conns 32]
 //! target/release/hf-bench memory     [--conns 100,10000]
+//! target/release/hf-bench hang       [--timeout-ms 200] [--rounds 30]
 //! target/release/hf-bench all
 //! ```
 //!
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod common;
+mod hang;
 mod memory;
 mod recovery;
 mod throughput;
@@ -45,6 +47,8 @@ enum Cmd {
     Throughput(throughput::Args),
     /// Keeper memory per held connection.
     Memory(memory::Args),
+    /// Hung worker → noticed, killed and replaced (hang → first byte).
+    Hang(hang::Args),
     /// All three with their defaults, and one summary table.
     All,
 }
@@ -65,14 +69,22 @@ fn main() -> ExitCode {
         Cmd::Recovery(a) => step("recovery", recovery::run(&a)),
         Cmd::Throughput(a) => step("throughput", throughput::run(&a)),
         Cmd::Memory(a) => step("memory", memory::run(&a)),
+        Cmd::Hang(a) => step("hang", hang::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);
-            let (Ok(Cmd::Recovery(ra)), Ok(Cmd::Throughput(ta)), Ok(Cmd::Memory(ma))) = (
+            let (
+                Ok(Cmd::Recovery(ra)),
+                Ok(Cmd::Throughput(ta)),
+                Ok(Cmd::Memory(ma)),
+                Ok(Cmd::Hang(ha)),
+            ) = (
                 defaults("recovery"),
                 defaults("throughput"),
                 defaults("memory"),
-            ) else {
+                defaults("hang"),
+            )
+            else {
                 unreachable!("subcommand defaults parse")
             };
             step("recovery", recovery::run(&ra));
@@ -80,6 +92,8 @@ fn main() -> ExitCode {
             step("throughput", throughput::run(&ta));
             println!();
             step("memory", memory::run(&ma));
+            println!();
+            step("hang", hang::run(&ha));
         }
     }
     print_summary(&rows);
