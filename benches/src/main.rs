@@ -7,6 +7,7 @@
 //! target/release/hf-bench throughput [--secs 3] [--rounds 5] [--conns 32]
 //! target/release/hf-bench memory     [--conns 100,10000]
 //! target/release/hf-bench hang       [--timeout-ms 200] [--rounds 30]
+//! target/release/hf-bench storm      [--secs 10] [--conns 64] [--every-ms 50]
 //! target/release/hf-bench all
 //! ```
 //!
@@ -20,6 +21,7 @@ mod common;
 mod hang;
 mod memory;
 mod recovery;
+mod storm;
 mod throughput;
 
 use std::process::ExitCode;
@@ -49,7 +51,9 @@ enum Cmd {
     Memory(memory::Args),
     /// Hung worker → noticed, killed and replaced (hang → first byte).
     Hang(hang::Args),
-    /// All three with their defaults, and one summary table.
+    /// Crash storm side by side: holdfast, nginx, a plain restart loop.
+    Storm(storm::Args),
+    /// All of them with their defaults, and one summary table.
     All,
 }
 
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Cmd::Throughput(a) => step("throughput", throughput::run(&a)),
         Cmd::Memory(a) => step("memory", memory::run(&a)),
         Cmd::Hang(a) => step("hang", hang::run(&a)),
+        Cmd::Storm(a) => step("storm", storm::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);
@@ -78,11 +83,13 @@ fn main() -> ExitCode {
                 Ok(Cmd::Throughput(ta)),
                 Ok(Cmd::Memory(ma)),
                 Ok(Cmd::Hang(ha)),
+                Ok(Cmd::Storm(sa)),
             ) = (
                 defaults("recovery"),
                 defaults("throughput"),
                 defaults("memory"),
                 defaults("hang"),
+                defaults("storm"),
             )
             else {
                 unreachable!("subcommand defaults parse")
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
             step("memory", memory::run(&ma));
             println!();
             step("hang", hang::run(&ha));
+            println!();
+            step("storm", storm::run(&sa));
         }
     }
     print_summary(&rows);
