@@ -189,7 +189,12 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
                 let keep = if c.poisoned() {
                     // This request was being served during two crashes in a
                     // row: answer 500 instead of serving it a third time.
-                    error_reply(&mut c, Status::InternalError, !req.keep_alive, len).await?;
+                    let to = ErrorTo {
+                        keep_alive: req.keep_alive,
+                        http10: req.http10,
+                        body: req.method == Method::Get,
+                    };
+                    error_reply(&mut c, Status::InternalError, to, len).await?;
                     req.keep_alive
                 } else {
                     respond(&mut c, root, &req, len).await?
@@ -201,7 +206,12 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
             }
             Parse::Error { status, len, close } => {
                 let len = len.min(buf.len());
-                error_reply(&mut c, status, close, len).await?;
+                let to = ErrorTo {
+                    keep_alive: !close,
+                    http10: false,
+                    body: true,
+                };
+                error_reply(&mut c, status, to, len).await?;
                 buf.drain(..len);
                 if close {
                     return Ok(());
@@ -211,8 +221,16 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
     }
 }
 
+/// How an error page answers: whether the connection stays open, the
+/// request's HTTP version, and whether a body goes with it (not for HEAD).
+struct ErrorTo {
+    keep_alive: bool,
+    http10: bool,
+    body: bool,
+}
+
 /// Answers with an error page for `status` and commits `len` request bytes.
-async fn error_reply(c: &mut Conn, status: Status, close: bool, len: usize) -> std::io::Result<()> {
+async fn error_reply(c: &mut Conn, status: Status, to: ErrorTo, len: usize) -> std::io::Result<()> {
     let date = c.now()?;
     let body = http::error_body(status);
     let mut out = Vec::with_capacity(256 + body.len());
@@ -223,13 +241,15 @@ async fn error_reply(c: &mut Conn, status: Status, close: bool, len: usize) -> s
             content_length: body.len() as u64,
             content_type: Some("text/html; charset=utf-8"),
             last_modified_unix_secs: None,
-            keep_alive: !close,
-            http10: false,
+            keep_alive: to.keep_alive,
+            http10: to.http10,
             extra: &[],
         },
         &mut out,
     );
-    out.extend_from_slice(&body);
+    if to.body {
+        out.extend_from_slice(&body);
+    }
     c.write_all(&out).await?;
     c.commit(len, &[]).await
 }
@@ -241,38 +261,24 @@ async fn respond(
     req: &http::Request,
     len: usize,
 ) -> std::io::Result<bool> {
-    let date = c.now()?;
     let file = http::resolve(root, &req.target).and_then(|p| {
         let f = std::fs::File::open(&p).map_err(|_| Status::NotFound)?;
         let m = f.metadata().map_err(|_| Status::NotFound)?;
         Ok((p, f, m))
     });
+    let to = ErrorTo {
+        keep_alive: req.keep_alive,
+        http10: req.http10,
+        body: req.method == Method::Get,
+    };
     let (path, f, meta) = match file {
         Ok(x) => x,
         Err(status) => {
-            let body = http::error_body(status);
-            let mut out = Vec::with_capacity(256 + body.len());
-            http::write_head(
-                &Head {
-                    status,
-                    date_unix_secs: date,
-                    content_length: body.len() as u64,
-                    content_type: Some("text/html; charset=utf-8"),
-                    last_modified_unix_secs: None,
-                    keep_alive: req.keep_alive,
-                    http10: req.http10,
-                    extra: &[],
-                },
-                &mut out,
-            );
-            if req.method == Method::Get {
-                out.extend_from_slice(&body);
-            }
-            c.write_all(&out).await?;
-            c.commit(len, &[]).await?;
+            error_reply(c, status, to, len).await?;
             return Ok(req.keep_alive);
         }
     };
+    let date = c.now()?;
     let size = meta.len();
     let mtime = u64::try_from(meta.mtime()).unwrap_or(0);
     let mut out = Vec::with_capacity(256 + size.min(PIECE as u64) as usize);
