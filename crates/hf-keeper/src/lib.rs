@@ -7,10 +7,12 @@
 //!
 //! ```text
 //!  accept ──► hand to active worker (SCM_RIGHTS, ≤253 fds a message)
-//!  worker dies (pidfd readable)
+//!  worker dies (pidfd readable) or hangs (heartbeat stops: kill it)
+//!    ├─ read what it sent last (Closed, Spool), reap it (crash or kill?)
 //!    ├─ take back its connections (the successor validates their records)
-//!    ├─ promote a ready standby, hand it every connection (RECOVERED)
-//!    └─ start a new standby
+//!    ├─ hand them all to a ready standby (RECOVERED, CRASHED, + spools)
+//!    └─ start a new standby 5 ms later (back-off if start-ups keep failing)
+//!  no worker for too long ──► "unavailable" reply and a FIN to waiting ones
 //!  worker says Closed ──► drop the dup, free the journal slot
 //! ```
 //!
@@ -18,12 +20,16 @@
 //! - A connection's journal record is initialised *before* its fd leaves
 //!   the keeper, so any record a worker later tears is still backed by an
 //!   older valid one.
-//! - The keeper keeps its dup until the worker reports `Closed` (or dies
-//!   with the record saying so): if the last holder of a socket closes it
-//!   with unread input, the peer gets an RST.
-//! - Nothing a worker writes is trusted: records are copied out of shared
-//!   memory and validated; control messages are framed and checksummed; a
-//!   worker naming a connection it does not own is ignored.
+//! - The keeper keeps its dup until the worker reports `Closed` (or its
+//!   successor does): if the last holder of a socket closes it with unread
+//!   input, the peer gets an RST. When the keeper closes one itself, it
+//!   drops the queued input first.
+//! - Nothing a worker writes is trusted: the keeper reads shared memory only
+//!   by copying values out (a heartbeat counter, where any change counts; a
+//!   record, validated, before turning a connection away); control messages
+//!   are framed and checksummed, their fd counts checked; a worker naming a
+//!   connection it does not own is ignored; a malformed message gets the
+//!   worker killed (and its connections recovered).
 //!
 //! Non-goals here: application protocols, TLS, anything per request.
 
@@ -39,9 +45,6 @@ use std::path::PathBuf;
 
 pub use keeper::run;
 
-/// Journal header: one page before the records (room for per-worker
-/// heartbeats and versioning).
-pub use hf_journal::record::RECORD_SIZE;
 
 /// What `holdfast run` was asked to do.
 #[derive(Clone, Debug)]
