@@ -46,9 +46,14 @@
 //! - Side effects outside the connection (files, databases, upstream
 //!   servers) happen **at least once**: a request replayed after a crash runs
 //!   again.
-//! - A request must fit in the socket's receive buffer until it is committed
-//!   (peeked input stays queued); services that take large uploads commit
-//!   them piecewise with their progress in the state blob.
+//! - Input a service holds uncommitted beyond 64 KiB moves to a spool (a
+//!   memfd the keeper holds) so the client's window stays open; up to 64 MiB
+//!   may be uncommitted — larger uploads are committed piecewise with their
+//!   progress in the state blob.
+//! - A request in flight during two consecutive crashes of its worker is
+//!   flagged ([`Conn::poisoned`]): answer it with an error, don't run it.
+//! - The tokio flavour keeps a heartbeat in the journal, so a keeper run
+//!   with `--hang-timeout` replaces a worker whose runtime stops.
 //! - No TLS.
 //!
 //! ## Pass-through
