@@ -38,6 +38,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// so that its fork and exec do not compete for the CPU with the worker
 /// that is taking the connections over.
 const RESPAWN_DELAY: Duration = Duration::from_millis(5);
+/// Descriptors kept free for everything but connections (listeners, the
+/// journal, control sockets, pidfds, spools, a worker's own files).
+const FD_RESERVE: u64 = 64;
 /// How often the keeper looks at heartbeats and waiting connections.
 const TICK: Duration = Duration::from_millis(100);
 /// Exits remembered for `holdfast status`.
@@ -139,11 +142,25 @@ fn journal_offset(slot: u32) -> usize {
 }
 
 impl Keeper {
-    fn start(cfg: Config) -> Result<(Keeper, mpsc::UnboundedReceiver<Event>), KeeperError> {
+    fn start(mut cfg: Config) -> Result<(Keeper, mpsc::UnboundedReceiver<Event>), KeeperError> {
         if cfg.command.is_empty() {
             return Err(KeeperError::NoCommand);
         }
-        raise_fd_limit();
+        // Every held connection costs an fd here and in the worker that
+        // serves it (workers inherit the limit): hold no more than fit, and
+        // let the rest wait in the listen backlog.
+        let limit = raise_fd_limit();
+        let fit = u32::try_from(limit.saturating_sub(FD_RESERVE))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        if cfg.max_conns > fit {
+            tracing::warn!(
+                max_conns = cfg.max_conns,
+                open_files_limit = limit,
+                "lowering --max-conns to {fit} to fit the open-files limit"
+            );
+            cfg.max_conns = fit;
+        }
         let mut ls: Vec<(TcpListener, String)> = listen::inherited()?;
         for a in &cfg.listen {
             let l = listen::bind(*a)?;
@@ -966,7 +983,8 @@ impl Keeper {
 
 /// The keeper holds one fd per connection (and so do workers, which
 /// inherit the limit): raise the soft limit to the hard one.
-fn raise_fd_limit() {
+/// Returns the resulting soft limit.
+fn raise_fd_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current < lim.maximum {
@@ -975,6 +993,7 @@ fn raise_fd_limit() {
             tracing::warn!(error = %e, "cannot raise the open-files limit");
         }
     }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 fn send_msg(control: &OwnedFd, msg: &Msg) {

@@ -45,7 +45,6 @@ use std::path::PathBuf;
 
 pub use keeper::run;
 
-
 /// What `holdfast run` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Config {
