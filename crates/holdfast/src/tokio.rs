@@ -53,10 +53,14 @@ impl Listener {
                 // the runtime stops running tasks (a task blocks its thread,
                 // a deadlock), the counter stops and the keeper's
                 // `--hang-timeout` replaces the worker.
+                // The first beat happens here, not in the task: a runtime
+                // blocked before the task was ever polled must still be
+                // seen as a worker that beat once and then stopped.
+                link.beat(1);
                 let beat = link.clone();
                 ::tokio::spawn(async move {
                     let mut tick = ::tokio::time::interval(HEARTBEAT);
-                    let mut n = 0u64;
+                    let mut n = 1u64;
                     loop {
                         tick.tick().await;
                         n += 1;
