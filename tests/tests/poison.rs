@@ -95,3 +95,17 @@ fn external_kills_do_not_make_poison() {
     assert!(got == answer(1, 300, 0));
     assert!(!k.log().contains("poison request"));
 }
+
+/// `--poison-after 3`: the request is refused only after three crashes.
+#[test]
+fn poison_threshold_is_configurable() {
+    let k = keeper(&["--poison-after", "3"], &["--tokio"]);
+    let mut s = TcpStream::connect(k.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"CRASH 9\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "ERR POISON 9\n");
+    assert_eq!(k.status().unwrap().restarts, 3);
+}

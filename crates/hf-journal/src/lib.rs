@@ -66,6 +66,9 @@ pub use wire::{ConnEntry, Msg, WireError};
 pub const ENV_CONTROL_FD: &str = "HOLDFAST_CONTROL_FD";
 /// Environment variable naming the worker's inherited journal memfd.
 pub const ENV_JOURNAL_FD: &str = "HOLDFAST_JOURNAL_FD";
+/// Environment variable with the keeper's `--poison-after` (consecutive
+/// crashes after which a request in flight is poison; 0: never).
+pub const ENV_POISON_AFTER: &str = "HOLDFAST_POISON_AFTER";
 
 /// The journal starts with one page reserved for its own header and
 /// per-worker data; connection records follow, [`record::RECORD_SIZE`]

@@ -867,6 +867,10 @@ impl Keeper {
                 hf_journal::ENV_JOURNAL_FD,
                 self.journal_fd.as_raw_fd().to_string(),
             )
+            .env(
+                hf_journal::ENV_POISON_AFTER,
+                self.cfg.poison_after.to_string(),
+            )
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")

@@ -63,6 +63,9 @@ pub struct Config {
     pub hold_timeout: std::time::Duration,
     /// …and at most this many wait; then they are turned away.
     pub hold_max: usize,
+    /// Consecutive crashes with a request in flight after which it is
+    /// poison (0: never).
+    pub poison_after: u16,
     /// What a turned-away connection that has seen no answer yet receives
     /// before a clean close (the service's "unavailable" reply); `None`:
     /// just the close.

@@ -62,6 +62,11 @@ enum Cmd {
         /// away, oldest first.
         #[arg(long, default_value_t = 10_000, value_name = "N")]
         hold_max: usize,
+        /// A request in flight during this many crashes of its worker in a
+        /// row is poison: the next worker answers it with an error instead
+        /// of running it (0: never).
+        #[arg(long, default_value_t = 2, value_name = "K")]
+        poison_after: u16,
         /// File with the bytes a turned-away connection gets before a clean
         /// close (e.g. an HTTP 503 response); without it, just the close.
         #[arg(long, value_name = "FILE")]
@@ -119,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hang_timeout,
             hold_timeout,
             hold_max,
+            poison_after,
             unavailable,
             command,
         } => {
@@ -139,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
+                poison_after,
                 unavailable,
                 command,
             })?;
@@ -257,6 +264,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,
+        poison_after: 2,
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

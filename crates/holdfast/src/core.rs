@@ -37,9 +37,10 @@ pub const SPOOL_AT: u64 = 64 * 1024;
 /// The most uncommitted input a spool holds (a request larger than this is
 /// refused with an error to the service).
 pub const SPOOL_MAX: usize = 64 << 20;
-/// A request in flight during this many consecutive crashes of its worker
-/// is poison: the next worker is told (`Conn::poisoned`) so it answers with
-/// an error instead of running it again.
+/// By default, a request in flight during this many consecutive crashes of
+/// its worker is poison: the next worker is told (`Conn::poisoned`) so it
+/// answers with an error instead of running it again (the keeper's
+/// `--poison-after` overrides it).
 pub const POISON_AFTER: u16 = 2;
 /// Spool layout: the absolute input offset of its first data byte (`u64`
 /// at 0), then data from here on.
@@ -659,7 +660,8 @@ impl Kept {
         if count {
             rec.deaths = rec.deaths.saturating_add(1);
         }
-        self.poisoned = rec.deaths >= POISON_AFTER;
+        let after = self.link.poison_after;
+        self.poisoned = after > 0 && rec.deaths >= after;
         if self.poisoned {
             tracing::warn!(
                 conn = conn_id,

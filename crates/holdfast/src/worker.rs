@@ -24,6 +24,8 @@ pub(crate) struct Link {
     control: OwnedFd,
     pub(crate) journal: SharedMem,
     pub(crate) id: Identity,
+    /// Crashes in a row after which a request in flight is poison (0: never).
+    pub(crate) poison_after: u16,
 }
 
 /// A message from the keeper, with the fds that came with it.
@@ -109,10 +111,17 @@ impl Link {
             generation = id.generation,
             "connected to keeper"
         );
+        let poison_after = match std::env::var(hf_journal::ENV_POISON_AFTER) {
+            Ok(v) => v.parse().map_err(|_| {
+                Error::Environment(format!("{} = {v:?}", hf_journal::ENV_POISON_AFTER))
+            })?,
+            Err(_) => crate::core::POISON_AFTER,
+        };
         Ok(Some(Arc::new(Link {
             control,
             journal,
             id,
+            poison_after,
         })))
     }
 
