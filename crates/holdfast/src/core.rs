@@ -600,22 +600,24 @@ impl Kept {
         let pos = hf_sys::tcp::stream_positions(fd)?;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
         if let Some(sfd) = spool {
-            // Uncommitted input [in_commit, consumed) is in the spool.
+            // Uncommitted input [in_commit, consumed) is in the spool. If the
+            // worker died after handing the spool over but before moving the
+            // committed-but-undiscarded bytes into it, the kernel still has
+            // them: they are committed, so they are dropped here.
             let mem = SharedMem::map(&sfd)?;
             let base = mem.load_u64(0).map_err(|_| bad("spool too small"))?;
-            let held = pos
-                .consumed
-                .checked_sub(base)
-                .and_then(|n| usize::try_from(n).ok());
+            let end = pos.consumed.max(rec.in_commit);
+            let held = end.checked_sub(base).and_then(|n| usize::try_from(n).ok());
             let fits = held.is_some_and(|n| n <= SPOOL_MAX && SPOOL_DATA + n <= mem.len());
-            if !(base <= rec.in_commit && rec.in_commit <= pos.consumed && fits) {
+            if !(base <= rec.in_commit && base <= pos.consumed && fits) {
                 return Err(bad("spool does not match the journal and the kernel"));
             }
+            discard_exact(fd, end - pos.consumed)?;
             self.spool = Some(Spool {
                 _fd: sfd,
                 mem,
                 base,
-                end: pos.consumed,
+                end,
             });
         } else if pos.consumed > rec.in_commit {
             return Err(bad("kernel consumed past the committed input"));
@@ -630,8 +632,8 @@ impl Kept {
             ));
         }
         self.in_read = rec.in_commit;
-        if self.spool.is_some() {
-            self.in_discarded = pos.consumed;
+        if let Some(sp) = &self.spool {
+            self.in_discarded = sp.end;
         } else {
             discard_exact(fd, rec.in_commit - pos.consumed)?;
             self.in_discarded = rec.in_commit;
