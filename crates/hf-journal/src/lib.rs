@@ -69,6 +69,9 @@ pub const ENV_JOURNAL_FD: &str = "HOLDFAST_JOURNAL_FD";
 /// Environment variable with the keeper's `--poison-after` (consecutive
 /// crashes after which a request in flight is poison; 0: never).
 pub const ENV_POISON_AFTER: &str = "HOLDFAST_POISON_AFTER";
+/// Environment variable with the keeper's `--request-deadline` in
+/// milliseconds (absent: no deadline).
+pub const ENV_REQUEST_DEADLINE_MS: &str = "HOLDFAST_REQUEST_DEADLINE_MS";
 
 /// The journal starts with one page reserved for its own header and
 /// per-worker data; connection records follow, [`record::RECORD_SIZE`]

@@ -143,6 +143,11 @@ fn journal_offset(slot: u32) -> usize {
 
 impl Keeper {
     fn start(mut cfg: Config) -> Result<(Keeper, mpsc::UnboundedReceiver<Event>), KeeperError> {
+        // A request deadline is enforced through the heartbeat: it needs hang
+        // detection.
+        if cfg.request_deadline.is_some() && cfg.hang_timeout.is_none() {
+            cfg.hang_timeout = Some(Duration::from_millis(500));
+        }
         if cfg.command.is_empty() {
             return Err(KeeperError::NoCommand);
         }
@@ -878,6 +883,12 @@ impl Keeper {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID");
+        if let Some(d) = self.cfg.request_deadline {
+            cmd.env(
+                hf_journal::ENV_REQUEST_DEADLINE_MS,
+                d.as_millis().to_string(),
+            );
+        }
         hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
         let child = cmd
             .spawn()

@@ -63,6 +63,9 @@ pub struct Config {
     pub hold_timeout: std::time::Duration,
     /// …and at most this many wait; then they are turned away.
     pub hold_max: usize,
+    /// Longest a request may run (first byte to commit) before its worker
+    /// stops its heartbeat and is replaced (`None`: no deadline).
+    pub request_deadline: Option<std::time::Duration>,
     /// Consecutive crashes with a request in flight after which it is
     /// poison (0: never).
     pub poison_after: u16,

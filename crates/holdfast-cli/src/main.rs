@@ -62,6 +62,11 @@ enum Cmd {
         /// away, oldest first.
         #[arg(long, default_value_t = 10_000, value_name = "N")]
         hold_max: usize,
+        /// Replace a worker one of whose requests has run this many
+        /// milliseconds from its first byte without a commit (tokio flavour;
+        /// implies --hang-timeout 500 unless given; 0 = off).
+        #[arg(long, default_value_t = 0, value_name = "MS")]
+        request_deadline: u64,
         /// A request in flight during this many crashes of its worker in a
         /// row is poison: the next worker answers it with an error instead
         /// of running it (0: never).
@@ -124,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hang_timeout,
             hold_timeout,
             hold_max,
+            request_deadline,
             poison_after,
             unavailable,
             command,
@@ -145,6 +151,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
+                request_deadline: (request_deadline > 0)
+                    .then(|| Duration::from_millis(request_deadline)),
                 poison_after,
                 unavailable,
                 command,
@@ -264,6 +272,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,
+        request_deadline: None,
         poison_after: 2,
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

@@ -81,6 +81,8 @@ struct Kept {
     spool: Option<Spool>,
     /// The request in flight is poison (see [`POISON_AFTER`]).
     poisoned: bool,
+    /// Since when the request in flight runs, for a per-request deadline.
+    busy: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Uncommitted input moved out of the kernel into a memfd the keeper holds.
@@ -156,7 +158,9 @@ impl Core {
             slot_buf: Box::new([0u8; SLOT_SIZE]),
             spool: None,
             poisoned: false,
+            busy: None,
         };
+        kept.busy = kept.link.busy_cell();
         if recovered {
             kept.recover(fd, spool, crashed)?;
         } else {
@@ -220,11 +224,15 @@ impl Core {
                 if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
                     k.start_spool(fd)?;
                 }
-                if k.spool.is_some() {
-                    return k.read_spooled(fd, buf, self.nonblocking);
+                let n = if k.spool.is_some() {
+                    k.read_spooled(fd, buf, self.nonblocking)?
+                } else {
+                    rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0
+                };
+                if k.spool.is_none() {
+                    k.in_read += n as u64;
                 }
-                let n = rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0;
-                k.in_read += n as u64;
+                k.mark_busy();
                 Ok(n)
             }
         }
@@ -340,6 +348,16 @@ impl Core {
         k.nondet_cursor = 0;
         k.push_until_commit = false;
         k.store()?;
+        if let Some(b) = &k.busy {
+            // Input read past this commit belongs to the next request, which
+            // has started; otherwise nothing is in flight.
+            let t = if k.in_read > in_commit {
+                k.link.busy_now()
+            } else {
+                0
+            };
+            b.store(t, std::sync::atomic::Ordering::Relaxed);
+        }
         match &mut k.spool {
             None if in_commit - k.in_discarded >= DISCARD_BATCH => {
                 discard_exact(fd, in_commit - k.in_discarded)?;
@@ -414,6 +432,9 @@ impl Core {
         self.closed = true;
         let _ = self.flush_pending(fd);
         if let Some(k) = &mut self.kept {
+            if let Some(b) = &k.busy {
+                b.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
             k.rec.flags |= FLAG_CLOSING;
             let _ = k.store();
             while let Ok(n) = hf_sys::tcp::discard(fd, 1 << 30) {
@@ -461,6 +482,17 @@ fn discard_exact(fd: BorrowedFd<'_>, mut n: u64) -> io::Result<()> {
 }
 
 impl Kept {
+    /// A request is in flight once input past the commit has been read.
+    fn mark_busy(&self) {
+        if let Some(b) = &self.busy {
+            if self.in_read > self.rec.in_commit
+                && b.load(std::sync::atomic::Ordering::Relaxed) == 0
+            {
+                b.store(self.link.busy_now(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// The next value recorded by the dead worker for this request, if any.
     fn next_recorded(&mut self) -> io::Result<Option<&[u8]>> {
         let nd = self.rec.nondet();

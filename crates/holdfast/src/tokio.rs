@@ -61,8 +61,27 @@ impl Listener {
                 ::tokio::spawn(async move {
                     let mut tick = ::tokio::time::interval(HEARTBEAT);
                     let mut n = 1u64;
+                    let mut stuck = false;
                     loop {
                         tick.tick().await;
+                        // A request past its deadline stops the heartbeat:
+                        // the keeper then replaces this worker like a hung
+                        // one, and the request is replayed (or, after
+                        // repeated deaths, refused as poison).
+                        let late = match (beat.deadline, beat.oldest_request()) {
+                            (Some(limit), Some(age)) => age > limit,
+                            _ => false,
+                        };
+                        if late {
+                            if !stuck {
+                                tracing::warn!(
+                                    "a request ran past --request-deadline; stopping the heartbeat"
+                                );
+                                stuck = true;
+                            }
+                            continue;
+                        }
+                        stuck = false;
                         n += 1;
                         beat.beat(n);
                     }

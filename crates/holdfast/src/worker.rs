@@ -26,6 +26,12 @@ pub(crate) struct Link {
     pub(crate) id: Identity,
     /// Crashes in a row after which a request in flight is poison (0: never).
     pub(crate) poison_after: u16,
+    /// Longest a request may run, from its first byte to its commit.
+    pub(crate) deadline: Option<std::time::Duration>,
+    /// When each connection's request in flight started (nanoseconds since
+    /// `epoch`, 0 = none); read by the heartbeat to enforce `deadline`.
+    busy: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicU64>>>,
+    epoch: std::time::Instant,
 }
 
 /// A message from the keeper, with the fds that came with it.
@@ -117,11 +123,20 @@ impl Link {
             })?,
             Err(_) => crate::core::POISON_AFTER,
         };
+        let deadline = match std::env::var(hf_journal::ENV_REQUEST_DEADLINE_MS) {
+            Ok(v) => Some(std::time::Duration::from_millis(v.parse().map_err(
+                |_| Error::Environment(format!("{} = {v:?}", hf_journal::ENV_REQUEST_DEADLINE_MS)),
+            )?)),
+            Err(_) => None,
+        };
         Ok(Some(Arc::new(Link {
             control,
             journal,
             id,
             poison_after,
+            deadline,
+            busy: std::sync::Mutex::new(Vec::new()),
+            epoch: std::time::Instant::now(),
         })))
     }
 
@@ -190,6 +205,35 @@ impl Link {
 
     /// Tells the keeper this worker's event loop is alive: bumps its
     /// heartbeat counter in the journal header.
+    /// A per-connection "request in flight since" cell, watched by the
+    /// heartbeat; `None` when no deadline is configured.
+    pub(crate) fn busy_cell(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        self.deadline?;
+        let cell = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let Ok(mut v) = self.busy.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(&cell));
+        }
+        Some(cell)
+    }
+
+    /// Now, as stored in a busy cell (never 0).
+    pub(crate) fn busy_now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// How long the oldest request in flight has run, if one is.
+    pub(crate) fn oldest_request(&self) -> Option<std::time::Duration> {
+        let now = self.busy_now();
+        let v = self.busy.lock().ok()?;
+        v.iter()
+            .filter_map(|w| w.upgrade())
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .min()
+            .map(|t| std::time::Duration::from_nanos(now.saturating_sub(t)))
+    }
+
     pub(crate) fn beat(&self, n: u64) {
         let _ = self
             .journal
