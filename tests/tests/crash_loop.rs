@@ -19,24 +19,26 @@ fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
     let reply = dir.path().join("503.http");
     std::fs::write(&reply, REPLY).unwrap();
     let port = free_port();
-    let mut keeper = Command::new(bin("holdfast"))
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--hold-timeout",
-            "600",
-            "--unavailable",
-        ])
-        .arg(&reply)
-        .arg("--control")
-        .arg(&control)
-        .args(["--", "/bin/sh", "-c", "exit 1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut keeper = hf_tests::Proc(
+        Command::new(bin("holdfast"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--hold-timeout",
+                "600",
+                "--unavailable",
+            ])
+            .arg(&reply)
+            .arg("--control")
+            .arg(&control)
+            .args(["--", "/bin/sh", "-c", "exit 1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_status(
         &control,
         "failing start-ups",
@@ -93,6 +95,6 @@ fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
         "{} start-ups failed in {elapsed:?}",
         s.start_failures
     );
-    let _ = keeper.kill();
-    let _ = keeper.wait();
+    let _ = keeper.0.kill();
+    let _ = keeper.0.wait();
 }

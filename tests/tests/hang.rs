@@ -93,22 +93,37 @@ fn blocking_workers_without_heartbeat_are_not_watched() {
 /// not requests in flight.
 #[test]
 fn request_past_its_deadline_gets_the_worker_replaced() {
-    let mut k = keeper(&["--request-deadline", "300", "--hang-timeout", "200"], &["--tokio"]);
+    let mut k = keeper(
+        &["--request-deadline", "300", "--hang-timeout", "200"],
+        &["--tokio"],
+    );
     // An idle connection, open for longer than the deadline.
     let mut idle = TcpStream::connect(k.addr).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let (mut a, got) = first_half(&k, "HOLD", 1, 400);
     let t0 = Instant::now();
     let s = k.wait_for("the worker replaced", |s| s.restarts == 1);
     let got = rest(&mut a, got, 1, 400);
     assert!(got == answer(1, 400, 0));
-    assert!(t0.elapsed() >= Duration::from_millis(300), "replaced before the deadline");
-    assert!(s.last_exits.iter().any(|e| e.contains("hung")), "{:?}", s.last_exits);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "replaced before the deadline"
+    );
+    assert!(
+        s.last_exits.iter().any(|e| e.contains("hung")),
+        "{:?}",
+        s.last_exits
+    );
     // The idle connection was not the problem and still works.
     idle.write_all(b"REQ 2 10 0\n").unwrap();
     let mut more = vec![0u8; answer(2, 10, 0).len()];
     idle.read_exact(&mut more).unwrap();
     assert!(more == answer(2, 10, 0));
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(k.status().unwrap().restarts, 1, "no further kills once the request completed");
+    assert_eq!(
+        k.status().unwrap().restarts,
+        1,
+        "no further kills once the request completed"
+    );
 }

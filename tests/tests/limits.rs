@@ -20,20 +20,22 @@ fn small_fd_limit_lowers_max_conns_and_nobody_is_refused() {
     let port = free_port();
     let script = "import os, resource, sys\nresource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))\nos.execv(sys.argv[1], sys.argv[1:])\n";
     let logf = std::fs::File::create(&log).unwrap();
-    let mut keeper = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(bin("holdfast"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--control"])
-        .arg(&control)
-        .arg("--")
-        .arg(bin("hf-testsvc"))
-        .arg("--tokio")
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .unwrap();
+    let mut keeper = hf_tests::Proc(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(bin("holdfast"))
+            .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-testsvc"))
+            .arg("--tokio")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap(),
+    );
     wait_status(&control, "serving", Duration::from_secs(20), |s| {
         s.phase == Phase::Serving
     });
@@ -57,8 +59,8 @@ fn small_fd_limit_lowers_max_conns_and_nobody_is_refused() {
     }
     let s = hf_keeper::status::query(&control).unwrap();
     assert_eq!(s.accepted, 150);
-    let _ = keeper.kill();
-    let _ = keeper.wait();
+    let _ = keeper.0.kill();
+    let _ = keeper.0.wait();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("lowering --max-conns to 36"), "log:\n{text}");
 }

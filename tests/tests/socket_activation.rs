@@ -26,20 +26,22 @@ env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAM
 args = sys.argv[1:]
 os.execve(args[0], args, env)
 "#;
-    let mut child = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(bin("holdfast"))
-        .args(["run", "--control"])
-        .arg(&control)
-        .arg("--")
-        .arg(bin("hf-httpd"))
-        .arg("--root")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 is installed");
+    let mut child = hf_tests::Proc(
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(bin("holdfast"))
+            .args(["run", "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-httpd"))
+            .arg("--root")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 is installed"),
+    );
     let snap = eventually(
         Duration::from_secs(20),
         "keeper serving on the inherited socket",
@@ -57,8 +59,8 @@ os.execve(args[0], args, env)
     let r = c.get(path).unwrap();
     assert_eq!(r.status, 200);
     assert!(r.body == *want);
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
 }
 
 /// The port of the first TCP socket in LISTEN state owned by `pid`.
@@ -96,19 +98,21 @@ fn keeper_speaks_sd_notify() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let control = dir.path().join("control.sock");
-    let mut keeper = std::process::Command::new(bin("holdfast"))
-        .args(["run", "--listen", "127.0.0.1:0", "--control"])
-        .arg(&control)
-        .arg("--")
-        .arg(bin("hf-httpd"))
-        .arg("--root")
-        .arg(dir.path())
-        .env("NOTIFY_SOCKET", &sock)
-        .env("WATCHDOG_USEC", "100000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut keeper = hf_tests::Proc(
+        std::process::Command::new(bin("holdfast"))
+            .args(["run", "--listen", "127.0.0.1:0", "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-httpd"))
+            .arg("--root")
+            .arg(dir.path())
+            .env("NOTIFY_SOCKET", &sock)
+            .env("WATCHDOG_USEC", "100000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 256];
     let mut seen = Vec::new();
     while seen
@@ -141,12 +145,12 @@ fn keeper_speaks_sd_notify() {
             w.pid
         );
     }
-    hf_tests::term(keeper.id());
+    hf_tests::term(keeper.0.id());
     loop {
         let n = notify.recv(&mut buf).expect("STOPPING=1");
         if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
             break;
         }
     }
-    let _ = keeper.wait();
+    let _ = keeper.0.wait();
 }

@@ -73,26 +73,28 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     let log = dir.path().join("keeper.log");
     let logf = std::fs::File::create(&log).unwrap();
     let port = hf_tests::free_port();
-    let mut keeper = Command::new(bin("holdfast"))
-        .args([
-            "run",
-            "--standby",
-            "0",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--control",
-        ])
-        .arg(&control)
-        .arg("--")
-        .arg("python3")
-        .arg(&script)
-        .arg(dir.path().join("counter"))
-        .arg(bin("hf-testsvc"))
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf)
-        .spawn()
-        .expect("start holdfast");
+    let mut keeper = hf_tests::Proc(
+        Command::new(bin("holdfast"))
+            .args([
+                "run",
+                "--standby",
+                "0",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--control",
+            ])
+            .arg(&control)
+            .arg("--")
+            .arg("python3")
+            .arg(&script)
+            .arg(dir.path().join("counter"))
+            .arg(bin("hf-testsvc"))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start holdfast"),
+    );
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_status(&control, "the rogue active", Duration::from_secs(20), |s| {
         s.phase == Phase::Serving
@@ -156,8 +158,8 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     assert!(text.contains("does not own"), "log:\n{text}");
     assert!(text.contains("journal record"), "log:\n{text}");
 
-    hf_tests::term(keeper.id());
-    let st =
-        hf_tests::wait_exit(&mut keeper, Duration::from_secs(10)).expect("keeper stops on SIGTERM");
+    hf_tests::term(keeper.0.id());
+    let st = hf_tests::wait_exit(&mut keeper.0, Duration::from_secs(10))
+        .expect("keeper stops on SIGTERM");
     assert!(st.success(), "keeper exit: {st}");
 }
