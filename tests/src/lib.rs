@@ -347,6 +347,30 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::E
     }
 }
 
+/// Runs `cmd` (stdin null, stdout dropped) until it exits, at most
+/// `timeout`, and returns its exit status and stderr. Panics with `what` if
+/// it is still running then (it is killed).
+pub fn exit_and_stderr(
+    cmd: &mut Command,
+    timeout: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut p = Proc(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let st = wait_exit(&mut p.0, timeout)
+        .unwrap_or_else(|| panic!("{what}: still running after {timeout:?}"));
+    let mut err = String::new();
+    if let Some(mut e) = p.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (st, err)
+}
+
 /// Sends SIGTERM to `pid`.
 pub fn term(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {

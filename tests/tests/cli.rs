@@ -1,7 +1,7 @@
 //! The `holdfast` command line: argument errors, start-up failures, `status`,
 //! `demo`, and `--max-conns`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,8 +12,8 @@ use hf_tests::http::{make_site, Client};
 use hf_tests::site::{sample_bytes, BIG_BIN_LEN, BIG_BIN_SEED, HELLO_TXT};
 use hf_tests::testsvc::{answer, half, LineClient};
 use hf_tests::{
-    bin, connect_small_rcvbuf, free_port, kill9, paced_read_to_end, run_cmd, term, wait_exit,
-    wait_status, Keeper, Proc, Role, TempDir,
+    bin, connect_small_rcvbuf, exit_and_stderr, free_port, kill9, paced_read_to_end, run_cmd, term,
+    wait_exit, wait_status, Keeper, Proc, Role, TempDir,
 };
 
 fn holdfast(args: &[&str]) -> (i32, String, String) {
@@ -77,27 +77,14 @@ fn worker_that_cannot_start_is_reported_at_once() {
     let dir = TempDir::new("cli-nobin");
     let control = dir.path().join("control.sock");
     let t0 = Instant::now();
-    let mut child = Proc(
+    let (st, err) = exit_and_stderr(
         Command::new(bin("holdfast"))
             .args(["run", "--listen", "127.0.0.1:0", "--control"])
             .arg(&control)
-            .args(["--", "/nonexistent/binary", "--flag"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--", "/nonexistent/binary", "--flag"]),
+        Duration::from_secs(10),
+        "holdfast run on a command that cannot start",
     );
-    let st = wait_exit(&mut child.0, Duration::from_secs(10))
-        .expect("holdfast run hangs on a command that cannot start");
-    let mut err = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
     assert!(!st.success(), "exit status {st}");
     assert!(
         err.contains("/nonexistent/binary"),
@@ -113,27 +100,14 @@ fn listen_address_in_use_is_reported() {
     let addr = taken.local_addr().unwrap().to_string();
     let dir = TempDir::new("cli-inuse");
     let control = dir.path().join("control.sock");
-    let mut child = Proc(
+    let (st, err) = exit_and_stderr(
         Command::new(bin("holdfast"))
             .args(["run", "--listen", &addr, "--control"])
             .arg(&control)
-            .args(["--", "/bin/true"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--", "/bin/true"]),
+        Duration::from_secs(10),
+        "holdfast run on an address in use",
     );
-    let st = wait_exit(&mut child.0, Duration::from_secs(10))
-        .expect("holdfast run hangs on an address in use");
-    let mut err = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
     assert!(!st.success());
     assert!(err.contains(&addr), "stderr does not name {addr}:\n{err}");
 }
@@ -695,25 +669,13 @@ fn demo_startup_errors_are_clear() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let mut demo = Proc(
+    let (st, err) = exit_and_stderr(
         Command::new(bin("holdfast"))
             .args(["demo", "--listen", &addr, "--control"])
-            .arg(&ctl)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .arg(&ctl),
+        Duration::from_secs(10),
+        "demo on an address in use",
     );
-    let st =
-        wait_exit(&mut demo.0, Duration::from_secs(10)).expect("demo hangs on an address in use");
-    let mut err = String::new();
-    demo.0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
     assert!(!st.success());
     assert!(err.contains(&addr), "{err}");
 }

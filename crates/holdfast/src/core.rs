@@ -227,11 +227,10 @@ impl Core {
                 let n = if k.spool.is_some() {
                     k.read_spooled(fd, buf, self.nonblocking)?
                 } else {
-                    rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0
-                };
-                if k.spool.is_none() {
+                    let n = rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0;
                     k.in_read += n as u64;
-                }
+                    n
+                };
                 k.mark_busy();
                 Ok(n)
             }
