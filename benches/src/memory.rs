@@ -154,7 +154,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     }
     let max = targets.last().copied().unwrap_or(0);
     let httpd = bin("hf-httpd")?;
-    let site = TempDir::new("site")?;
+    let site = TempDir::new("site");
     std::fs::write(site.path().join("tiny.txt"), b"ok\n")?;
     let mut keeper = Keeper::start(
         1,

@@ -209,7 +209,7 @@ fn nginx(
     }) else {
         return Ok(None);
     };
-    let dir = TempDir::new("nginx")?;
+    let dir = TempDir::new("nginx");
     let addr = free_port()?;
     let conf = dir.path().join("nginx.conf");
     std::fs::write(
@@ -257,7 +257,7 @@ fn supervised(
     files: &Arc<Vec<(String, Vec<u8>)>>,
 ) -> anyhow::Result<Outcome> {
     let httpd = bin("hf-httpd")?;
-    let dir = TempDir::new("plain")?;
+    let dir = TempDir::new("plain");
     let addr = free_port()?;
     let start = || -> anyhow::Result<Proc> {
         Proc::spawn(
@@ -322,7 +322,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         "== storm: {} keep-alive clients, files of {:?} bytes checked byte for byte, a worker SIGKILLed every {} ms for {} s ==",
         a.conns, SIZES, a.every_ms, a.secs
     );
-    let site = TempDir::new("storm-site")?;
+    let site = TempDir::new("storm-site");
     let files = Arc::new(write_site(site.path()).context("writing the site")?);
     let mut rows = Vec::new();
     let h = holdfast(a, site.path(), &files)?;

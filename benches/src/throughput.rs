@@ -276,7 +276,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         a.rounds, a.secs, a.slice_ms, a.conns, a.client_threads
     );
     let httpd = bin("hf-httpd")?;
-    let site = TempDir::new("site")?;
+    let site = TempDir::new("site");
     let files = write_site(site.path())?;
 
     // Pass-through: the same binary, its own listener.
