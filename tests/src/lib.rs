@@ -189,6 +189,20 @@ impl Keeper {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Runs `holdfast upgrade --control … ARGS [-- CMD…]` to its end:
+    /// (exit code, stdout, stderr).
+    pub fn upgrade(&self, args: &[&str], cmd: &[&str]) -> (i32, String, String) {
+        let mut c = Command::new(bin("holdfast"));
+        c.arg("upgrade")
+            .arg("--control")
+            .arg(&self.control)
+            .args(args);
+        if !cmd.is_empty() {
+            c.arg("--").args(cmd);
+        }
+        run_cmd(&mut c)
+    }
+
     /// The keeper's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

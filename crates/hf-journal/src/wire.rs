@@ -50,16 +50,25 @@ const KIND_READY: u8 = 0x02;
 const KIND_CLOSED: u8 = 0x03;
 const KIND_SPOOL: u8 = 0x04;
 const KIND_POISONED: u8 = 0x05;
+const KIND_RELEASED: u8 = 0x06;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
 const KIND_SHUTDOWN: u8 = 0x84;
+const KIND_DRAIN: u8 = 0x85;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Msg {
     // worker -> keeper
-    /// First message a worker sends.
-    Hello { pid: u32, proto: u16 },
+    /// First message a worker sends: its pid, the protocol level, and the
+    /// state blob schema versions it writes and can read (an upgrade to a
+    /// version that cannot read the blobs in use is refused).
+    Hello {
+        pid: u32,
+        proto: u16,
+        state_writes: u16,
+        state_reads: (u16, u16),
+    },
     /// Worker initialised, can take connections.
     Ready,
     /// The service closed this connection; the keeper drops its duplicate.
@@ -69,6 +78,9 @@ pub enum Msg {
     Spool { conn_id: u64, slot: u32 },
     /// A request on this connection was found to be poison (for the count).
     Poisoned { conn_id: u64, slot: u32 },
+    /// A draining worker let go of this connection at a commit point: it
+    /// will not touch it again, and its journal record says where it stands.
+    Released { conn_id: u64, slot: u32 },
     // keeper -> worker
     /// Answer to Hello; `slots` = number of records in the journal.
     Welcome {
@@ -84,6 +96,9 @@ pub enum Msg {
     Conns(Vec<ConnEntry>),
     /// Finish and exit.
     Shutdown,
+    /// A new version takes over: let go of every connection at its next
+    /// commit point (`Released`), take no new ones.
+    Drain,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -144,13 +159,22 @@ impl Msg {
         out.push(self.kind());
         out.extend_from_slice(&[0; 4]); // payload length, patched once known
         match self {
-            Msg::Hello { pid, proto } => {
+            Msg::Hello {
+                pid,
+                proto,
+                state_writes,
+                state_reads,
+            } => {
                 out.extend_from_slice(&pid.to_le_bytes());
                 out.extend_from_slice(&proto.to_le_bytes());
+                out.extend_from_slice(&state_writes.to_le_bytes());
+                out.extend_from_slice(&state_reads.0.to_le_bytes());
+                out.extend_from_slice(&state_reads.1.to_le_bytes());
             }
             Msg::Closed { conn_id, slot }
             | Msg::Spool { conn_id, slot }
-            | Msg::Poisoned { conn_id, slot } => {
+            | Msg::Poisoned { conn_id, slot }
+            | Msg::Released { conn_id, slot } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
             }
@@ -173,7 +197,7 @@ impl Msg {
                     out.push(e.flags);
                 }
             }
-            Msg::Ready | Msg::Activate | Msg::Shutdown => {}
+            Msg::Ready | Msg::Activate | Msg::Shutdown | Msg::Drain => {}
         }
         let len = u32::try_from(out.len().saturating_sub(HEADER)).unwrap_or(u32::MAX);
         out.iter_mut()
@@ -226,6 +250,8 @@ impl Msg {
             KIND_HELLO => Msg::Hello {
                 pid: r.u32()?,
                 proto: r.u16()?,
+                state_writes: r.u16()?,
+                state_reads: (r.u16()?, r.u16()?),
             },
             KIND_READY => Msg::Ready,
             KIND_CLOSED => Msg::Closed {
@@ -240,6 +266,10 @@ impl Msg {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
             },
+            KIND_RELEASED => Msg::Released {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+            },
             KIND_WELCOME => Msg::Welcome {
                 worker_id: r.u32()?,
                 generation: r.u32()?,
@@ -247,6 +277,7 @@ impl Msg {
             },
             KIND_ACTIVATE => Msg::Activate,
             KIND_SHUTDOWN => Msg::Shutdown,
+            KIND_DRAIN => Msg::Drain,
             KIND_CONNS => {
                 let count = usize::from(r.u16()?);
                 // Checked before allocating, so a hostile count costs nothing.
@@ -308,10 +339,12 @@ impl Msg {
             Msg::Closed { .. } => KIND_CLOSED,
             Msg::Spool { .. } => KIND_SPOOL,
             Msg::Poisoned { .. } => KIND_POISONED,
+            Msg::Released { .. } => KIND_RELEASED,
             Msg::Welcome { .. } => KIND_WELCOME,
             Msg::Activate => KIND_ACTIVATE,
             Msg::Conns(_) => KIND_CONNS,
             Msg::Shutdown => KIND_SHUTDOWN,
+            Msg::Drain => KIND_DRAIN,
         }
     }
 }
@@ -389,11 +422,19 @@ mod tests {
 
     #[test]
     fn rejects_malformed_payloads() {
-        let hello = [1, 0, 0, 0, 1, 0];
-        assert!(Msg::decode(&frame(KIND_HELLO, &hello)).is_ok());
+        let hello = [1, 0, 0, 0, 1, 0, 1, 0, 1, 0, 2, 0];
         assert_eq!(
-            Msg::decode(&frame(KIND_HELLO, &hello[..5])),
-            Err(WireError::Payload { kind: 1, len: 5 })
+            Msg::decode(&frame(KIND_HELLO, &hello)),
+            Ok(Msg::Hello {
+                pid: 1,
+                proto: 1,
+                state_writes: 1,
+                state_reads: (1, 2)
+            })
+        );
+        assert_eq!(
+            Msg::decode(&frame(KIND_HELLO, &hello[..11])),
+            Err(WireError::Payload { kind: 1, len: 11 })
         );
         assert_eq!(
             Msg::decode(&frame(KIND_READY, &[0])),

@@ -86,7 +86,18 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             flags,
         });
     prop_oneof![
-        (any::<u32>(), any::<u16>()).prop_map(|(pid, proto)| Msg::Hello { pid, proto }),
+        (
+            any::<u32>(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<(u16, u16)>()
+        )
+            .prop_map(|(pid, proto, state_writes, state_reads)| Msg::Hello {
+                pid,
+                proto,
+                state_writes,
+                state_reads
+            }),
         Just(Msg::Ready),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Closed { conn_id, slot }),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Spool { conn_id, slot }),
@@ -104,6 +115,8 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 <= MAX_FDS_PER_MSG)
             .prop_map(Msg::Conns),
         Just(Msg::Shutdown),
+        Just(Msg::Drain),
+        (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Released { conn_id, slot }),
     ]
 }
 
@@ -253,7 +266,7 @@ proptest! {
     #[test]
     fn msg_framed_garbage_is_total_and_canonical(
         kind in prop_oneof![
-            prop::sample::select(vec![0x01u8, 0x02, 0x03, 0x81, 0x82, 0x83, 0x84]),
+            prop::sample::select(vec![0x01u8, 0x02, 0x03, 0x04, 0x05, 0x06, 0x81, 0x82, 0x83, 0x84, 0x85]),
             any::<u8>(),
         ],
         payload in prop_oneof![

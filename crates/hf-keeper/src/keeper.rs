@@ -28,8 +28,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::status::{Phase, Request, Role, Snapshot, WorkerInfo};
+use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, WorkerInfo};
 use crate::{listen, Config, KeeperError};
+
+mod upgrade;
+use upgrade::Upgrade;
 
 /// Longest pause between attempts to start a worker that keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -52,6 +55,8 @@ enum Event {
     ControlClosed(u32),
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
+    /// `holdfast upgrade` (progress goes back on the channel) or SIGHUP.
+    Upgrade(UpgradeRequest, Option<mpsc::UnboundedSender<Progress>>),
     Signal(&'static str),
     /// Time to look at heartbeats and at connections waiting for a worker.
     Tick,
@@ -72,6 +77,9 @@ struct Held {
     spool: Option<OwnedFd>,
     /// Its last worker crashed by itself (see `CONN_CRASHED`).
     crashed: bool,
+    /// Handed back by a draining worker: its next hand-out is a move to a
+    /// new version, not a recovery.
+    moved: bool,
 }
 
 struct Worker {
@@ -87,6 +95,15 @@ struct Worker {
     beat_changed: Instant,
     /// Killed for not beating: why, for its exit line.
     hung: Option<Duration>,
+    /// Connections it holds.
+    owned: usize,
+    /// State blob versions it writes and reads (from its Hello).
+    state_writes: u16,
+    state_reads: (u16, u16),
+    /// Draining: when the connections it still holds are taken from it.
+    drain_deadline: Option<Instant>,
+    /// Told to exit (it holds nothing); killed if still there by then.
+    exit_by: Option<Instant>,
 }
 
 struct Keeper {
@@ -118,6 +135,13 @@ struct Keeper {
     start_failures: u32,
     spawn_after: Option<Instant>,
     retry_armed: bool,
+    upgrade: Option<Upgrade>,
+    next_generation: u32,
+    upgrades: u64,
+    failed_upgrades: u64,
+    /// Connections were queued by an event that does not hand them out
+    /// itself: hand them out once the events at hand are handled.
+    dirty: bool,
 }
 
 /// Runs the keeper until SIGTERM or SIGINT.
@@ -127,10 +151,24 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
         .build()?;
     rt.block_on(async move {
         let (mut keeper, mut rx) = Keeper::start(cfg)?;
-        while let Some(ev) = rx.recv().await {
+        'outer: while let Some(ev) = rx.recv().await {
             if keeper.handle(ev) {
                 break;
             }
+            // Events already queued (a burst of connections handed back by
+            // a draining worker) are handled before handing out, so they
+            // travel in full batches.
+            for _ in 0..4096 {
+                match rx.try_recv() {
+                    Ok(ev) => {
+                        if keeper.handle(ev) {
+                            break 'outer;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            keeper.flush();
         }
         keeper.shutdown().await;
         Ok(())
@@ -201,12 +239,15 @@ impl Keeper {
         for (sig, name) in [
             (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
             (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
+            (tokio::signal::unix::SignalKind::hangup(), "SIGHUP"),
         ] {
             let mut s = tokio::signal::unix::signal(sig)?;
             let tx = tx.clone();
             tokio::spawn(async move {
-                if s.recv().await.is_some() {
-                    let _ = tx.send(Event::Signal(name));
+                while s.recv().await.is_some() {
+                    if tx.send(Event::Signal(name)).is_err() {
+                        return;
+                    }
                 }
             });
         }
@@ -267,10 +308,15 @@ impl Keeper {
             start_failures: 0,
             spawn_after: None,
             retry_armed: false,
+            upgrade: None,
+            next_generation: 2,
+            upgrades: 0,
+            failed_upgrades: 0,
+            dirty: false,
         };
         // The first worker must at least start: a command that cannot be
         // exec'd is a configuration error, reported before we go on.
-        if let Err(e) = k.spawn_worker() {
+        if let Err(e) = k.spawn_worker(None, 1, Role::Starting) {
             let _ = std::fs::remove_file(&k.cfg.control);
             return Err(e);
         }
@@ -288,14 +334,20 @@ impl Keeper {
                 self.kill(id);
             }
             Event::ControlClosed(id) => {
-                // Its pidfd will report the death; make sure there is one.
-                if self.workers.contains_key(&id) {
+                // Its pidfd will report the death; make sure there is one
+                // (a worker told to exit gets its grace period).
+                if self.workers.get(&id).is_some_and(|w| w.exit_by.is_none()) {
                     self.kill(id);
                 }
             }
             Event::Died(id) => self.died(id),
             Event::Status(reply) => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::Upgrade(req, progress) => self.start_upgrade(req, progress),
+            Event::Signal("SIGHUP") => {
+                tracing::info!("SIGHUP: upgrading to the same command (a rebuilt binary)");
+                self.start_upgrade(UpgradeRequest::with_defaults(), None);
             }
             Event::Signal(name) => {
                 tracing::info!(signal = name, "shutting down");
@@ -305,6 +357,8 @@ impl Keeper {
             Event::Tick => {
                 self.check_heartbeats();
                 self.expire_held();
+                self.check_draining();
+                self.check_upgrade();
             }
             Event::Retry => {
                 self.retry_armed = false;
@@ -367,6 +421,7 @@ impl Keeper {
                     since: Some(Instant::now()),
                     spool: None,
                     crashed: false,
+                    moved: false,
                 },
             );
             self.waiting.push_back(conn_id);
@@ -420,14 +475,18 @@ impl Keeper {
                     drop(fds);
                     for id in &ids {
                         if let Some(h) = self.conns.get_mut(id) {
-                            if h.handed {
+                            if h.handed && !h.moved {
                                 self.recovered_total += 1;
                             }
+                            h.moved = false;
                             h.owner = Some(wid);
                             h.handed = true;
                             h.crashed = false;
                             h.since = None;
                         }
+                    }
+                    if let Some(w) = self.workers.get_mut(&wid) {
+                        w.owned += ids.len();
                     }
                     self.waiting.drain(..ids.len());
                 }
@@ -458,7 +517,14 @@ impl Keeper {
             return;
         };
         match msg {
-            Msg::Hello { pid, proto } => {
+            Msg::Hello {
+                pid,
+                proto,
+                state_writes,
+                state_reads,
+            } => {
+                w.state_writes = state_writes;
+                w.state_reads = state_reads;
                 if proto != PROTO_VERSION || pid != w.pid {
                     tracing::warn!(
                         worker = id,
@@ -492,6 +558,8 @@ impl Keeper {
                     self.ensure_workers();
                 }
             }
+            Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
+            Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Spool { conn_id, slot } => {
                 let owned = self
                     .conns
@@ -558,6 +626,9 @@ impl Keeper {
 
     fn drop_conn(&mut self, conn_id: u64) {
         if let Some(h) = self.conns.remove(&conn_id) {
+            if let Some(w) = h.owner.and_then(|o| self.workers.get_mut(&o)) {
+                w.owned = w.owned.saturating_sub(1);
+            }
             let _ = self.journal.zero(journal_offset(h.slot), RECORD_SIZE);
             self.free_slots.push(h.slot);
             self.release_live(1);
@@ -744,12 +815,23 @@ impl Keeper {
                 }
                 None => self.phase = Phase::Recovering,
             }
+        } else if w.owned > 0 {
+            // An older version still handing its connections over, stopped
+            // at the drain timeout or dead: its connections are recovered on
+            // the active worker as after a crash.
+            self.recover_from(id, crashed);
+            self.recovery_started = Some(t0);
+            self.hand_out();
+            if let Some(up) = &mut self.upgrade {
+                up.recovered += w.owned;
+            }
         }
         let how = match status {
             Ok(Some(st)) => describe_exit(st),
             Ok(None) => "still running?".to_owned(),
             Err(e) => format!("unknown ({e})"),
         };
+        let how_short = how.clone();
         let exit = match w.hung {
             Some(d) => format!(
                 "worker {id} (pid {}, {:?}) hung (no heartbeat for {} ms), {how}",
@@ -764,6 +846,7 @@ impl Keeper {
         } else {
             tracing::info!(worker = id, pid = w.pid, "{exit}");
         }
+        self.upgrade_worker_died(id, &w, was_active, &how_short);
         if w.role == Role::Starting && self.phase != Phase::ShuttingDown {
             self.start_failures += 1;
             let backoff = FIRST_BACKOFF
@@ -834,7 +917,9 @@ impl Keeper {
         let spares = self
             .workers
             .values()
-            .filter(|w| w.role != Role::Active)
+            .filter(|w| {
+                matches!(w.role, Role::Standby | Role::Starting) && w.generation == self.generation
+            })
             .count();
         let want = self.cfg.standby + usize::from(self.active.is_none());
         if spares >= want {
@@ -848,7 +933,7 @@ impl Keeper {
             }
         }
         for _ in spares..want {
-            if let Err(e) = self.spawn_worker() {
+            if let Err(e) = self.spawn_worker(None, self.generation, Role::Starting) {
                 tracing::error!(error = %e, "cannot start worker");
                 self.start_failures += 1;
                 self.spawn_after = Some(Instant::now() + MAX_BACKOFF);
@@ -858,15 +943,24 @@ impl Keeper {
         }
     }
 
-    fn spawn_worker(&mut self) -> Result<u32, KeeperError> {
+    /// Starts a worker running `command` (the configured one when `None`).
+    fn spawn_worker(
+        &mut self,
+        command: Option<&[OsString]>,
+        generation: u32,
+        role: Role,
+    ) -> Result<u32, KeeperError> {
         let (mine, theirs) = fdpass::seqpacket_pair()?;
         // A previous worker with the same heartbeat counter left its value.
         let _ = self
             .journal
             .store_u64(hf_journal::heartbeat_offset(self.next_worker), 0);
-        let prog: &OsString = &self.cfg.command[0];
+        let command: Vec<OsString> = command.unwrap_or(&self.cfg.command).to_vec();
+        let Some((prog, args)) = command.split_first() else {
+            return Err(KeeperError::NoCommand);
+        };
         let mut cmd = Command::new(prog);
-        cmd.args(&self.cfg.command[1..])
+        cmd.args(args)
             .env(hf_journal::ENV_CONTROL_FD, theirs.as_raw_fd().to_string())
             .env(
                 hf_journal::ENV_JOURNAL_FD,
@@ -908,18 +1002,13 @@ impl Keeper {
             let _ = pidfd.readable().await;
             let _ = tx.send(Event::Died(id));
         });
-        tracing::info!(
-            worker = id,
-            pid,
-            generation = self.generation,
-            "worker started"
-        );
+        tracing::info!(worker = id, pid, generation, "worker started");
         self.workers.insert(
             id,
             Worker {
                 pid,
-                generation: self.generation,
-                role: Role::Starting,
+                generation,
+                role,
                 control,
                 child,
                 greeted: false,
@@ -927,6 +1016,11 @@ impl Keeper {
                 beat: 0,
                 beat_changed: Instant::now(),
                 hung: None,
+                owned: 0,
+                state_writes: 1,
+                state_reads: (1, 1),
+                drain_deadline: None,
+                exit_by: None,
             },
         );
         Ok(id)
@@ -968,6 +1062,11 @@ impl Keeper {
                 .map(|d| d.as_millis() as u64),
             turned_away: self.turned_away,
             poisoned: self.poisoned,
+            generation: self.generation,
+            generations: self.live_generations(),
+            upgrade: self.upgrade.as_ref().map(Upgrade::status),
+            upgrades: self.upgrades,
+            failed_upgrades: self.failed_upgrades,
         }
     }
 
@@ -1177,6 +1276,23 @@ fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), Kee
                     return;
                 }
                 let reply = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request {
+                        cmd,
+                        upgrade: Some(up),
+                    }) if cmd == "upgrade" => {
+                        let (ptx, mut prx) = mpsc::unbounded_channel();
+                        if tx.send(Event::Upgrade(up, Some(ptx))).is_err() {
+                            return;
+                        }
+                        while let Some(p) = prx.recv().await {
+                            let mut line = serde_json::to_string(&p).unwrap_or_default();
+                            line.push('\n');
+                            if w.write_all(line.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
                     Ok(req) if req.cmd == "status" => {
                         let (otx, orx) = oneshot::channel();
                         if tx.send(Event::Status(otx)).is_err() {

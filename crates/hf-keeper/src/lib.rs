@@ -73,6 +73,9 @@ pub struct Config {
     /// before a clean close (the service's "unavailable" reply); `None`:
     /// just the close.
     pub unavailable: Option<Vec<u8>>,
+    /// Most generations (versions) live at once during back-to-back
+    /// upgrades; an upgrade beyond it is refused until the oldest finishes.
+    pub max_generations: usize,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

@@ -35,6 +35,11 @@ pub enum Role {
     Standby,
     /// Serving connections.
     Active,
+    /// A new version being started by `holdfast upgrade`.
+    Candidate,
+    /// An older version handing its connections over at their commit
+    /// points (or a retired standby); it exits once it holds none.
+    Draining,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,11 +79,135 @@ pub struct Snapshot {
     pub turned_away: u64,
     /// Requests refused as poison (in flight during consecutive crashes).
     pub poisoned: u64,
+    /// The generation new connections go to (each upgrade adds one).
+    pub generation: u32,
+    /// Generations with live workers, oldest first.
+    pub generations: Vec<u32>,
+    /// The upgrade under way, if any.
+    pub upgrade: Option<UpgradeStatus>,
+    /// Upgrades completed, and upgrades rolled back or refused.
+    pub upgrades: u64,
+    pub failed_upgrades: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradePhase {
+    /// The new version is starting; nothing has moved.
+    Starting,
+    /// The new version serves; the old one hands its connections over.
+    Moving,
+    /// Everything moved; the new version is watched a little longer before
+    /// the old version's standbys are retired.
+    Settling,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpgradeStatus {
+    pub generation: u32,
+    pub phase: UpgradePhase,
+    pub moved: usize,
+    pub total: usize,
+    pub elapsed_ms: u64,
+}
+
+/// What `holdfast upgrade` asks for.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    /// The new command; `None`: the same command again (a rebuilt binary).
+    pub command: Option<Vec<String>>,
+    /// How long the new version may take to become ready.
+    pub ready_timeout_ms: u64,
+    /// How long the old version may take to hand over its connections;
+    /// after that, the rest are recovered on the new version as after a crash.
+    pub drain_timeout_ms: u64,
+    /// How long the new version must run without crashing before the old
+    /// version's standbys are retired; a crash before that rolls back.
+    pub settle_ms: u64,
+}
+
+impl UpgradeRequest {
+    pub const READY_TIMEOUT_MS: u64 = 10_000;
+    pub const DRAIN_TIMEOUT_MS: u64 = 10_000;
+    pub const SETTLE_MS: u64 = 1_000;
+
+    pub fn with_defaults() -> UpgradeRequest {
+        UpgradeRequest {
+            command: None,
+            ready_timeout_ms: Self::READY_TIMEOUT_MS,
+            drain_timeout_ms: Self::DRAIN_TIMEOUT_MS,
+            settle_ms: Self::SETTLE_MS,
+        }
+    }
+}
+
+/// Progress of an upgrade, one JSON line each, streamed to `holdfast upgrade`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// The new version was started.
+    Started { generation: u32, pid: u32 },
+    /// It is ready and now takes new connections; `total` connections are
+    /// to move from the older generations.
+    Switched {
+        generation: u32,
+        ready_ms: u64,
+        total: usize,
+    },
+    /// Connections moved so far.
+    Moving { moved: usize, total: usize },
+    /// Done: the older generation is gone.
+    Done {
+        generation: u32,
+        from_generation: u32,
+        /// Connections handed over at a commit point.
+        moved: usize,
+        /// Connections still busy at the drain timeout, recovered as after a crash.
+        recovered: usize,
+        /// From the switch to the last connection moved.
+        move_ms: u64,
+        elapsed_ms: u64,
+    },
+    /// Nothing changed, or everything went back to `generation`.
+    Failed { reason: String, generation: u32 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Request {
     pub cmd: String,
+    #[serde(default)]
+    pub upgrade: Option<UpgradeRequest>,
+}
+
+/// Asks the keeper at `path` for an upgrade; `on` sees each progress line.
+/// Returns the last one (`Done` or `Failed`).
+pub fn upgrade(
+    path: &Path,
+    req: &UpgradeRequest,
+    mut on: impl FnMut(&Progress),
+) -> std::io::Result<Progress> {
+    let mut s = UnixStream::connect(path)?;
+    let line = serde_json::json!({"cmd": "upgrade", "upgrade": req}).to_string();
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let bad = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                return Err(std::io::Error::other(e.to_owned()));
+            }
+        }
+        let p: Progress = serde_json::from_str(&line).map_err(bad)?;
+        on(&p);
+        if matches!(p, Progress::Done { .. } | Progress::Failed { .. }) {
+            return Ok(p);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the keeper closed the connection before the upgrade ended",
+    ))
 }
 
 /// Asks the keeper at `path` for a snapshot.

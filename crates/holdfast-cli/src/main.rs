@@ -76,9 +76,50 @@ enum Cmd {
         /// close (e.g. an HTTP 503 response); without it, just the close.
         #[arg(long, value_name = "FILE")]
         unavailable: Option<PathBuf>,
+        /// Most versions live at once during back-to-back upgrades (the
+        /// serving one and those still handing connections over).
+        #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
+        max_generations: u16,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// Move the service to a new version without dropping a connection.
+    #[command(
+        long_about = "Move the service to a new version without dropping a connection.\n\n            The new version starts next to the old one. Once it is ready it takes every new \
+            connection; the old version hands each of its connections over at the next commit \
+            point (an idle one at once), with its state blob, and exits when it holds none. A \
+            connection still busy at the drain timeout is recovered on the new version as after a \
+            crash. If the new version exits, is not ready in time, cannot read the state blobs in \
+            use, or dies before the settle time, everything stays on (or returns to) the old \
+            version and this command fails with the reason.\n\n\
+            Without a command, the same command runs again (a rebuilt binary at the same path); \
+            SIGHUP to the keeper does the same with the default timeouts.",
+        after_help = "Examples:\n  holdfast upgrade                                   # same command, rebuilt binary\n  \
+                      holdfast upgrade -- ./my-service-v2 --flag         # another command\n  \
+                      holdfast upgrade --drain-timeout 60000 -- ./svc    # long requests finish first"
+    )]
+    Upgrade {
+        /// Control socket of the keeper.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Milliseconds the new version may take to become ready.
+        #[arg(long, default_value_t = status::UpgradeRequest::READY_TIMEOUT_MS, value_name = "MS")]
+        ready_timeout: u64,
+        /// Milliseconds the old version may take to hand its connections
+        /// over; then the rest are recovered on the new version as after a crash.
+        #[arg(long, default_value_t = status::UpgradeRequest::DRAIN_TIMEOUT_MS, value_name = "MS")]
+        drain_timeout: u64,
+        /// Milliseconds the new version must run without dying before the
+        /// old version's standbys retire; dying before that rolls back.
+        #[arg(long, default_value_t = status::UpgradeRequest::SETTLE_MS, value_name = "MS")]
+        settle: u64,
+        /// Print progress as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// The new command and its arguments (after `--`); default: the current one.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Show the keeper's phase, workers and connections.
     Status {
@@ -132,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             request_deadline,
             poison_after,
             unavailable,
+            max_generations,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
@@ -155,10 +197,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .then(|| Duration::from_millis(request_deadline)),
                 poison_after,
                 unavailable,
+                max_generations: max_generations.into(),
                 command,
             })?;
             Ok(())
         }
+        Cmd::Upgrade {
+            control,
+            ready_timeout,
+            drain_timeout,
+            settle,
+            json,
+            command,
+        } => upgrade(
+            &control.unwrap_or_else(hf_keeper::default_control_path),
+            status::UpgradeRequest {
+                command: (!command.is_empty()).then_some(command),
+                ready_timeout_ms: ready_timeout,
+                drain_timeout_ms: drain_timeout,
+                settle_ms: settle,
+            },
+            json,
+        ),
         Cmd::Status { control, json } => {
             let path = control.unwrap_or_else(hf_keeper::default_control_path);
             let snap = status::query(&path).with_context(|| {
@@ -178,8 +238,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn upgrade(path: &std::path::Path, req: status::UpgradeRequest, json: bool) -> anyhow::Result<()> {
+    use status::Progress;
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    let last = status::upgrade(path, &req, |p| {
+        if json {
+            let _ = writeln!(out, "{}", serde_json::to_string(p).unwrap_or_default());
+            return;
+        }
+        let line = match p {
+            Progress::Started { generation, pid } => {
+                format!("starting generation {generation} (pid {pid})")
+            }
+            Progress::Switched {
+                generation,
+                ready_ms,
+                total,
+            } => format!(
+                "generation {generation} ready after {ready_ms} ms, serving new connections; \
+                 moving {total} connections"
+            ),
+            Progress::Moving { moved, total } => format!("moved {moved}/{total}"),
+            Progress::Done {
+                generation,
+                from_generation,
+                moved,
+                recovered,
+                move_ms,
+                elapsed_ms,
+            } => format!(
+                "upgraded generation {from_generation} → {generation} in {elapsed_ms} ms: \
+                 {moved} connections moved at commit points in {move_ms} ms, \
+                 {recovered} recovered after the drain timeout, none lost"
+            ),
+            Progress::Failed { reason, generation } => {
+                format!("upgrade failed: {reason} (serving: generation {generation})")
+            }
+        };
+        let _ = writeln!(out, "{line}");
+    })
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no keeper answers at {} (is `holdfast run` running?): {e}",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("upgrade through {}: {e}", path.display()),
+    })?;
+    match last {
+        Progress::Failed { .. } => std::process::exit(1),
+        _ => Ok(()),
+    }
+}
+
 fn print_status(s: &Snapshot) {
     println!("phase        {:?}", s.phase);
+    let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
+    println!(
+        "generation   {} (live: {}; {} upgrades, {} failed)",
+        s.generation,
+        gens.join(", "),
+        s.upgrades,
+        s.failed_upgrades
+    );
+    if let Some(u) = &s.upgrade {
+        println!(
+            "upgrade      to generation {}: {:?}, {}/{} connections moved, {} ms",
+            u.generation, u.phase, u.moved, u.total, u.elapsed_ms
+        );
+    }
     println!("keeper pid   {}", s.keeper_pid);
     println!("listening    {}", s.listeners.join(", "));
     println!(
@@ -274,6 +401,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         hold_max: 10_000,
         request_deadline: None,
         poison_after: 2,
+        max_generations: 3,
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

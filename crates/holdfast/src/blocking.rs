@@ -11,7 +11,7 @@ use hf_journal::wire::{ConnEntry, MAX_MSG};
 
 use crate::core::Core;
 use crate::worker::{Incoming, Link};
-use crate::{Error, Mode};
+use crate::{Error, Mode, Options};
 
 /// Yields new and recovered connections.
 pub struct Listener {
@@ -60,7 +60,12 @@ impl Listener {
     /// Under a keeper, connects to it (the addresses are the keeper's
     /// business and are ignored); otherwise binds `addrs` (pass-through).
     pub fn bind(addrs: &[SocketAddr]) -> Result<Listener, Error> {
-        match Link::from_env()? {
+        Listener::bind_with(addrs, &Options::default())
+    }
+
+    /// [`Listener::bind`] with what the service declares about itself.
+    pub fn bind_with(addrs: &[SocketAddr], opts: &Options) -> Result<Listener, Error> {
+        match Link::from_env(opts)? {
             Some(link) => {
                 link.ready()?;
                 Ok(Listener {
@@ -138,6 +143,7 @@ impl Listener {
                     Some(Incoming::Conns(list)) => queue.extend(list),
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),
+                    Some(Incoming::Drain) => link.start_drain(),
                     None => {}
                 }
             },
@@ -157,7 +163,8 @@ fn wait_any(ls: &[TcpListener]) -> io::Result<usize> {
 }
 
 /// A client connection. Reads are tentative until [`Conn::commit`]; writes
-/// are journaled. Dropping it closes the connection for good.
+/// are journaled. Dropping it closes the connection for good — unless it
+/// [`moved`](Conn::moved) to a new version, which then carries on with it.
 pub struct Conn {
     fd: OwnedFd,
     core: Core,
@@ -206,7 +213,8 @@ impl Conn {
     /// (at most [`crate::MAX_STATE`] bytes) is what a new worker needs to go
     /// on from here.
     pub fn commit(&mut self, consumed: usize, state: &[u8]) -> io::Result<()> {
-        self.commit_versioned(consumed, 1, state)
+        let v = self.core.state_version();
+        self.commit_versioned(consumed, v, state)
     }
 
     /// [`Conn::commit`] with an explicit state schema version.
@@ -231,6 +239,13 @@ impl Conn {
         Ok(u64::from_le_bytes(
             self.core.record_fixed(crate::now_bytes)?,
         ))
+    }
+
+    /// This connection went to a new version of the service (`holdfast
+    /// upgrade`): reads return end of input and writes fail; drop it. The
+    /// client does not notice.
+    pub fn moved(&self) -> bool {
+        self.core.released()
     }
 
     /// Closes the connection now (dropping it does the same).

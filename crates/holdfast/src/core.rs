@@ -52,6 +52,11 @@ pub(crate) struct Core {
     kept: Option<Box<Kept>>,
     nonblocking: bool,
     closed: bool,
+    /// Handed back to the keeper for a new version (see [`Core::release`]).
+    released: bool,
+    /// Blocking flavour: an epoll set of the socket and the link's drain
+    /// signal, so a read waiting for input wakes when draining starts.
+    waiter: Option<OwnedFd>,
 }
 
 struct Kept {
@@ -114,6 +119,14 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
+/// What a connection handed to a new version answers to writes and commits.
+pub(crate) fn moved() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection moved to a new version of the service",
+    )
+}
+
 pub(crate) fn divergence() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -127,6 +140,8 @@ impl Core {
             kept: None,
             nonblocking,
             closed: false,
+            released: false,
+            waiter: None,
         }
     }
 
@@ -173,6 +188,8 @@ impl Core {
             kept: Some(Box::new(kept)),
             nonblocking,
             closed: false,
+            released: false,
+            waiter: None,
         })
     }
 
@@ -216,29 +233,162 @@ impl Core {
         }
     }
 
+    /// Reads input. A connection handed to a new version reads as end of
+    /// input: the service drops it as if the client had gone, and the new
+    /// version carries on with it.
     pub(crate) fn read(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         let (rflags, _) = self.flags();
-        match &mut self.kept {
-            None => Ok(rustix::net::recv(fd, buf, rflags)?.0),
-            Some(k) => {
-                if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
-                    k.start_spool(fd)?;
-                }
-                let n = if k.spool.is_some() {
-                    k.read_spooled(fd, buf, self.nonblocking)?
-                } else {
-                    let n = rustix::net::recv(fd, buf, rflags | RecvFlags::PEEK)?.0;
+        if self.kept.is_none() {
+            return Ok(rustix::net::recv(fd, buf, rflags)?.0);
+        }
+        loop {
+            if self.released || self.release_if_draining() {
+                return Ok(0);
+            }
+            let Some(k) = &mut self.kept else {
+                return Ok(0);
+            };
+            if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
+                k.start_spool(fd)?;
+            }
+            // The blocking flavour reads without blocking too, and waits
+            // in `wait_readable`, where draining can wake it.
+            let r = if k.spool.is_some() {
+                k.read_spooled(fd, &mut *buf, true)
+            } else {
+                rustix::net::recv(
+                    fd,
+                    &mut *buf,
+                    rflags | RecvFlags::DONTWAIT | RecvFlags::PEEK,
+                )
+                .map(|(n, _)| {
                     k.in_read += n as u64;
                     n
-                };
-                k.mark_busy();
-                Ok(n)
+                })
+                .map_err(Into::into)
+            };
+            match r {
+                Ok(n) => {
+                    k.mark_busy();
+                    return Ok(n);
+                }
+                Err(e) if would_block(&e) && !self.nonblocking => self.wait_readable(fd)?,
+                Err(e) => return Err(e),
             }
         }
     }
 
+    /// Blocking flavour: sleeps until new input arrives or draining starts.
+    /// Both are edge-triggered: input already peeked does not wake it again,
+    /// and the drain signal wakes it once.
+    fn wait_readable(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        use rustix::event::epoll;
+        if self.waiter.is_none() {
+            let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+            let et = epoll::EventFlags::ET;
+            epoll::add(
+                &ep,
+                fd,
+                epoll::EventData::new_u64(0),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP | et,
+            )?;
+            if let Some(k) = &self.kept {
+                epoll::add(
+                    &ep,
+                    k.link.drain_fd(),
+                    epoll::EventData::new_u64(1),
+                    epoll::EventFlags::IN | et,
+                )?;
+            }
+            self.waiter = Some(ep);
+            // Registering reports the current state as an edge: look again
+            // before sleeping.
+            return Ok(());
+        }
+        let Some(ep) = &self.waiter else {
+            return Ok(());
+        };
+        let mut events = [epoll::Event {
+            flags: epoll::EventFlags::empty(),
+            data: epoll::EventData::new_u64(0),
+        }; 2];
+        match epoll::wait(ep, &mut events[..], None) {
+            Ok(_) => Ok(()),
+            Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// While draining, a connection with no output since its last commit is
+    /// handed back to the keeper (see [`Core::release`]).
+    fn release_if_draining(&mut self) -> bool {
+        let Some(k) = &self.kept else {
+            return false;
+        };
+        if self.closed
+            || !k.link.draining()
+            || k.replay.is_some()
+            || !k.pending.is_empty()
+            || k.out_pos != k.rec.out_commit
+        {
+            return false;
+        }
+        self.release();
+        true
+    }
+
+    /// Lets the keeper hand this connection to a new version of the service.
+    /// The record is made to say exactly what the client has (a write that
+    /// sent nothing may have announced bytes it never sent), so the new
+    /// version resumes at the commit point without replaying anything;
+    /// then this worker never touches the connection again.
+    fn release(&mut self) {
+        let Some(k) = &mut self.kept else {
+            return;
+        };
+        if let Some(b) = &k.busy {
+            b.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        if k.rec.out_rec != k.out_pos || !k.rec.nondet().is_empty() {
+            k.rec.out_rec = k.out_pos;
+            k.rec.out_crc = 0;
+            k.rec.clear_nondet();
+            if let Err(e) = k.store() {
+                tracing::warn!(conn = k.rec.conn_id, error = %e, "journal store failed at release");
+            }
+        }
+        self.closed = true;
+        self.released = true;
+        let msg = hf_journal::wire::Msg::Released {
+            conn_id: k.rec.conn_id,
+            slot: k.slot,
+        };
+        if let Err(e) = k.link.send(&msg) {
+            tracing::warn!(conn = k.rec.conn_id, error = %e, "could not hand a connection back");
+        }
+    }
+
+    /// The state blob version `commit` saves when the service names none.
+    pub(crate) fn state_version(&self) -> u16 {
+        self.kept.as_ref().map_or(1, |k| k.link.state_version)
+    }
+
+    /// Handed back to the keeper for a new version: the service should drop it.
+    pub(crate) fn released(&self) -> bool {
+        self.released
+    }
+
+    /// Tasks of the tokio flavour: whether waiting can end because the
+    /// connection goes to a new version now.
+    pub(crate) fn draining_now(&mut self) -> bool {
+        self.released || self.release_if_draining()
+    }
+
     pub(crate) fn write(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         let (_, sflags) = self.flags();
+        if self.released || self.release_if_draining() {
+            return Err(moved());
+        }
         self.flush_pending(fd)?;
         let Some(k) = &mut self.kept else {
             return Ok(rustix::net::send(fd, buf, sflags)?);
@@ -309,6 +459,9 @@ impl Core {
         state_version: u16,
         state: &[u8],
     ) -> io::Result<()> {
+        if self.released {
+            return Err(moved());
+        }
         let Some(k) = &mut self.kept else {
             return Ok(());
         };

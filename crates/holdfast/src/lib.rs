@@ -76,6 +76,64 @@ pub use worker::{Identity, ENV_CONTROL_FD, ENV_JOURNAL_FD};
 /// The state blob limit of one connection (bytes).
 pub const MAX_STATE: usize = hf_journal::record::MAX_STATE;
 
+/// What a service declares about itself when it binds.
+///
+/// ```
+/// // This build writes version 2 of its state blob and still reads
+/// // version 1 (written by the build it replaces).
+/// let opts = holdfast::Options::new().state_version(2).reads_state_versions(1..=2);
+/// # let _ = opts;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub(crate) state_version: u16,
+    pub(crate) reads_state: (u16, u16),
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            state_version: 1,
+            reads_state: (1, 1),
+        }
+    }
+}
+
+impl Options {
+    pub fn new() -> Options {
+        Options::default()
+    }
+
+    /// The schema version of the state blobs `commit` saves (default 1).
+    /// Widens the readable range to include it.
+    pub fn state_version(mut self, v: u16) -> Options {
+        self.state_version = v;
+        self.reads_state = (self.reads_state.0.min(v), self.reads_state.1.max(v));
+        self
+    }
+
+    /// The state blob versions this build can read ([`Conn::state`] says which
+    /// one a connection carries); by default only its own. During
+    /// `holdfast upgrade` connections move to the new build with their blobs,
+    /// so the keeper refuses an upgrade to a build that cannot read the
+    /// versions in use before anything moves.
+    pub fn reads_state_versions(mut self, r: std::ops::RangeInclusive<u16>) -> Options {
+        self.reads_state = (*r.start(), *r.end());
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        let (lo, hi) = self.reads_state;
+        if lo > hi || !(lo..=hi).contains(&self.state_version) {
+            return Err(Error::Options(format!(
+                "reads state versions {lo}..={hi} but writes version {}",
+                self.state_version
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// How the process is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -96,6 +154,8 @@ pub enum Error {
     Protocol(String),
     #[error("no address to listen on (pass-through mode needs at least one)")]
     NoAddress,
+    #[error("bad options: {0}")]
+    Options(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -20,8 +20,8 @@ use hf_journal::wire::{ConnEntry, MAX_MSG};
 
 use crate::blocking::adopt;
 use crate::core::Core;
-use crate::worker::{Incoming, Link};
-use crate::{Error, Mode};
+use crate::worker::{Incoming, Link, WakeCell};
+use crate::{Error, Mode, Options};
 
 /// How often the tokio flavour bumps the worker's heartbeat.
 pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -46,7 +46,12 @@ impl Listener {
     /// Under a keeper, connects to it (the addresses are ignored); otherwise
     /// binds `addrs` (pass-through). Must be called inside a tokio runtime.
     pub async fn bind(addrs: &[SocketAddr]) -> Result<Listener, Error> {
-        match Link::from_env()? {
+        Listener::bind_with(addrs, &Options::default()).await
+    }
+
+    /// [`Listener::bind`] with what the service declares about itself.
+    pub async fn bind_with(addrs: &[SocketAddr], opts: &Options) -> Result<Listener, Error> {
+        match Link::from_env(opts)? {
             Some(link) => {
                 let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
                 // The heartbeat is a task on the service's own runtime: if
@@ -160,7 +165,9 @@ impl Listener {
                     }
                     *yield_next = !queue.is_empty();
                     if let Some(core) = adopt(link, entry, &fd, spool, true) {
-                        return Ok(Some(Conn::new(fd, core)?));
+                        let mut c = Conn::new(fd, core)?;
+                        c.wake = Some(link.wake_cell());
+                        return Ok(Some(c));
                     }
                     continue;
                 }
@@ -174,6 +181,7 @@ impl Listener {
                     Some(Incoming::Conns(list)) => queue.extend(list),
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),
+                    Some(Incoming::Drain) => link.start_drain(),
                     None => {}
                 }
             },
@@ -182,10 +190,13 @@ impl Listener {
 }
 
 /// A client connection. Reads are tentative until [`Conn::commit`]; writes
-/// are journaled. Dropping it closes the connection for good.
+/// are journaled. Dropping it closes the connection for good — unless it
+/// [`moved`](Conn::moved) to a new version, which then carries on with it.
 pub struct Conn {
     io: AsyncFd<OwnedFd>,
     core: Core,
+    /// Woken when the worker starts draining (kept connections only).
+    wake: Option<Arc<WakeCell>>,
 }
 
 impl Drop for Conn {
@@ -197,7 +208,11 @@ impl Drop for Conn {
 impl Conn {
     fn new(fd: OwnedFd, core: Core) -> io::Result<Conn> {
         match hf_sys::reactor::register(fd) {
-            Ok(io) => Ok(Conn { io, core }),
+            Ok(io) => Ok(Conn {
+                io,
+                core,
+                wake: None,
+            }),
             Err(e) => Err(e),
         }
     }
@@ -235,7 +250,15 @@ impl Conn {
     /// Ends a request; see [`crate::Conn::commit`]. Waits until replayed
     /// output held back for verification is on the socket.
     pub async fn commit(&mut self, consumed: usize, state: &[u8]) -> io::Result<()> {
-        self.commit_versioned(consumed, 1, state).await
+        let v = self.core.state_version();
+        self.commit_versioned(consumed, v, state).await
+    }
+
+    /// This connection went to a new version of the service (`holdfast
+    /// upgrade`): reads return end of input and writes fail; drop it. The
+    /// client does not notice.
+    pub fn moved(&self) -> bool {
+        self.core.released()
     }
 
     /// [`Conn::commit`] with an explicit state schema version.
@@ -266,6 +289,21 @@ impl Conn {
         crate::blocking::peer_addr(self.io.get_ref().as_fd())
     }
 
+    /// About to wait for the socket: also wait for draining to start, and
+    /// end the wait with `moved` if the connection goes to a new version.
+    /// The waker is left before the flag is looked at, and draining sets
+    /// the flag before it wakes, so no wake-up is lost.
+    fn pending_unless_moved<T>(&mut self, cx: &mut Context<'_>, moved: T) -> Poll<T> {
+        let Some(cell) = &self.wake else {
+            return Poll::Pending;
+        };
+        cell.register(cx.waker());
+        if self.core.draining_now() {
+            return Poll::Ready(moved);
+        }
+        Poll::Pending
+    }
+
     fn poll_flush_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.core.has_pending() {
             let mut guard = ready!(self.io.poll_write_ready(cx))?;
@@ -293,7 +331,10 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.io.poll_read_ready(cx))?;
+            let mut guard = match this.io.poll_read_ready(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending => return this.pending_unless_moved(cx, Ok(())),
+            };
             let unfilled = buf.initialize_unfilled();
             let core = &mut this.core;
             match guard.try_io(|fd| core.read(fd.get_ref().as_fd(), unfilled)) {
@@ -316,7 +357,10 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.io.poll_write_ready(cx))?;
+            let mut guard = match this.io.poll_write_ready(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending => return this.pending_unless_moved(cx, Err(crate::core::moved())),
+            };
             let core = &mut this.core;
             match guard.try_io(|fd| core.write(fd.get_ref().as_fd(), buf)) {
                 Ok(r) => return Poll::Ready(r),

@@ -2,7 +2,9 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
 
 use hf_journal::wire::{ConnEntry, Msg, MAX_MSG, PROTO_VERSION};
 use hf_sys::shm::SharedMem;
@@ -32,6 +34,30 @@ pub(crate) struct Link {
     /// `epoch`, 0 = none); read by the heartbeat to enforce `deadline`.
     busy: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicU64>>>,
     epoch: std::time::Instant,
+    /// The state blob schema version `commit` writes.
+    pub(crate) state_version: u16,
+    /// A new version is taking over: connections let go at commit points.
+    draining: AtomicBool,
+    /// Readable once draining starts (an eventfd), for blocking reads.
+    drain_fd: OwnedFd,
+    /// Tasks of the tokio flavour waiting on a connection, woken when
+    /// draining starts.
+    wakers: Mutex<Vec<Weak<WakeCell>>>,
+}
+
+/// Where a tokio task waiting on one connection leaves its waker.
+#[derive(Default)]
+pub(crate) struct WakeCell(Mutex<Option<Waker>>);
+
+impl WakeCell {
+    pub(crate) fn register(&self, w: &Waker) {
+        if let Ok(mut slot) = self.0.lock() {
+            match &*slot {
+                Some(old) if old.will_wake(w) => {}
+                _ => *slot = Some(w.clone()),
+            }
+        }
+    }
 }
 
 /// A message from the keeper, with the fds that came with it.
@@ -40,6 +66,8 @@ pub(crate) enum Incoming {
     Conns(Vec<(ConnEntry, OwnedFd, Option<OwnedFd>)>),
     Activate,
     Shutdown,
+    /// Let go of every connection at its next commit point.
+    Drain,
 }
 
 fn env_fd(name: &str) -> Result<Option<RawFd>, Error> {
@@ -68,7 +96,8 @@ fn msg_fds(entries: &[ConnEntry]) -> usize {
 impl Link {
     /// Connects to the keeper named by the environment, or `None` when the
     /// process was not started by a keeper (pass-through mode).
-    pub(crate) fn from_env() -> Result<Option<Arc<Link>>, Error> {
+    pub(crate) fn from_env(opts: &crate::Options) -> Result<Option<Arc<Link>>, Error> {
+        opts.check()?;
         let (Some(cfd), Some(jfd)) = (env_fd(ENV_CONTROL_FD)?, env_fd(ENV_JOURNAL_FD)?) else {
             return Ok(None);
         };
@@ -82,6 +111,8 @@ impl Link {
         Msg::Hello {
             pid: std::process::id(),
             proto: PROTO_VERSION,
+            state_writes: opts.state_version,
+            state_reads: opts.reads_state,
         }
         .encode(&mut out);
         hf_sys::fdpass::send(&control, &out, &[], false)?;
@@ -137,6 +168,13 @@ impl Link {
             deadline,
             busy: std::sync::Mutex::new(Vec::new()),
             epoch: std::time::Instant::now(),
+            state_version: opts.state_version,
+            draining: AtomicBool::new(false),
+            drain_fd: rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )?,
+            wakers: Mutex::new(Vec::new()),
         })))
     }
 
@@ -184,6 +222,7 @@ impl Link {
             }
             Msg::Activate => Ok(Some(Incoming::Activate)),
             Msg::Shutdown => Ok(Some(Incoming::Shutdown)),
+            Msg::Drain => Ok(Some(Incoming::Drain)),
             other => {
                 tracing::warn!(?other, "unexpected message from keeper, ignored");
                 Ok(None)
@@ -242,5 +281,46 @@ impl Link {
 
     pub(crate) fn ready(&self) -> io::Result<()> {
         self.send(&Msg::Ready)
+    }
+
+    /// True once the keeper asked this worker to let its connections go.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts letting connections go: every connection waiting to read or
+    /// write is woken to find it out.
+    pub(crate) fn start_drain(&self) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!("a new version takes over: handing connections back at their commit points");
+        let _ = rustix::io::write(&self.drain_fd, &1u64.to_ne_bytes());
+        let cells: Vec<Arc<WakeCell>> = match self.wakers.lock() {
+            Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        for c in cells {
+            let w = c.0.lock().ok().and_then(|mut s| s.take());
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+
+    pub(crate) fn drain_fd(&self) -> BorrowedFd<'_> {
+        self.drain_fd.as_fd()
+    }
+
+    /// A cell for one connection's waiting task, woken by [`Link::start_drain`].
+    pub(crate) fn wake_cell(&self) -> Arc<WakeCell> {
+        let cell = Arc::new(WakeCell::default());
+        if let Ok(mut v) = self.wakers.lock() {
+            if v.len() >= 64 && v.len().is_power_of_two() {
+                v.retain(|w| w.strong_count() > 0);
+            }
+            v.push(Arc::downgrade(&cell));
+        }
+        cell
     }
 }

@@ -361,13 +361,21 @@ fn http_date(secs: u64) -> String {
     httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(MAX)))
 }
 
+/// The `Server` header's value (`--server-name`; default `hf-httpd`).
+pub static SERVER_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Appends a complete response head (ending in the blank line) to `out`.
 pub fn write_head(head: &Head<'_>, out: &mut Vec<u8>) {
     use std::io::Write;
+    let server = SERVER_NAME
+        .get()
+        .map(String::as_str)
+        .filter(|v| safe_field(v))
+        .unwrap_or("hf-httpd");
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nServer: hf-httpd\r\nDate: {}\r\n",
+        "HTTP/1.1 {} {}\r\nServer: {server}\r\nDate: {}\r\n",
         head.status.code(),
         head.status.reason(),
         http_date(head.date_unix_secs)

@@ -53,6 +53,9 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// The `Server` header's value (e.g. to tell versions apart during an upgrade).
+    #[arg(long, default_value = "hf-httpd", value_name = "NAME")]
+    server_name: String,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let _ = http::SERVER_NAME.set(args.server_name.clone());
     let root = match (&args.root, &args.demo_site) {
         (_, Some(dir)) => {
             if !dir.join("big.bin").exists() {

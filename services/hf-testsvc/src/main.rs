@@ -25,6 +25,13 @@
 //! `STALL <id> <len>\n` is a HOLD that blocks the whole thread instead of
 //! one task: with `--tokio` the runtime, and so the heartbeat, stops.
 //!
+//! `COUNT <id>\n` is answered `COUNT <id> <n>\n`, `n` being the requests
+//! this connection completed before it. With `--state-version V` the count
+//! is the connection's state blob (version 1: 8 bytes little-endian, version
+//! 2: decimal text), so it survives crashes and upgrades; `--reads-state L`
+//! lets a build read versions `L..=V` (an upgrade from version 1 to 2).
+//! `--abort-on-request` aborts at the first request: a bad new version.
+//!
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
 
@@ -53,6 +60,59 @@ struct Args {
     /// Sleep this long before becoming ready (a slow-starting service).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     init_ms: u64,
+    /// Keep each connection's request count as a state blob of this version (1 or 2).
+    #[arg(long, value_name = "V", value_parser = clap::value_parser!(u16).range(1..=2))]
+    state_version: Option<u16>,
+    /// Oldest state version this build reads (default: only its own).
+    #[arg(long, value_name = "V", requires = "state_version")]
+    reads_state: Option<u16>,
+    /// Abort at the first request (a broken build).
+    #[arg(long)]
+    abort_on_request: bool,
+}
+
+/// How the service keeps its per-connection state, and whether it is broken.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    state_version: Option<u16>,
+    abort_on_request: bool,
+}
+
+static BEHAVIOUR: std::sync::OnceLock<Behaviour> = std::sync::OnceLock::new();
+
+fn behaviour() -> Behaviour {
+    BEHAVIOUR.get().copied().unwrap_or(Behaviour {
+        state_version: None,
+        abort_on_request: false,
+    })
+}
+
+fn options(args: &Args) -> holdfast::Options {
+    match args.state_version {
+        Some(v) => holdfast::Options::new()
+            .state_version(v)
+            .reads_state_versions(args.reads_state.unwrap_or(v).min(v)..=v),
+        None => holdfast::Options::new(),
+    }
+}
+
+/// The request count in a state blob of version `v` (an empty blob: 0).
+fn decode_count(v: u16, b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return Some(0);
+    }
+    match v {
+        1 => b.try_into().ok().map(u64::from_le_bytes),
+        2 => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn encode_count(v: u16, n: u64) -> Vec<u8> {
+    match v {
+        1 => n.to_le_bytes().to_vec(),
+        _ => n.to_string().into_bytes(),
+    }
 }
 
 /// The answer body for request `id`: what a client checks byte for byte.
@@ -74,6 +134,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let _ = BEHAVIOUR.set(Behaviour {
+        state_version: args.state_version,
+        abort_on_request: args.abort_on_request,
+    });
     std::thread::sleep(Duration::from_millis(args.init_ms));
     let salt = if args.diverge {
         u64::from(std::process::id())
@@ -85,7 +149,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        return match rt.block_on(asynch::run(&args.listen, salt)) {
+        return match rt.block_on(asynch::run(&args.listen, &options(&args), salt)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hf-testsvc: {e}");
@@ -93,7 +157,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut listener = match Listener::bind(&args.listen) {
+    let mut listener = match Listener::bind_with(&args.listen, &options(&args)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("hf-testsvc: {e}");
@@ -144,9 +208,34 @@ pub fn body_answer(id: &str, body: &[u8]) -> Vec<u8> {
     format!("SUM {id} {} {h:016x}\n", body.len()).into_bytes()
 }
 
+/// The connection's request count from its state blob; `None` if this
+/// build cannot read it.
+fn count_of(state: (u16, &[u8])) -> Option<u64> {
+    match behaviour().state_version {
+        Some(_) => decode_count(state.0, state.1),
+        None => Some(0),
+    }
+}
+
+/// The answer to `COUNT <id>`.
+fn count_answer(id: &str, n: u64) -> Vec<u8> {
+    format!("COUNT {id} {n}\n").into_bytes()
+}
+
+/// The state blob to commit after `n` requests: (version, bytes).
+fn state_after(n: u64) -> (u16, Vec<u8>) {
+    match behaviour().state_version {
+        Some(v) => (v, encode_count(v, n)),
+        None => (1, Vec::new()),
+    }
+}
+
 fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
+    let Some(mut count) = count_of(c.state()) else {
+        return c.write_all(b"ERR STATE\n");
+    };
     loop {
         while let Some((line, body, total)) = next_request(&buf) {
             if let Some(id) = line
@@ -154,10 +243,14 @@ fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
                 .and_then(|r| r.split_whitespace().next())
             {
                 c.write_all(&body_answer(id, body))?;
+            } else if let Some(id) = line.strip_prefix("COUNT ") {
+                c.write_all(&count_answer(id, count))?;
             } else {
                 answer(&mut c, &line, salt)?;
             }
-            c.commit(total, &[])?;
+            count += 1;
+            let (v, state) = state_after(count);
+            c.commit_versioned(total, v, &state)?;
             buf.drain(..total);
         }
         let n = c.read(&mut chunk)?;
@@ -218,6 +311,9 @@ fn answer_bytes(id: u64, len: usize, salt: u64) -> Vec<u8> {
 }
 
 fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+    if behaviour().abort_on_request {
+        std::process::abort();
+    }
     if let Some(id) = line.strip_prefix("CRASH ") {
         if c.poisoned() {
             return c.write_all(format!("ERR POISON {id}\n").as_bytes());
@@ -250,8 +346,12 @@ mod asynch {
     use holdfast::tokio::{Conn, Listener};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    pub async fn run(listen: &[SocketAddr], salt: u64) -> Result<(), holdfast::Error> {
-        let mut listener = Listener::bind(listen).await?;
+    pub async fn run(
+        listen: &[SocketAddr],
+        opts: &holdfast::Options,
+        salt: u64,
+    ) -> Result<(), holdfast::Error> {
+        let mut listener = Listener::bind_with(listen, opts).await?;
         for a in listener.local_addrs() {
             eprintln!("hf-testsvc listening on {a}");
         }
@@ -263,6 +363,9 @@ mod asynch {
 
     async fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(4096);
+        let Some(mut count) = super::count_of(c.state()) else {
+            return c.write_all(b"ERR STATE\n").await;
+        };
         loop {
             while let Some((line, body, total)) = super::next_request(&buf) {
                 if let Some(id) = line
@@ -270,10 +373,14 @@ mod asynch {
                     .and_then(|r| r.split_whitespace().next())
                 {
                     c.write_all(&super::body_answer(id, body)).await?;
+                } else if let Some(id) = line.strip_prefix("COUNT ") {
+                    c.write_all(&super::count_answer(id, count)).await?;
                 } else {
                     answer(&mut c, &line, salt).await?;
                 }
-                c.commit(total, &[]).await?;
+                count += 1;
+                let (v, state) = super::state_after(count);
+                c.commit_versioned(total, v, &state).await?;
                 buf.drain(..total);
             }
             if c.read_buf(&mut buf).await? == 0 {
@@ -283,6 +390,9 @@ mod asynch {
     }
 
     async fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+        if super::behaviour().abort_on_request {
+            std::process::abort();
+        }
         if let Some(id) = line.strip_prefix("CRASH ") {
             if c.poisoned() {
                 return c.write_all(format!("ERR POISON {id}\n").as_bytes()).await;

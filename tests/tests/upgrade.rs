@@ -1,0 +1,555 @@
+//! `holdfast upgrade` with real services and byte-checking clients: every
+//! connection moves to the new version without a failed request, a reset or
+//! a wrong byte, and a bad new version rolls back with nothing lost.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hf_tests::http::{make_site, parse_all, Client};
+use hf_tests::testsvc::{self, answer, half, LineClient};
+use hf_tests::{bin, connect_small_rcvbuf, kill9, paced_read_to_end, Keeper, Role, TempDir};
+use hf_tests::{run_cmd, Snapshot};
+
+fn s(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn httpd(exe: &std::path::Path, root: &std::path::Path, name: &str) -> Vec<String> {
+    vec![
+        exe.display().to_string(),
+        "--root".into(),
+        root.display().to_string(),
+        "--server-name".into(),
+        name.into(),
+    ]
+}
+
+/// The summary `holdfast upgrade --json` ends with.
+fn done_event(out: &str) -> serde_json::Value {
+    let last = out.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["event"], "done", "upgrade did not end with done: {out}");
+    v
+}
+
+fn active_generation(s: &Snapshot) -> Option<u32> {
+    s.workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .map(|w| w.generation)
+}
+
+/// Line-protocol clients on keep-alive connections, each checking every
+/// answer byte for byte until stopped. Returns the answers checked.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    clients: Vec<JoinHandle<Result<u64, String>>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, n: u64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let clients = (0..n)
+            .map(|c| {
+                let (stop, done) = (stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut cl = LineClient::connect(addr, format!("client {c}"));
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = c * 1_000_000 + i;
+                        let len = [10, 1000, 20_000][(i % 3) as usize];
+                        cl.send(&format!("REQ {id} {len} 0\n"));
+                        let got = cl.read_n(answer(id, len, 0).len())?;
+                        if got != answer(id, len, 0) {
+                            return Err(format!("client {c}: wrong answer to request {id}"));
+                        }
+                        i += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(i)
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            done,
+            clients,
+        }
+    }
+
+    /// Waits until `n` more answers were checked.
+    fn progress(&self, n: u64) {
+        let start = self.done.load(Ordering::Relaxed);
+        hf_tests::eventually(Duration::from_secs(20), "clients progressing", || {
+            (self.done.load(Ordering::Relaxed) >= start + n).then_some(())
+        });
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for c in self.clients {
+            total += c
+                .join()
+                .expect("client thread")
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        total
+    }
+}
+
+/// 50 upgrades, alternating between two builds that answer with different
+/// `Server` headers, under 64 keep-alive clients: no failed request, every
+/// body byte-exact, every response from one of the two builds, every
+/// connection moved at a commit point, and only the last generation left.
+#[test]
+fn fifty_upgrades_between_two_builds_under_64_keepalive_clients() {
+    let dir = TempDir::new("upgrade50");
+    let root = dir.path().join("site");
+    std::fs::create_dir(&root).unwrap();
+    let files = Arc::new(make_site(
+        &root,
+        &[0, 100, 4096, 20_000, 65_536, 300_000, 700_000],
+    ));
+    // The second build: the same program at another path.
+    let b_exe = dir.path().join("hf-httpd-b");
+    std::fs::copy(bin("hf-httpd"), &b_exe).unwrap();
+    let a = httpd(&bin("hf-httpd"), &root, "hf-httpd/A");
+    let b = httpd(&b_exe, &root, "hf-httpd/B");
+    let mut k = Keeper::start(&[], &s(&a));
+    let addr = k.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let clients: Vec<_> = (0..64u64)
+        .map(|c| {
+            let (files, stop, seen) = (files.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut cl = Client::connect(addr).map_err(|e| format!("client {c}: {e}"))?;
+                let mut n = 0u64;
+                let mut i = c as usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let (path, want) = &files[i % files.len()];
+                    i = i.wrapping_mul(7).wrapping_add(3);
+                    let r = cl
+                        .get(path)
+                        .map_err(|e| format!("client {c} request {n} {path}: {e}"))?;
+                    if r.status != 200 || r.body != *want {
+                        return Err(format!(
+                            "client {c} request {n} {path}: status {}, {} bytes, want {}",
+                            r.status,
+                            r.body.len(),
+                            want.len()
+                        ));
+                    }
+                    match r.header("server") {
+                        Some("hf-httpd/A") => seen[0].fetch_add(1, Ordering::Relaxed),
+                        Some("hf-httpd/B") => seen[1].fetch_add(1, Ordering::Relaxed),
+                        other => return Err(format!("client {c}: Server {other:?}")),
+                    };
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let (mut moved, mut total) = (0u64, 0u64);
+    for i in 0..50 {
+        let cmd = if i % 2 == 0 { &b } else { &a };
+        let (code, out, err) = k.upgrade(&["--settle", "50", "--json"], &s(cmd));
+        assert_eq!(code, 0, "upgrade {i} failed: {out}{err}\n{}", k.log());
+        let d = done_event(&out);
+        assert_eq!(d["generation"], i + 2);
+        assert_eq!(d["recovered"], 0, "upgrade {i}: {out}");
+        moved += d["moved"].as_u64().unwrap();
+        let sw: serde_json::Value = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "switched")
+            .expect("switched event");
+        total += sw["total"].as_u64().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let mut requests = 0;
+    for c in clients {
+        requests += c.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (na, nb) = (
+        seen[0].load(Ordering::Relaxed),
+        seen[1].load(Ordering::Relaxed),
+    );
+    assert!(na > 0 && nb > 0, "answers from A {na}, from B {nb}");
+    assert_eq!(moved, total, "every connection moved at a commit point");
+    assert!(
+        total >= 50 * 60,
+        "only {total} connections moved in 50 upgrades"
+    );
+    let st = k.wait_for("only generation 51 left", |s| {
+        s.generations == [51] && s.workers.iter().all(|w| w.generation == 51)
+    });
+    assert_eq!((st.upgrades, st.failed_upgrades, st.restarts), (50, 0, 0));
+    eprintln!("{requests} requests ({na} from A, {nb} from B), {moved} connection moves");
+}
+
+/// A slow multi-megabyte download keeps going through three upgrades: each
+/// upgrade completes (the old generation gone) while the download is still
+/// running, and the file arrives intact.
+#[test]
+fn slow_download_moves_to_the_new_version_mid_file() {
+    let dir = TempDir::new("upgrade-dl");
+    let files = make_site(dir.path(), &[16 << 20]);
+    let (path, want) = files[0].clone();
+    let a = httpd(&bin("hf-httpd"), dir.path(), "A");
+    let b = httpd(&bin("hf-httpd"), dir.path(), "B");
+    let mut k = Keeper::start(&[], &s(&a));
+    let mut sock = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || paced_read_to_end(sock, 4.0 * 1024.0 * 1024.0, progress))
+    };
+    for i in 0..3 {
+        let before = progress.load(Ordering::Relaxed);
+        hf_tests::eventually(Duration::from_secs(10), "download progressing", || {
+            (progress.load(Ordering::Relaxed) > before + (1 << 20)).then_some(())
+        });
+        let cmd = if i % 2 == 0 { &b } else { &a };
+        let (code, out, err) = k.upgrade(
+            &["--settle", "20", "--drain-timeout", "30000", "--json"],
+            &s(cmd),
+        );
+        assert_eq!(code, 0, "upgrade {i}: {out}{err}\n{}", k.log());
+        let d = done_event(&out);
+        assert_eq!(d["moved"], 1, "the download moved: {out}");
+        let got = progress.load(Ordering::Relaxed);
+        assert!(
+            got < want.len(),
+            "upgrade {i} waited for the download to end"
+        );
+    }
+    let raw = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download: {e}"));
+    let r = parse_all(&raw, &[false]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r[0].status, 200);
+    assert_eq!(
+        r[0].header("server"),
+        Some("A"),
+        "the head came from the first version"
+    );
+    assert!(r[0].body == want, "body differs");
+    let st = k.wait_for("generation 4 alone", |s| s.generations == [4]);
+    assert_eq!(st.restarts, 0);
+}
+
+fn testsvc_cmd(extra: &[&str]) -> Vec<String> {
+    let mut v = vec![bin("hf-testsvc").display().to_string()];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A new version that exits at start, or is never ready: the upgrade fails
+/// with the reason, nothing moves, and clients never notice.
+#[test]
+fn broken_new_versions_are_stopped_before_anything_moves() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let load = Load::start(k.addr, 8);
+    load.progress(100);
+    let (code, out, _) = k.upgrade(&[], &["sh", "-c", "exit 3"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("exited with code 3 before it was ready") && out.contains("nothing moved"),
+        "{out}"
+    );
+    load.progress(100);
+    let (code, out, _) = k.upgrade(
+        &["--ready-timeout", "300"],
+        &s(&testsvc_cmd(&["--init-ms", "60000"])),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not ready after"), "{out}");
+    let (code, out, _) = k.upgrade(&[], &["/nonexistent/service"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot start the new version"), "{out}");
+    load.progress(100);
+    load.finish();
+    let st = k.wait_for("one generation", |s| s.generations == [1]);
+    assert_eq!((st.generation, st.upgrades, st.failed_upgrades), (1, 0, 3));
+    assert_eq!(st.restarts, 0);
+}
+
+/// A new version that crashes on its first request, after it took over:
+/// the old version's standby takes everything back, the request that
+/// crashed it is answered by the old version, and the command says so.
+#[test]
+fn new_version_crashing_on_its_first_request_rolls_back() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let load = Load::start(k.addr, 8);
+    load.progress(100);
+    let (code, out, _) = k.upgrade(
+        &["--settle", "5000"],
+        &s(&testsvc_cmd(&["--tokio", "--abort-on-request"])),
+    );
+    assert_eq!(code, 1, "{out}\n{}", k.log());
+    assert!(
+        out.contains("killed by SIGABRT") && out.contains("rolled back to generation 1"),
+        "{out}"
+    );
+    load.progress(500);
+    let st = k.status().unwrap();
+    assert_eq!(active_generation(&st), Some(1));
+    load.finish();
+    let st = k.wait_for("generation 1 alone", |s| s.generations == [1]);
+    assert_eq!((st.generation, st.upgrades, st.failed_upgrades), (1, 0, 1));
+}
+
+/// State blobs: an upgrade to a build that cannot read the versions in use
+/// is refused before anything moves; one that reads the old version moves
+/// every connection with its state (a per-connection request count).
+#[test]
+fn state_blob_versions_decide_whether_an_upgrade_may_go() {
+    let mut k = testsvc::keeper(&[], &["--state-version", "1"]);
+    let mut c = LineClient::connect(k.addr, "counted");
+    for i in 0..3 {
+        c.request(i, 100, 0);
+    }
+    let (code, out, _) = k.upgrade(&[], &s(&testsvc_cmd(&["--state-version", "2"])));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refused before anything moved") && out.contains("state version 1"),
+        "{out}"
+    );
+    c.send("COUNT 9\n");
+    c.expect(b"COUNT 9 3\n", "count on the old version");
+    let (code, out, _) = k.upgrade(
+        &["--settle", "20"],
+        &s(&testsvc_cmd(&[
+            "--state-version",
+            "2",
+            "--reads-state",
+            "1",
+        ])),
+    );
+    assert_eq!(code, 0, "{out}\n{}", k.log());
+    c.send("COUNT 10\n");
+    c.expect(b"COUNT 10 4\n", "count carried to the new version");
+    c.request(11, 100, 0);
+    // Back to a build that reads only version 1: generation 2 writes 2.
+    let (code, out, _) = k.upgrade(&[], &s(&testsvc_cmd(&["--state-version", "1"])));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("writes state version 2"), "{out}");
+    c.send("COUNT 12\n");
+    c.expect(b"COUNT 12 6\n", "count after the refused upgrade");
+    // Generation numbers name every version started, refused ones too.
+    assert_eq!(k.status().unwrap().generation, 3);
+}
+
+/// A request still running on the old version at the drain timeout is
+/// recovered on the new version exactly as after a crash; an idle
+/// connection next to it moves at once.
+#[test]
+fn request_running_past_the_drain_timeout_is_recovered_on_the_new_version() {
+    let mut k = testsvc::keeper(&[], &[]);
+    let mut busy = LineClient::connect(k.addr, "busy");
+    let mut idle = LineClient::connect(k.addr, "idle");
+    idle.request(1, 100, 0);
+    busy.send("HOLD 7 100000\n");
+    let want = answer(7, 100_000, 0);
+    let first = busy.read_n(half(7, 100_000)).unwrap();
+    assert_eq!(first[..], want[..first.len()]);
+    let (code, out, _) = k.upgrade(&["--drain-timeout", "300", "--settle", "20", "--json"], &[]);
+    assert_eq!(code, 0, "{out}\n{}", k.log());
+    let d = done_event(&out);
+    assert_eq!(
+        (d["moved"].as_u64(), d["recovered"].as_u64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    busy.expect(
+        &want[first.len()..],
+        "rest of the held answer, from the new version",
+    );
+    busy.request(8, 1000, 0);
+    idle.request(2, 1000, 0);
+    assert_eq!(k.status().unwrap().generation, 2);
+}
+
+/// Crashes and upgrades interleaved under load: the active worker killed
+/// right before an upgrade, a draining old version killed mid-drain, and
+/// the new version killed while it settles (a rollback). Nothing is lost.
+#[test]
+fn crashes_during_upgrades_lose_nothing() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let load = Load::start(k.addr, 16);
+    load.progress(200);
+    for _ in 0..8 {
+        k.kill_active();
+        let (code, out, err) = k.upgrade(&["--settle", "20"], &[]);
+        assert_eq!(code, 0, "{out}{err}\n{}", k.log());
+        load.progress(50);
+    }
+    // A held request keeps the old version draining; kill it mid-drain.
+    let mut held = LineClient::connect(k.addr, "held");
+    held.send("HOLD 5 50000\n");
+    let want = answer(5, 50_000, 0);
+    let first = held.read_n(half(5, 50_000)).unwrap();
+    let control = k.control.clone();
+    let up = std::thread::spawn(move || {
+        run_cmd(
+            std::process::Command::new(bin("holdfast"))
+                .args([
+                    "upgrade",
+                    "--drain-timeout",
+                    "30000",
+                    "--settle",
+                    "20",
+                    "--control",
+                ])
+                .arg(&control),
+        )
+    });
+    let st = k.wait_for("old version draining", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.role == Role::Draining && w.connections > 0)
+    });
+    let old = st
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Draining && w.connections > 0)
+        .unwrap();
+    kill9(old.pid);
+    let (code, out, err) = up.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}\n{}", k.log());
+    held.expect(
+        &want[first.len()..],
+        "held answer after its draining worker was killed",
+    );
+    load.progress(200);
+    // The new version killed while it settles: back to the one before.
+    let gen = k.status().unwrap().generation;
+    let control = k.control.clone();
+    let up = std::thread::spawn(move || {
+        run_cmd(
+            std::process::Command::new(bin("holdfast"))
+                .args(["upgrade", "--settle", "10000", "--control"])
+                .arg(&control),
+        )
+    });
+    let st = k.wait_for("new version active", |s| {
+        active_generation(s) == Some(gen + 1)
+    });
+    let new = st
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .unwrap()
+        .pid;
+    load.progress(100);
+    kill9(new);
+    let (code, out, _) = up.join().unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("rolled back to generation {gen}")),
+        "{out}"
+    );
+    load.progress(200);
+    let n = load.finish();
+    assert!(n > 0);
+    let st = k.status().unwrap();
+    assert_eq!(st.generation, gen);
+}
+
+/// Back-to-back upgrades are bounded: with `--max-generations 2`, an
+/// upgrade while the oldest generation still drains is refused with the
+/// reason; once it is gone the next one goes through.
+#[test]
+fn live_generations_are_bounded() {
+    let mut k = testsvc::keeper(&["--max-generations", "2"], &[]);
+    let mut held = LineClient::connect(k.addr, "held");
+    held.send("HOLD 3 20000\n");
+    let want = answer(3, 20_000, 0);
+    let first = held.read_n(half(3, 20_000)).unwrap();
+    let control = k.control.clone();
+    let up = std::thread::spawn(move || {
+        run_cmd(
+            std::process::Command::new(bin("holdfast"))
+                .args([
+                    "upgrade",
+                    "--drain-timeout",
+                    "30000",
+                    "--settle",
+                    "10",
+                    "--control",
+                ])
+                .arg(&control),
+        )
+    });
+    let st = k.wait_for("generation 1 draining", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.generation == 1 && w.role == Role::Draining)
+    });
+    assert_eq!(st.generations, [1, 2]);
+    assert!(st.upgrade.is_some());
+    let (code, out, _) = k.upgrade(&[], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("2 generations are live") && out.contains("generation 1 still holds 1"),
+        "{out}"
+    );
+    let old = st
+        .workers
+        .iter()
+        .find(|w| w.generation == 1 && w.role == Role::Draining)
+        .unwrap()
+        .pid;
+    kill9(old);
+    let (code, out, _) = up.join().unwrap();
+    assert_eq!(code, 0, "{out}");
+    held.expect(&want[first.len()..], "held answer");
+    let (code, out, _) = k.upgrade(&["--settle", "10"], &[]);
+    assert_eq!(code, 0, "{out}");
+    k.wait_for("generation 3 alone", |s| s.generations == [3]);
+}
+
+/// SIGHUP to the keeper upgrades to the same command (a rebuilt binary).
+#[test]
+fn sighup_upgrades_to_the_same_command() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let mut c = LineClient::connect(k.addr, "c");
+    c.request(1, 100, 0);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(k.pid() as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    let st = k.wait_for("upgraded", |s| s.upgrades == 1 && s.generations == [2]);
+    assert_eq!(st.generation, 2);
+    c.request(2, 100, 0);
+}
+
+#[test]
+fn upgrade_without_a_keeper_says_so() {
+    let (code, out, err) = run_cmd(std::process::Command::new(bin("holdfast")).args([
+        "upgrade",
+        "--control",
+        "/nonexistent/holdfast.sock",
+    ]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("no keeper answers at /nonexistent/holdfast.sock"),
+        "{err}"
+    );
+}
