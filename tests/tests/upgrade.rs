@@ -319,7 +319,7 @@ fn new_version_crashing_on_its_first_request_rolls_back() {
 /// every connection with its state (a per-connection request count).
 #[test]
 fn state_blob_versions_decide_whether_an_upgrade_may_go() {
-    let mut k = testsvc::keeper(&[], &["--state-version", "1"]);
+    let k = testsvc::keeper(&[], &["--state-version", "1"]);
     let mut c = LineClient::connect(k.addr, "counted");
     for i in 0..3 {
         c.request(i, 100, 0);
@@ -360,7 +360,7 @@ fn state_blob_versions_decide_whether_an_upgrade_may_go() {
 /// connection next to it moves at once.
 #[test]
 fn request_running_past_the_drain_timeout_is_recovered_on_the_new_version() {
-    let mut k = testsvc::keeper(&[], &[]);
+    let k = testsvc::keeper(&[], &[]);
     let mut busy = LineClient::connect(k.addr, "busy");
     let mut idle = LineClient::connect(k.addr, "idle");
     idle.request(1, 100, 0);
