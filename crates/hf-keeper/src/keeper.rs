@@ -23,7 +23,7 @@ use hf_sys::fdpass;
 use hf_sys::shm::SharedMem;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, Signal};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, WorkerInfo};
 use crate::{listen, Config, KeeperError};
 
+mod reexec;
 mod upgrade;
 use upgrade::Upgrade;
 
@@ -55,6 +56,9 @@ enum Event {
     ControlClosed(u32),
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
+    /// `holdfast upgrade --keeper`: re-execute the keeper; the outcome goes
+    /// to this stream.
+    Reexec(OwnedFd),
     /// `holdfast upgrade` (progress goes back on the channel) or SIGHUP.
     Upgrade(UpgradeRequest, Option<mpsc::UnboundedSender<Progress>>),
     Signal(&'static str),
@@ -87,7 +91,9 @@ struct Worker {
     generation: u32,
     role: Role,
     control: Arc<OwnedFd>,
-    child: Child,
+    /// `None` for workers inherited across a re-exec of the keeper (still
+    /// its children, reaped by pid).
+    child: Option<Child>,
     greeted: bool,
     started: Instant,
     /// Last heartbeat value seen, and when it last changed.
@@ -112,6 +118,18 @@ struct Keeper {
     journal_fd: OwnedFd,
     journal: SharedMem,
     listeners: Vec<String>,
+    /// Dups of the listening sockets and the status socket, passed on when
+    /// the keeper re-executes itself.
+    listener_fds: Vec<(OwnedFd, String)>,
+    status_fd: OwnedFd,
+    /// The keeper's own binary, as resolved at start (a rebuilt binary at
+    /// the same path is what `holdfast upgrade --keeper` runs).
+    exe: std::path::PathBuf,
+    /// Times this keeper process re-executed itself.
+    keeper_execs: u64,
+    /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
+    /// this stream for the outcome.
+    reexec_to: Option<OwnedFd>,
     conns: HashMap<u64, Held>,
     free_slots: Vec<u32>,
     next_slot: u32,
@@ -169,6 +187,18 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 }
             }
             keeper.flush();
+            if keeper.reexec_to.is_some() {
+                // Everything queued is handled first (no accepted
+                // connection may be left in the channel), then the whole
+                // state goes to a new image of the keeper.
+                while let Ok(ev) = rx.try_recv() {
+                    if keeper.handle(ev) {
+                        break 'outer;
+                    }
+                }
+                keeper.flush();
+                keeper.reexec();
+            }
         }
         keeper.shutdown().await;
         Ok(())
@@ -193,6 +223,9 @@ impl Keeper {
         // serves it (workers inherit the limit): hold no more than fit, and
         // let the rest wait in the listen backlog.
         let limit = raise_fd_limit();
+        if let Some(saved) = reexec::take_saved()? {
+            return Keeper::resume(cfg, saved);
+        }
         let fit = u32::try_from(limit.saturating_sub(FD_RESERVE))
             .unwrap_or(u32::MAX)
             .max(1);
@@ -218,15 +251,39 @@ impl Keeper {
         }
         let (journal_fd, journal) =
             SharedMem::create("holdfast-journal", hf_journal::record_offset(cfg.max_conns))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let live = Arc::new(AtomicUsize::new(0));
-        let room = Arc::new(Notify::new());
         for (_, name) in &ls {
             tracing::info!(listen = %name, "listening");
         }
-        let names = ls.iter().map(|(_, n)| n.clone()).collect();
-        for (l, _) in ls {
-            let afd = hf_sys::reactor::register(OwnedFd::from(l))?;
+        let ls = ls.into_iter().map(|(l, n)| (OwnedFd::from(l), n)).collect();
+        let status = bind_status(&cfg.control)?;
+        let (mut k, rx) = Keeper::assemble(cfg, ls, status, journal_fd, journal)?;
+        // The first worker must at least start: a command that cannot be
+        // exec'd is a configuration error, reported before we go on.
+        if let Err(e) = k.spawn_worker(None, 1, Role::Starting) {
+            let _ = std::fs::remove_file(&k.cfg.control);
+            return Err(e);
+        }
+        k.ensure_workers();
+        Ok((k, rx))
+    }
+
+    /// What a fresh keeper and a re-executed one share: the event sources
+    /// (listeners, the status socket, signals, the tick) and an empty state.
+    fn assemble(
+        cfg: Config,
+        listeners: Vec<(OwnedFd, String)>,
+        status: std::os::unix::net::UnixListener,
+        journal_fd: OwnedFd,
+        journal: SharedMem,
+    ) -> Result<(Keeper, mpsc::UnboundedReceiver<Event>), KeeperError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let room = Arc::new(Notify::new());
+        let names = listeners.iter().map(|(_, n)| n.clone()).collect();
+        let mut kept = Vec::new();
+        for (l, name) in listeners {
+            kept.push((l.try_clone()?, name));
+            let afd = hf_sys::reactor::register(l)?;
             tokio::spawn(accept_loop(
                 afd,
                 tx.clone(),
@@ -235,7 +292,8 @@ impl Keeper {
                 room.clone(),
             ));
         }
-        serve_status(&cfg.control, tx.clone())?;
+        let status_fd = OwnedFd::from(status.try_clone()?);
+        serve_status(status, tx.clone())?;
         for (sig, name) in [
             (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
             (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
@@ -279,12 +337,16 @@ impl Keeper {
                 }
             });
         }
-        let mut k = Keeper {
+        let k = Keeper {
             cfg,
             tx,
             journal_fd,
             journal,
             listeners: names,
+            listener_fds: kept,
+            status_fd,
+            exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            keeper_execs: 0,
             conns: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
@@ -313,14 +375,8 @@ impl Keeper {
             upgrades: 0,
             failed_upgrades: 0,
             dirty: false,
+            reexec_to: None,
         };
-        // The first worker must at least start: a command that cannot be
-        // exec'd is a configuration error, reported before we go on.
-        if let Err(e) = k.spawn_worker(None, 1, Role::Starting) {
-            let _ = std::fs::remove_file(&k.cfg.control);
-            return Err(e);
-        }
-        k.ensure_workers();
         Ok((k, rx))
     }
 
@@ -345,6 +401,7 @@ impl Keeper {
                 let _ = reply.send(self.snapshot());
             }
             Event::Upgrade(req, progress) => self.start_upgrade(req, progress),
+            Event::Reexec(client) => self.reexec_requested(client),
             Event::Signal("SIGHUP") => {
                 tracing::info!("SIGHUP: upgrading to the same command (a rebuilt binary)");
                 self.start_upgrade(UpgradeRequest::with_defaults(), None);
@@ -793,7 +850,7 @@ impl Keeper {
         let was_active = self.active == Some(id);
         // Reaped first (one waitid): how it died decides whether its
         // requests in flight count towards poison detection.
-        let status = w.child.try_wait();
+        let status = reap(&mut w);
         let crashed = w.hung.is_some() || matches!(&status, Ok(Some(st)) if crashed_by_itself(*st));
         // Connections next: everything else (logging, starting a new
         // standby) waits until they are on their way to the successor.
@@ -989,19 +1046,15 @@ impl Keeper {
             .map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
         drop(theirs);
         let pid = child.id();
-        let pidfd = rustix::process::pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
-            .map_err(|e| KeeperError::Spawn(prog.clone(), e.into()))?;
         let id = self.next_worker;
         self.next_worker += 1;
         let control = Arc::new(mine);
-        let reader = hf_sys::reactor::register(control.as_fd().try_clone_to_owned()?)?;
-        tokio::spawn(read_control(id, reader, self.tx.clone()));
-        let pidfd = hf_sys::reactor::register(pidfd)?;
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let _ = pidfd.readable().await;
-            let _ = tx.send(Event::Died(id));
-        });
+        if let Err(e) = self.watch_worker(id, pid, &control) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(KeeperError::Spawn(prog.clone(), e));
+        }
         tracing::info!(worker = id, pid, generation, "worker started");
         self.workers.insert(
             id,
@@ -1010,7 +1063,7 @@ impl Keeper {
                 generation,
                 role,
                 control,
-                child,
+                child: Some(child),
                 greeted: false,
                 started: Instant::now(),
                 beat: 0,
@@ -1067,6 +1120,7 @@ impl Keeper {
             upgrade: self.upgrade.as_ref().map(Upgrade::status),
             upgrades: self.upgrades,
             failed_upgrades: self.failed_upgrades,
+            keeper_execs: self.keeper_execs,
         }
     }
 
@@ -1083,16 +1137,41 @@ impl Keeper {
         let deadline = Instant::now() + Duration::from_secs(2);
         for w in self.workers.values_mut() {
             while Instant::now() < deadline {
-                if matches!(w.child.try_wait(), Ok(Some(_))) {
+                if matches!(reap(w), Ok(Some(_))) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let _ = w.child.kill();
-            let _ = w.child.wait();
+            if let Some(pid) = Pid::from_raw(w.pid as i32) {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
+            let _ = reap_blocking(w);
         }
         let _ = std::fs::remove_file(&self.cfg.control);
     }
+}
+
+/// Reaps `w` if it has exited.
+fn reap(w: &mut Worker) -> std::io::Result<Option<std::process::ExitStatus>> {
+    if let Some(c) = &mut w.child {
+        return c.try_wait();
+    }
+    let pid = Pid::from_raw(w.pid as i32).ok_or_else(|| std::io::Error::other("bad pid"))?;
+    match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+        Ok(Some((_, st))) => Ok(Some(std::process::ExitStatus::from_raw(st.as_raw()))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn reap_blocking(w: &mut Worker) -> std::io::Result<()> {
+    if let Some(c) = &mut w.child {
+        return c.wait().map(|_| ());
+    }
+    if let Some(pid) = Pid::from_raw(w.pid as i32) {
+        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())?;
+    }
+    Ok(())
 }
 
 /// The keeper holds one fd per connection (and so do workers, which
@@ -1239,7 +1318,7 @@ async fn accept_loop(
 }
 
 /// Binds the control socket in an owner-only directory.
-fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), KeeperError> {
+fn bind_status(path: &Path) -> Result<std::os::unix::net::UnixListener, KeeperError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let err = |e: std::io::Error| KeeperError::Control(path.to_owned(), e);
     if let Some(dir) = path.parent() {
@@ -1260,8 +1339,18 @@ fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), Kee
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Answers `holdfast status` and `holdfast upgrade` on the control socket.
+fn serve_status(
+    listener: std::os::unix::net::UnixListener,
+    tx: mpsc::UnboundedSender<Event>,
+) -> Result<(), KeeperError> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -1270,9 +1359,21 @@ fn serve_status(path: &Path, tx: mpsc::UnboundedSender<Event>) -> Result<(), Kee
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
+                let mut r = tokio::io::BufReader::new(r);
                 let mut line = String::new();
-                let mut r = tokio::io::BufReader::new(r).take(4096);
-                if r.read_line(&mut line).await.is_err() {
+                if (&mut r).take(4096).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                if line.trim() == r#"{"cmd":"upgrade_keeper"}"# {
+                    // The connection itself travels to the keeper: the
+                    // re-executed keeper answers on it.
+                    let Ok(stream) = r.into_inner().reunite(w) else {
+                        return;
+                    };
+                    if let Ok(std) = stream.into_std() {
+                        let _ = std.set_nonblocking(false);
+                        let _ = tx.send(Event::Reexec(OwnedFd::from(std)));
+                    }
                     return;
                 }
                 let reply = match serde_json::from_str::<Request>(&line) {

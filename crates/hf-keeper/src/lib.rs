@@ -92,6 +92,8 @@ pub enum KeeperError {
     NoCommand,
     #[error("control socket {0}: {1}")]
     Control(PathBuf, std::io::Error),
+    #[error("cannot resume after re-exec: {0}")]
+    Resume(String),
     #[error("cannot start worker {0:?}: {1}")]
     Spawn(OsString, std::io::Error),
     #[error(transparent)]

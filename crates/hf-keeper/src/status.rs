@@ -88,6 +88,8 @@ pub struct Snapshot {
     /// Upgrades completed, and upgrades rolled back or refused.
     pub upgrades: u64,
     pub failed_upgrades: u64,
+    /// Times the keeper re-executed itself (`holdfast upgrade --keeper`).
+    pub keeper_execs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +172,14 @@ pub enum Progress {
     },
     /// Nothing changed, or everything went back to `generation`.
     Failed { reason: String, generation: u32 },
+    /// `holdfast upgrade --keeper`: the keeper's new image carries on with
+    /// everything; `us` from saving the state to resuming it.
+    KeeperReexecuted {
+        keeper_pid: u32,
+        connections: usize,
+        workers: usize,
+        us: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -184,10 +194,19 @@ pub(crate) struct Request {
 pub fn upgrade(
     path: &Path,
     req: &UpgradeRequest,
-    mut on: impl FnMut(&Progress),
+    on: impl FnMut(&Progress),
 ) -> std::io::Result<Progress> {
-    let mut s = UnixStream::connect(path)?;
     let line = serde_json::json!({"cmd": "upgrade", "upgrade": req}).to_string();
+    converse(path, &line, on)
+}
+
+/// Asks the keeper at `path` to re-execute its binary, keeping everything.
+pub fn upgrade_keeper(path: &Path, on: impl FnMut(&Progress)) -> std::io::Result<Progress> {
+    converse(path, r#"{"cmd":"upgrade_keeper"}"#, on)
+}
+
+fn converse(path: &Path, line: &str, mut on: impl FnMut(&Progress)) -> std::io::Result<Progress> {
+    let mut s = UnixStream::connect(path)?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
     let bad = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
@@ -200,7 +219,10 @@ pub fn upgrade(
         }
         let p: Progress = serde_json::from_str(&line).map_err(bad)?;
         on(&p);
-        if matches!(p, Progress::Done { .. } | Progress::Failed { .. }) {
+        if matches!(
+            p,
+            Progress::Done { .. } | Progress::Failed { .. } | Progress::KeeperReexecuted { .. }
+        ) {
             return Ok(p);
         }
     }

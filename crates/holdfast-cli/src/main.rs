@@ -117,6 +117,11 @@ enum Cmd {
         /// Print progress as JSON lines.
         #[arg(long)]
         json: bool,
+        /// Upgrade the keeper itself instead: re-execute its binary (a
+        /// rebuilt one at the same path), keeping every connection, worker
+        /// and listener; the service does not notice.
+        #[arg(long, conflicts_with = "command")]
+        keeper: bool,
         /// The new command and its arguments (after `--`); default: the current one.
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -208,15 +213,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             drain_timeout,
             settle,
             json,
+            keeper,
             command,
         } => upgrade(
             &control.unwrap_or_else(hf_keeper::default_control_path),
-            status::UpgradeRequest {
+            (!keeper).then_some(status::UpgradeRequest {
                 command: (!command.is_empty()).then_some(command),
                 ready_timeout_ms: ready_timeout,
                 drain_timeout_ms: drain_timeout,
                 settle_ms: settle,
-            },
+            }),
             json,
         ),
         Cmd::Status { control, json } => {
@@ -238,11 +244,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn upgrade(path: &std::path::Path, req: status::UpgradeRequest, json: bool) -> anyhow::Result<()> {
+/// `holdfast upgrade`: the service (`req`) or the keeper itself (`None`).
+fn upgrade(
+    path: &std::path::Path,
+    req: Option<status::UpgradeRequest>,
+    json: bool,
+) -> anyhow::Result<()> {
     use status::Progress;
     use std::io::Write;
     let mut out = std::io::stdout();
-    let last = status::upgrade(path, &req, |p| {
+    let show = |p: &Progress| {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(p).unwrap_or_default());
             return;
@@ -275,10 +286,23 @@ fn upgrade(path: &std::path::Path, req: status::UpgradeRequest, json: bool) -> a
             Progress::Failed { reason, generation } => {
                 format!("upgrade failed: {reason} (serving: generation {generation})")
             }
+            Progress::KeeperReexecuted {
+                keeper_pid,
+                connections,
+                workers,
+                us,
+            } => format!(
+                "keeper re-executed in {us} µs (pid {keeper_pid}): {connections} connections \
+                 and {workers} workers carried over"
+            ),
         };
         let _ = writeln!(out, "{line}");
-    })
-    .map_err(|e| match e.kind() {
+    };
+    let r = match &req {
+        Some(req) => status::upgrade(path, req, show),
+        None => status::upgrade_keeper(path, show),
+    };
+    let last = r.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
             "no keeper answers at {} (is `holdfast run` running?): {e}",
             path.display()
@@ -307,7 +331,14 @@ fn print_status(s: &Snapshot) {
             u.generation, u.phase, u.moved, u.total, u.elapsed_ms
         );
     }
-    println!("keeper pid   {}", s.keeper_pid);
+    if s.keeper_execs > 0 {
+        println!(
+            "keeper pid   {} (re-executed {} times)",
+            s.keeper_pid, s.keeper_execs
+        );
+    } else {
+        println!("keeper pid   {}", s.keeper_pid);
+    }
     println!("listening    {}", s.listeners.join(", "));
     println!(
         "connections  {} held, {} waiting for a worker, {} accepted in all",
