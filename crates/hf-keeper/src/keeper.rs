@@ -127,6 +127,8 @@ struct Keeper {
     exe: std::path::PathBuf,
     /// Times this keeper process re-executed itself.
     keeper_execs: u64,
+    /// Workers replaced for their memory or age.
+    rejuvenations: u64,
     /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
     /// this stream for the outcome.
     reexec_to: Option<OwnedFd>,
@@ -347,6 +349,7 @@ impl Keeper {
             status_fd,
             exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
             keeper_execs: 0,
+            rejuvenations: 0,
             conns: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
@@ -416,6 +419,7 @@ impl Keeper {
                 self.expire_held();
                 self.check_draining();
                 self.check_upgrade();
+                self.check_rejuvenation();
             }
             Event::Retry => {
                 self.retry_armed = false;
@@ -717,6 +721,45 @@ impl Keeper {
         } else {
             tracing::info!(worker = id, pid, "worker active");
         }
+    }
+
+    /// Rejuvenation: an active worker past `--max-rss` or `--max-uptime` is
+    /// replaced by a fresh one of the same command, through the upgrade
+    /// path, so no connection notices. A worker younger than a second is
+    /// left alone (a service whose baseline is over the limit would
+    /// otherwise be replaced forever).
+    fn check_rejuvenation(&mut self) {
+        if self.upgrade.is_some() || (self.cfg.max_rss.is_none() && self.cfg.max_uptime.is_none()) {
+            return;
+        }
+        let Some(w) = self.active.and_then(|a| self.workers.get(&a)) else {
+            return;
+        };
+        let age = w.started.elapsed();
+        if age < Duration::from_secs(1) {
+            return;
+        }
+        let why = match (self.cfg.max_rss, self.cfg.max_uptime) {
+            (_, Some(max)) if age >= max => format!("up {} s (--max-uptime)", age.as_secs()),
+            (Some(max), _) => match resident_bytes(w.pid) {
+                Some(rss) if rss > max => {
+                    format!("resident memory {} MiB (--max-rss)", rss >> 20)
+                }
+                _ => return,
+            },
+            _ => return,
+        };
+        tracing::info!(
+            worker = self.active,
+            pid = w.pid,
+            "rejuvenating the worker: {why}"
+        );
+        self.rejuvenations += 1;
+        let req = UpgradeRequest {
+            settle_ms: 200,
+            ..UpgradeRequest::with_defaults()
+        };
+        self.start_upgrade(req, None);
     }
 
     /// Kills workers whose heartbeat stopped for longer than the hang
@@ -1121,6 +1164,7 @@ impl Keeper {
             upgrades: self.upgrades,
             failed_upgrades: self.failed_upgrades,
             keeper_execs: self.keeper_execs,
+            rejuvenations: self.rejuvenations,
         }
     }
 
@@ -1149,6 +1193,13 @@ impl Keeper {
         }
         let _ = std::fs::remove_file(&self.cfg.control);
     }
+}
+
+/// A process's resident memory, from `/proc/PID/statm`.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
 }
 
 /// Reaps `w` if it has exited.

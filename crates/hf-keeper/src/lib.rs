@@ -76,6 +76,11 @@ pub struct Config {
     /// Most generations (versions) live at once during back-to-back
     /// upgrades; an upgrade beyond it is refused until the oldest finishes.
     pub max_generations: usize,
+    /// Replace the active worker (a zero-loss upgrade to the same command)
+    /// once its resident memory passes this many bytes…
+    pub max_rss: Option<u64>,
+    /// …or once it has served this long.
+    pub max_uptime: Option<std::time::Duration>,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

@@ -90,6 +90,8 @@ pub struct Snapshot {
     pub failed_upgrades: u64,
     /// Times the keeper re-executed itself (`holdfast upgrade --keeper`).
     pub keeper_execs: u64,
+    /// Workers replaced for their memory or age (`--max-rss`, `--max-uptime`).
+    pub rejuvenations: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -80,6 +80,15 @@ enum Cmd {
         /// serving one and those still handing connections over).
         #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
         max_generations: u16,
+        /// Replace the active worker with a fresh one (a zero-loss upgrade
+        /// to the same command) once its resident memory passes this many
+        /// MiB (0 = off).
+        #[arg(long, default_value_t = 0, value_name = "MIB")]
+        max_rss: u64,
+        /// Replace the active worker with a fresh one once it has served
+        /// this many seconds (0 = off).
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        max_uptime: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -179,6 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             poison_after,
             unavailable,
             max_generations,
+            max_rss,
+            max_uptime,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
@@ -203,6 +214,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 poison_after,
                 unavailable,
                 max_generations: max_generations.into(),
+                max_rss: (max_rss > 0).then(|| max_rss << 20),
+                max_uptime: (max_uptime > 0).then(|| Duration::from_secs(max_uptime)),
                 command,
             })?;
             Ok(())
@@ -370,6 +383,12 @@ fn print_status(s: &Snapshot) {
             .unwrap_or_default();
         println!("start-ups    {} failed in a row{next}", s.start_failures);
     }
+    if s.rejuvenations > 0 {
+        println!(
+            "rejuvenated  {} workers (--max-rss / --max-uptime)",
+            s.rejuvenations
+        );
+    }
     if s.poisoned > 0 {
         println!(
             "poisoned     {} requests refused (in flight during crashes in a row)",
@@ -433,6 +452,8 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         request_deadline: None,
         poison_after: 2,
         max_generations: 3,
+        max_rss: None,
+        max_uptime: None,
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

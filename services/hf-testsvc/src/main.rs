@@ -25,6 +25,9 @@
 //! `STALL <id> <len>\n` is a HOLD that blocks the whole thread instead of
 //! one task: with `--tokio` the runtime, and so the heartbeat, stops.
 //!
+//! `LEAK <id> <mib>\n` allocates `mib` MiB that are never freed and
+//! answers `LEAKED <id> <mib>\n`: a worker whose memory grows without bound.
+//!
 //! `COUNT <id>\n` is answered `COUNT <id> <n>\n`, `n` being the requests
 //! this connection completed before it. With `--state-version V` the count
 //! is the connection's state blob (version 1: 8 bytes little-endian, version
@@ -310,9 +313,26 @@ fn answer_bytes(id: u64, len: usize, salt: u64) -> Vec<u8> {
     out
 }
 
+/// `LEAK <id> <mib>`: memory that is never given back.
+fn leak(line: &str) -> Option<Vec<u8>> {
+    let rest = line.strip_prefix("LEAK ")?;
+    let (id, mib) = rest.split_once(' ')?;
+    let mib: usize = mib.trim().parse().ok().filter(|m| *m <= 1024)?;
+    static HOARD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    // Written, so the pages are resident.
+    let block = vec![0x5a_u8; mib << 20];
+    if let Ok(mut h) = HOARD.lock() {
+        h.push(block);
+    }
+    Some(format!("LEAKED {id} {mib}\n").into_bytes())
+}
+
 fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
     if behaviour().abort_on_request {
         std::process::abort();
+    }
+    if let Some(out) = leak(line) {
+        return c.write_all(&out);
     }
     if let Some(id) = line.strip_prefix("CRASH ") {
         if c.poisoned() {
@@ -392,6 +412,9 @@ mod asynch {
     async fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
         if super::behaviour().abort_on_request {
             std::process::abort();
+        }
+        if let Some(out) = super::leak(line) {
+            return c.write_all(&out).await;
         }
         if let Some(id) = line.strip_prefix("CRASH ") {
             if c.poisoned() {

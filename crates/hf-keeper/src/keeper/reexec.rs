@@ -68,6 +68,7 @@ pub(super) struct Saved {
     upgrades: u64,
     failed_upgrades: u64,
     keeper_execs: u64,
+    rejuvenations: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -295,6 +296,7 @@ impl Keeper {
             upgrades: self.upgrades,
             failed_upgrades: self.failed_upgrades,
             keeper_execs: self.keeper_execs,
+            rejuvenations: self.rejuvenations,
         }
     }
 
@@ -404,6 +406,7 @@ impl Keeper {
         k.upgrades = saved.upgrades;
         k.failed_upgrades = saved.failed_upgrades;
         k.keeper_execs = saved.keeper_execs + 1;
+        k.rejuvenations = saved.rejuvenations;
         for id in gone {
             let _ = k.tx.send(Event::Died(id));
         }
