@@ -13,7 +13,7 @@ fn resident_mib(pid: u32) -> u64 {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    pages * rustix::param::page_size() as u64 >> 20
+    (pages * rustix::param::page_size() as u64) >> 20
 }
 
 /// A worker whose memory grows without bound is replaced by a fresh one

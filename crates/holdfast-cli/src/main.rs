@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 poison_after,
                 unavailable,
                 max_generations: max_generations.into(),
-                max_rss: (max_rss > 0).then(|| max_rss << 20),
+                max_rss: (max_rss > 0).then_some(max_rss << 20),
                 max_uptime: (max_uptime > 0).then(|| Duration::from_secs(max_uptime)),
                 command,
             })?;
