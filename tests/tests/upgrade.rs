@@ -604,3 +604,46 @@ fn keeper_reexecs_itself_under_load_twenty_times() {
         || (open_fds(pid) == fds_before).then_some(()),
     );
 }
+
+/// A keeper binary that cannot read the saved state is refused before the
+/// exec, and the keeper goes on with everything.
+#[test]
+fn keeper_refuses_a_binary_that_cannot_resume_it() {
+    let dir = TempDir::new("keeper-bin");
+    let exe = dir.path().join("holdfast");
+    std::fs::copy(bin("holdfast"), &exe).unwrap();
+    let control = dir.path().join("control.sock");
+    let mut keeper = hf_tests::Proc(
+        std::process::Command::new(&exe)
+            .args(["run", "--listen", "127.0.0.1:0", "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-testsvc"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let st = hf_tests::wait_status(&control, "serving", Duration::from_secs(20), |s| {
+        s.phase == hf_tests::Phase::Serving
+    });
+    let mut c = LineClient::connect(st.listeners[0].parse().unwrap(), "c");
+    c.request(1, 100, 0);
+    // A "new build" at the same path that speaks another state format.
+    let fake = dir.path().join("fake");
+    std::fs::write(&fake, "#!/bin/sh\necho 99\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&fake, &exe).unwrap();
+    let (code, out, err) = run_cmd(
+        std::process::Command::new(bin("holdfast"))
+            .args(["upgrade", "--keeper", "--control"])
+            .arg(&control),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("saved-state format \"99\"") && out.contains("nothing changed"), "{out}");
+    c.request(2, 100, 0);
+    let after = hf_tests::status_of(&control);
+    assert_eq!((after.keeper_pid, after.keeper_execs), (st.keeper_pid, 0));
+    assert!(keeper.0.try_wait().unwrap().is_none());
+}

@@ -45,6 +45,11 @@ use std::path::PathBuf;
 
 pub use keeper::run;
 
+/// The format of the state a keeper hands to its re-executed image
+/// (`holdfast upgrade --keeper`); `holdfast state-format` prints it so the
+/// old image can check the new binary before it execs it.
+pub const SAVED_STATE_FORMAT: u32 = 1;
+
 /// What `holdfast run` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Config {

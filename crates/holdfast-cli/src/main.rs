@@ -135,6 +135,9 @@ enum Cmd {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Print the keeper's saved-state format (checked before `upgrade --keeper`).
+    #[command(hide = true)]
+    StateFormat,
     /// Show the keeper's phase, workers and connections.
     Status {
         /// Control socket of the keeper.
@@ -254,6 +257,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo { listen, control } => demo(listen, control),
+        Cmd::StateFormat => {
+            println!("{}", hf_keeper::SAVED_STATE_FORMAT);
+            Ok(())
+        }
     }
 }
 

@@ -56,6 +56,23 @@
 //!   with `--hang-timeout` replaces a worker whose runtime stops.
 //! - No TLS.
 //!
+//! ## Upgrades
+//!
+//! `holdfast upgrade` starts a new version of the service next to this one
+//! and then asks this worker to *drain*: each connection is handed back to the
+//! keeper at its next commit point (an idle one at once) and the new version
+//! resumes it from its journal record and state blob. The service sees a
+//! handed-back connection read as end of input (writes fail with
+//! `ConnectionAborted`), so the code that handles a client leaving handles
+//! this too; [`Conn::moved`] tells them apart. Keep calling `accept`: that is
+//! where the keeper's requests arrive, and it returns `None` when this worker
+//! holds nothing more and may exit.
+//!
+//! A state blob carries a schema version. Declare the one this build writes
+//! and the ones it reads with [`Options`] (`Listener::bind_with`); the keeper
+//! refuses an upgrade to a build that cannot read the versions in use before
+//! anything moves.
+//!
 //! ## Pass-through
 //!
 //! Started without a keeper (no `HOLDFAST_*` environment), the same API binds

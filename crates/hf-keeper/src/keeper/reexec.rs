@@ -32,7 +32,7 @@ use crate::{Config, KeeperError};
 /// Names the memfd with the saved state in the re-executed keeper's environment.
 const ENV_RESUME: &str = "HOLDFAST_KEEPER_STATE_FD";
 /// Saved-state format; a keeper refuses a format it does not know.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = crate::SAVED_STATE_FORMAT;
 /// The saved state is small (a few hundred bytes per connection); anything
 /// larger than this is not ours.
 const MAX_STATE: u64 = 256 << 20;
@@ -171,6 +171,13 @@ impl Keeper {
         let Some(client) = self.reexec_to.take() else {
             return;
         };
+        // The new binary must read what this one saves: asked before
+        // anything is touched, since an image that cannot resume cannot go
+        // back either.
+        if let Err(reason) = check_binary(&self.exe) {
+            reply(&client, &self.failed(reason));
+            return;
+        }
         let t0 = Instant::now();
         let saved = self.save(client.as_raw_fd());
         let state = match write_state(&saved) {
@@ -434,6 +441,25 @@ impl Keeper {
         k.ensure_workers();
         Ok((k, rx))
     }
+}
+
+/// Runs `EXE state-format` and compares its answer with [`FORMAT`].
+fn check_binary(exe: &std::path::Path) -> Result<(), String> {
+    let out = Command::new(exe)
+        .arg("state-format")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}; nothing changed", exe.display()))?;
+    let theirs = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || theirs.trim() != FORMAT.to_string() {
+        return Err(format!(
+            "{} reads saved-state format {:?}, this keeper writes {FORMAT}; nothing changed",
+            exe.display(),
+            theirs.trim()
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the saved state into a memfd that survives the exec.
