@@ -8,6 +8,7 @@
 //! target/release/hf-bench memory     [--conns 100,10000]
 //! target/release/hf-bench hang       [--timeout-ms 200] [--rounds 30]
 //! target/release/hf-bench storm      [--secs 10] [--conns 64] [--every-ms 50]
+//! target/release/hf-bench upgrade    [--idle 1000,10000] [--rounds 3] [--secs 8] [--every-ms 1000]
 //! target/release/hf-bench all
 //! ```
 //!
@@ -23,6 +24,7 @@ mod memory;
 mod recovery;
 mod storm;
 mod throughput;
+mod upgrade;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -34,7 +36,7 @@ use common::{print_summary, Row};
 #[derive(Parser)]
 #[command(
     name = "hf-bench",
-    about = "Benchmarks for holdfast (recovery latency, throughput overhead, keeper memory)"
+    about = "Benchmarks for holdfast (recovery latency, throughput overhead, keeper memory, upgrades)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +55,9 @@ enum Cmd {
     Hang(hang::Args),
     /// Crash storm side by side: holdfast, nginx, a plain restart loop.
     Storm(storm::Args),
+    /// `holdfast upgrade`: idle connections moved, and an upgrade storm
+    /// side by side with nginx reload and binary upgrade.
+    Upgrade(upgrade::Args),
     /// All of them with their defaults, and one summary table.
     All,
 }
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
         Cmd::Memory(a) => step("memory", memory::run(&a)),
         Cmd::Hang(a) => step("hang", hang::run(&a)),
         Cmd::Storm(a) => step("storm", storm::run(&a)),
+        Cmd::Upgrade(a) => step("upgrade", upgrade::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);
@@ -84,12 +90,14 @@ fn main() -> ExitCode {
                 Ok(Cmd::Memory(ma)),
                 Ok(Cmd::Hang(ha)),
                 Ok(Cmd::Storm(sa)),
+                Ok(Cmd::Upgrade(ua)),
             ) = (
                 defaults("recovery"),
                 defaults("throughput"),
                 defaults("memory"),
                 defaults("hang"),
                 defaults("storm"),
+                defaults("upgrade"),
             )
             else {
                 unreachable!("subcommand defaults parse")
@@ -103,6 +111,8 @@ fn main() -> ExitCode {
             step("hang", hang::run(&ha));
             println!();
             step("storm", storm::run(&sa));
+            println!();
+            step("upgrade", upgrade::run(&ua));
         }
     }
     print_summary(&rows);

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,9 +72,9 @@ impl Outcome {
     }
 }
 
-const SIZES: [usize; 4] = [1024, 16 * 1024, 100 * 1024, 512 * 1024];
+pub(crate) const SIZES: [usize; 4] = [1024, 16 * 1024, 100 * 1024, 512 * 1024];
 
-fn write_site(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn write_site(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     SIZES
         .iter()
         .enumerate()
@@ -87,7 +87,7 @@ fn write_site(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
-fn classify(e: &std::io::Error) -> &'static str {
+pub(crate) fn classify(e: &std::io::Error) -> &'static str {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | BrokenPipe => "resets",
@@ -188,7 +188,8 @@ fn holdfast(a: &Args, site: &Path, files: &Arc<Vec<(String, Vec<u8>)>>) -> anyho
     Ok(o)
 }
 
-fn children(pid: u32) -> Vec<u32> {
+/// The pids of `pid`'s children (its workers, for an nginx master).
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
@@ -196,36 +197,55 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The `nginx` binary on PATH (or in /usr/sbin, /sbin), if installed.
+pub(crate) fn find_nginx() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .map(|d| d.join("nginx"))
+            .find(|p| p.exists())
+    })
+}
+
+/// Writes `dir/nginx.conf`: 2 workers serving `root` on `addr`, long
+/// keep-alive, no access log, pid file and temp paths in `dir`; returns its
+/// path. `daemon`: whether the master detaches (its binary upgrade needs it).
+pub(crate) fn write_nginx_conf(
+    dir: &Path,
+    addr: SocketAddr,
+    root: &Path,
+    daemon: bool,
+) -> anyhow::Result<PathBuf> {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon {daemon};\npid {pid};\nerror_log {log} crit;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 60s;\n\
+             client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
+             server {{ listen {addr}; root {root}; }} }}\n",
+            daemon = if daemon { "on" } else { "off" },
+            pid = dir.join("nginx.pid").display(),
+            log = dir.join("error.log").display(),
+            tmp = dir.display(),
+            root = root.display(),
+        ),
+    )?;
+    Ok(conf)
+}
+
 fn nginx(
     a: &Args,
     site: &Path,
     files: &Arc<Vec<(String, Vec<u8>)>>,
 ) -> anyhow::Result<Option<Outcome>> {
-    let Some(nginx) = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .map(|d| d.join("nginx"))
-            .find(|p| p.exists())
-    }) else {
+    let Some(nginx) = find_nginx() else {
         return Ok(None);
     };
     let dir = TempDir::new("nginx");
     let addr = free_port()?;
-    let conf = dir.path().join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\npid {pid};\nerror_log {log} crit;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 60s;\n\
-             client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};\n\
-             server {{ listen {addr}; root {root}; }} }}\n",
-            pid = dir.path().join("nginx.pid").display(),
-            log = dir.path().join("error.log").display(),
-            tmp = dir.path().display(),
-            root = site.display(),
-        ),
-    )?;
+    let conf = write_nginx_conf(dir.path(), addr, site, false)?;
     let mut p = Proc::spawn(
         Command::new(&nginx)
             .arg("-c")

@@ -301,7 +301,7 @@ fn upgrade(
             } => format!(
                 "upgraded generation {from_generation} → {generation} in {elapsed_ms} ms: \
                  {moved} connections moved at commit points in {move_ms} ms, \
-                 {recovered} recovered after the drain timeout, none lost"
+                 {recovered} busy past the drain timeout replayed on the new version"
             ),
             Progress::Failed { reason, generation } => {
                 format!("upgrade failed: {reason} (serving: generation {generation})")
