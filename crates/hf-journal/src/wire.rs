@@ -29,10 +29,14 @@ pub const CONN_SPOOL: u8 = 2;
 /// non-zero exit, a hang), rather than being stopped from outside: a request
 /// it had in flight counts towards poison detection.
 pub const CONN_CRASHED: u8 = 4;
-const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL | CONN_CRASHED;
+/// The connection was handed over by a draining worker at a commit point
+/// (an upgrade), not taken from a dead one.
+pub const CONN_MOVED: u8 = 8;
+const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL | CONN_CRASHED | CONN_MOVED;
 /// Service protocol level a worker announces in [`Msg::Hello`]; the keeper
 /// decides what to do with a mismatch, the frame decoder does not.
-pub const PROTO_VERSION: u16 = 1;
+/// 2: Hello carries state blob versions; Drain, Released, `CONN_MOVED`.
+pub const PROTO_VERSION: u16 = 2;
 pub const MAGIC: u16 = 0x4846;
 pub const VERSION: u8 = 1;
 
@@ -106,8 +110,8 @@ pub struct ConnEntry {
     pub conn_id: u64,
     /// Index of the connection's record in the journal.
     pub slot: u32,
-    /// Bit 0 [`CONN_RECOVERED`], bit 1 [`CONN_SPOOL`], bit 2 [`CONN_CRASHED`];
-    /// other bits are rejected.
+    /// Bit 0 [`CONN_RECOVERED`], bit 1 [`CONN_SPOOL`], bit 2 [`CONN_CRASHED`],
+    /// bit 3 [`CONN_MOVED`]; other bits are rejected.
     pub flags: u8,
 }
 
@@ -457,10 +461,10 @@ mod tests {
             Ok(253)
         );
         assert_eq!(
-            Msg::decode(&frame(KIND_CONNS, &conns(2, 8))),
+            Msg::decode(&frame(KIND_CONNS, &conns(2, 16))),
             Err(WireError::ConnFlags {
                 conn_id: 0,
-                flags: 8
+                flags: 16
             })
         );
         let mut extra = conns(1, 0);

@@ -78,7 +78,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
     let entry = (
         any::<u64>(),
         any::<u32>(),
-        0..=(wire::CONN_RECOVERED | wire::CONN_SPOOL | wire::CONN_CRASHED),
+        0..=(wire::CONN_RECOVERED | wire::CONN_SPOOL | wire::CONN_CRASHED | wire::CONN_MOVED),
     )
         .prop_map(|(conn_id, slot, flags)| ConnEntry {
             conn_id,

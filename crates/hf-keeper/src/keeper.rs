@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
 use hf_journal::wire::{
-    ConnEntry, Msg, CONN_CRASHED, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG,
+    ConnEntry, Msg, CONN_CRASHED, CONN_MOVED, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG,
     PROTO_VERSION,
 };
 use hf_sys::fdpass;
@@ -108,6 +108,11 @@ struct Worker {
     state_reads: (u16, u16),
     /// Draining: when the connections it still holds are taken from it.
     drain_deadline: Option<Instant>,
+    /// Draining: the Drain message reached its control socket.
+    drain_sent: bool,
+    /// A standby of an older version that took over the connections another
+    /// worker of its version still held at the drain timeout.
+    catcher: bool,
     /// Told to exit (it holds nothing); killed if still there by then.
     exit_by: Option<Instant>,
 }
@@ -499,16 +504,24 @@ impl Keeper {
     /// Sends waiting connections to the active worker, in batches.
     fn hand_out(&mut self) {
         let Some(wid) = self.active else { return };
+        let mut queue = std::mem::take(&mut self.waiting);
+        self.hand_to(wid, &mut queue);
+        self.waiting = queue;
+    }
+
+    /// Sends the connections in `queue` to worker `wid`, in batches; what
+    /// could not be sent stays in `queue`.
+    fn hand_to(&mut self, wid: u32, queue: &mut VecDeque<u64>) {
         let Some(w) = self.workers.get(&wid) else {
             return;
         };
         let control = w.control.clone();
         let mut msg = Vec::with_capacity(MAX_MSG);
-        while !self.waiting.is_empty() {
+        while !queue.is_empty() {
             let mut ids: Vec<u64> = Vec::with_capacity(MAX_FDS_PER_MSG);
             let mut entries = Vec::with_capacity(MAX_FDS_PER_MSG);
             let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(MAX_FDS_PER_MSG);
-            for id in self.waiting.iter() {
+            for id in queue.iter() {
                 let h = &self.conns[id];
                 let need = 1 + usize::from(h.spool.is_some());
                 if fds.len() + need > MAX_FDS_PER_MSG {
@@ -517,6 +530,9 @@ impl Keeper {
                 let mut flags = if h.handed { CONN_RECOVERED } else { 0 };
                 if h.crashed {
                     flags |= CONN_CRASHED;
+                }
+                if h.moved {
+                    flags |= CONN_MOVED;
                 }
                 fds.push(h.fd.as_fd());
                 if let Some(sp) = &h.spool {
@@ -549,7 +565,7 @@ impl Keeper {
                     if let Some(w) = self.workers.get_mut(&wid) {
                         w.owned += ids.len();
                     }
-                    self.waiting.drain(..ids.len());
+                    queue.drain(..ids.len());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.arm_retry(Duration::from_millis(2));
@@ -687,8 +703,13 @@ impl Keeper {
 
     fn drop_conn(&mut self, conn_id: u64) {
         if let Some(h) = self.conns.remove(&conn_id) {
-            if let Some(w) = h.owner.and_then(|o| self.workers.get_mut(&o)) {
+            if let Some((id, w)) = h.owner.and_then(|o| Some(o).zip(self.workers.get_mut(&o))) {
                 w.owned = w.owned.saturating_sub(1);
+                if w.owned == 0 && w.role == Role::Draining {
+                    // Its last connection ended here rather than moving.
+                    self.tell_exit(id);
+                    self.check_upgrade();
+                }
             }
             let _ = self.journal.zero(journal_offset(h.slot), RECORD_SIZE);
             self.free_slots.push(h.slot);
@@ -902,10 +923,12 @@ impl Keeper {
             self.restarts += 1;
             self.recover_from(id, crashed);
             self.recovery_started = Some(t0);
+            // A standby of the version in force: during an upgrade that can
+            // still roll back, that is the old version.
             let standby = self
                 .workers
                 .iter()
-                .find(|(_, w)| w.role == Role::Standby)
+                .find(|(_, w)| w.role == Role::Standby && w.generation == self.generation)
                 .map(|(id, _)| *id);
             match standby {
                 Some(sid) => {
@@ -915,16 +938,8 @@ impl Keeper {
                 }
                 None => self.phase = Phase::Recovering,
             }
-        } else if w.owned > 0 {
-            // An older version still handing its connections over, stopped
-            // at the drain timeout or dead: its connections are recovered on
-            // the active worker as after a crash.
-            self.recover_from(id, crashed);
-            self.recovery_started = Some(t0);
-            self.hand_out();
-            if let Some(up) = &mut self.upgrade {
-                up.recovered += w.owned;
-            }
+        } else {
+            self.stragglers(id, &w, crashed);
         }
         let how = match status {
             Ok(Some(st)) => describe_exit(st),
@@ -1116,6 +1131,8 @@ impl Keeper {
                 state_writes: 1,
                 state_reads: (1, 1),
                 drain_deadline: None,
+                drain_sent: false,
+                catcher: false,
                 exit_by: None,
             },
         );
@@ -1240,11 +1257,16 @@ fn raise_fd_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-fn send_msg(control: &OwnedFd, msg: &Msg) {
+/// Sends a message without fds; false if it could not go now.
+fn send_msg(control: &OwnedFd, msg: &Msg) -> bool {
     let mut out = Vec::with_capacity(64);
     msg.encode(&mut out);
-    if let Err(e) = fdpass::send(control, &out, &[], true) {
-        tracing::warn!(error = %e, ?msg, "control send failed");
+    match fdpass::send(control, &out, &[], true) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, ?msg, "control send failed");
+            false
+        }
     }
 }
 

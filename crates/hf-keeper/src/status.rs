@@ -153,10 +153,13 @@ pub enum Progress {
     Started { generation: u32, pid: u32 },
     /// It is ready and now takes new connections; `total` connections are
     /// to move from the older generations.
+    /// `rollback`: whether the old version can still take everything back
+    /// (false when it cannot read the state blobs the new one writes).
     Switched {
         generation: u32,
         ready_ms: u64,
         total: usize,
+        rollback: bool,
     },
     /// Connections moved so far.
     Moving { moved: usize, total: usize },

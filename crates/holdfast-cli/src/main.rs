@@ -286,9 +286,15 @@ fn upgrade(
                 generation,
                 ready_ms,
                 total,
+                rollback,
             } => format!(
                 "generation {generation} ready after {ready_ms} ms, serving new connections; \
-                 moving {total} connections"
+                 moving {total} connections{}",
+                if *rollback {
+                    ""
+                } else {
+                    " (no rollback: the old version cannot read the new state blobs)"
+                }
             ),
             Progress::Moving { moved, total } => format!("moved {moved}/{total}"),
             Progress::Done {
@@ -301,7 +307,7 @@ fn upgrade(
             } => format!(
                 "upgraded generation {from_generation} → {generation} in {elapsed_ms} ms: \
                  {moved} connections moved at commit points in {move_ms} ms, \
-                 {recovered} busy past the drain timeout replayed on the new version"
+                 {recovered} still busy at the drain timeout recovered"
             ),
             Progress::Failed { reason, generation } => {
                 format!("upgrade failed: {reason} (serving: generation {generation})")

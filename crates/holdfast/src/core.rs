@@ -26,7 +26,7 @@ use hf_journal::record::{slot_of, Record, FLAG_CLOSING, MAX_NONDET, RECORD_SIZE,
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
 use crate::worker::Link;
-use hf_journal::wire::{ConnEntry, CONN_CRASHED};
+use hf_journal::wire::{ConnEntry, CONN_CRASHED, CONN_MOVED};
 use hf_sys::shm::SharedMem;
 
 /// Committed input is discarded from the kernel once this much has piled up.
@@ -54,10 +54,15 @@ pub(crate) struct Core {
     closed: bool,
     /// Handed back to the keeper for a new version (see [`Core::release`]).
     released: bool,
-    /// Blocking flavour: an epoll set of the socket and the link's drain
-    /// signal, so a read waiting for input wakes when draining starts.
-    waiter: Option<OwnedFd>,
+    /// …while part of a request had been read: reads then fail instead of
+    /// reporting an end of input the client never sent.
+    released_mid_request: bool,
 }
+
+/// The blocking flavour's reads wake this often while waiting for input, to
+/// see whether the worker is draining (the read itself is one blocking
+/// `recv`, as before; the timeout only bounds how long a drain waits).
+const BLOCKING_DRAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Kept {
     link: Arc<Link>,
@@ -141,7 +146,7 @@ impl Core {
             nonblocking,
             closed: false,
             released: false,
-            waiter: None,
+            released_mid_request: false,
         }
     }
 
@@ -156,11 +161,14 @@ impl Core {
     ) -> io::Result<Core> {
         let (conn_id, slot, recovered) = (entry.conn_id, entry.slot, entry.recovered());
         let crashed = entry.flags & CONN_CRASHED != 0;
+        // Handed over at a commit point by a draining worker: resumed the
+        // same way, but nothing was lost, so the service is not told.
+        let moved = entry.flags & CONN_MOVED != 0;
         let mut kept = Kept {
             link,
             slot,
             rec: Record::new(conn_id),
-            recovered,
+            recovered: recovered && !moved,
             state_version: 0,
             in_read: 0,
             in_discarded: 0,
@@ -184,12 +192,19 @@ impl Core {
             kept.rec.seq = 1;
         }
         hf_sys::tcp::set_peek_off(fd, 0)?;
+        if !nonblocking {
+            rustix::net::sockopt::set_socket_timeout(
+                fd,
+                rustix::net::sockopt::Timeout::Recv,
+                Some(BLOCKING_DRAIN_CHECK),
+            )?;
+        }
         Ok(Core {
             kept: Some(Box::new(kept)),
             nonblocking,
             closed: false,
             released: false,
-            waiter: None,
+            released_mid_request: false,
         })
     }
 
@@ -233,17 +248,17 @@ impl Core {
         }
     }
 
-    /// Reads input. A connection handed to a new version reads as end of
-    /// input: the service drops it as if the client had gone, and the new
-    /// version carries on with it.
+    /// Reads input. A connection handed to a new version between requests
+    /// reads as end of input: the service drops it as if the client had
+    /// gone, and the new version carries on with it.
     pub(crate) fn read(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         let (rflags, _) = self.flags();
         if self.kept.is_none() {
             return Ok(rustix::net::recv(fd, buf, rflags)?.0);
         }
         loop {
-            if self.released || self.release_if_draining() {
-                return Ok(0);
+            if self.released || self.release_if_draining(true) {
+                return self.read_after_release();
             }
             let Some(k) = &mut self.kept else {
                 return Ok(0);
@@ -251,77 +266,45 @@ impl Core {
             if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
                 k.start_spool(fd)?;
             }
-            // The blocking flavour reads without blocking too, and waits
-            // in `wait_readable`, where draining can wake it.
             let r = if k.spool.is_some() {
-                k.read_spooled(fd, &mut *buf, true)
+                k.read_spooled(fd, &mut *buf, self.nonblocking)
             } else {
-                rustix::net::recv(
-                    fd,
-                    &mut *buf,
-                    rflags | RecvFlags::DONTWAIT | RecvFlags::PEEK,
-                )
-                .map(|(n, _)| {
-                    k.in_read += n as u64;
-                    n
-                })
-                .map_err(Into::into)
+                rustix::net::recv(fd, &mut *buf, rflags | RecvFlags::PEEK)
+                    .map(|(n, _)| {
+                        k.in_read += n as u64;
+                        n
+                    })
+                    .map_err(Into::into)
             };
             match r {
                 Ok(n) => {
                     k.mark_busy();
                     return Ok(n);
                 }
-                Err(e) if would_block(&e) && !self.nonblocking => self.wait_readable(fd)?,
+                // Blocking flavour: the receive timeout expired; look at
+                // the drain flag and wait again.
+                Err(e) if would_block(&e) && !self.nonblocking => {}
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Blocking flavour: sleeps until new input arrives or draining starts.
-    /// Both are edge-triggered: input already peeked does not wake it again,
-    /// and the drain signal wakes it once.
-    fn wait_readable(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        use rustix::event::epoll;
-        if self.waiter.is_none() {
-            let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-            let et = epoll::EventFlags::ET;
-            epoll::add(
-                &ep,
-                fd,
-                epoll::EventData::new_u64(0),
-                epoll::EventFlags::IN | epoll::EventFlags::RDHUP | et,
-            )?;
-            if let Some(k) = &self.kept {
-                epoll::add(
-                    &ep,
-                    k.link.drain_fd(),
-                    epoll::EventData::new_u64(1),
-                    epoll::EventFlags::IN | et,
-                )?;
-            }
-            self.waiter = Some(ep);
-            // Registering reports the current state as an edge: look again
-            // before sleeping.
-            return Ok(());
-        }
-        let Some(ep) = &self.waiter else {
-            return Ok(());
-        };
-        let mut events = [epoll::Event {
-            flags: epoll::EventFlags::empty(),
-            data: epoll::EventData::new_u64(0),
-        }; 2];
-        match epoll::wait(ep, &mut events[..], None) {
-            Ok(_) => Ok(()),
-            Err(rustix::io::Errno::INTR) => Ok(()),
-            Err(e) => Err(e.into()),
+    /// What a read returns once the connection went to a new version: end
+    /// of input between requests, an error in the middle of one (a service
+    /// must not take a cut request for a complete one).
+    pub(crate) fn read_after_release(&self) -> io::Result<usize> {
+        if self.released_mid_request {
+            Err(moved())
+        } else {
+            Ok(0)
         }
     }
 
-    /// While draining, a connection with no output since its last commit is
-    /// handed back to the keeper (see [`Core::release`]).
-    fn release_if_draining(&mut self) -> bool {
+    /// While draining, a connection at a commit point is handed back to
+    /// the keeper (see [`Core::release`]): no output since the commit, and,
+    /// before a write, no input read past it either — a request that has
+    /// been read runs to its answer here, so it never runs twice.
+    fn release_if_draining(&mut self, reading: bool) -> bool {
         let Some(k) = &self.kept else {
             return false;
         };
@@ -330,6 +313,7 @@ impl Core {
             || k.replay.is_some()
             || !k.pending.is_empty()
             || k.out_pos != k.rec.out_commit
+            || (!reading && k.in_read != k.rec.in_commit)
         {
             return false;
         }
@@ -359,6 +343,7 @@ impl Core {
         }
         self.closed = true;
         self.released = true;
+        self.released_mid_request = k.in_read != k.rec.in_commit;
         let msg = hf_journal::wire::Msg::Released {
             conn_id: k.rec.conn_id,
             slot: k.slot,
@@ -378,15 +363,15 @@ impl Core {
         self.released
     }
 
-    /// Tasks of the tokio flavour: whether waiting can end because the
-    /// connection goes to a new version now.
-    pub(crate) fn draining_now(&mut self) -> bool {
-        self.released || self.release_if_draining()
+    /// Tasks of the tokio flavour: whether waiting to read (or to write)
+    /// can end because the connection goes to a new version now.
+    pub(crate) fn draining_now(&mut self, reading: bool) -> bool {
+        self.released || self.release_if_draining(reading)
     }
 
     pub(crate) fn write(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         let (_, sflags) = self.flags();
-        if self.released || self.release_if_draining() {
+        if self.released || self.release_if_draining(false) {
             return Err(moved());
         }
         self.flush_pending(fd)?;

@@ -293,13 +293,13 @@ impl Conn {
     /// end the wait with `moved` if the connection goes to a new version.
     /// The waker is left before the flag is looked at, and draining sets
     /// the flag before it wakes, so no wake-up is lost.
-    fn pending_unless_moved<T>(&mut self, cx: &mut Context<'_>, moved: T) -> Poll<T> {
+    fn pending_unless_moved(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<()> {
         let Some(cell) = &self.wake else {
             return Poll::Pending;
         };
-        cell.register(cx.waker());
-        if self.core.draining_now() {
-            return Poll::Ready(moved);
+        cell.register(reading, cx.waker());
+        if self.core.draining_now(reading) {
+            return Poll::Ready(());
         }
         Poll::Pending
     }
@@ -333,7 +333,11 @@ impl AsyncRead for Conn {
         loop {
             let mut guard = match this.io.poll_read_ready(cx) {
                 Poll::Ready(g) => g?,
-                Poll::Pending => return this.pending_unless_moved(cx, Ok(())),
+                Poll::Pending => {
+                    return this
+                        .pending_unless_moved(cx, true)
+                        .map(|()| this.core.read_after_release().map(|_| ()))
+                }
             };
             let unfilled = buf.initialize_unfilled();
             let core = &mut this.core;
@@ -359,7 +363,11 @@ impl AsyncWrite for Conn {
         loop {
             let mut guard = match this.io.poll_write_ready(cx) {
                 Poll::Ready(g) => g?,
-                Poll::Pending => return this.pending_unless_moved(cx, Err(crate::core::moved())),
+                Poll::Pending => {
+                    return this
+                        .pending_unless_moved(cx, false)
+                        .map(|()| Err(crate::core::moved()))
+                }
             };
             let core = &mut this.core;
             match guard.try_io(|fd| core.write(fd.get_ref().as_fd(), buf)) {

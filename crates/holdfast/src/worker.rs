@@ -38,23 +38,31 @@ pub(crate) struct Link {
     pub(crate) state_version: u16,
     /// A new version is taking over: connections let go at commit points.
     draining: AtomicBool,
-    /// Readable once draining starts (an eventfd), for blocking reads.
-    drain_fd: OwnedFd,
     /// Tasks of the tokio flavour waiting on a connection, woken when
     /// draining starts.
     wakers: Mutex<Vec<Weak<WakeCell>>>,
 }
 
-/// Where a tokio task waiting on one connection leaves its waker.
+/// Where tokio tasks waiting on one connection leave their wakers (one
+/// for reading, one for writing: two tasks may share a connection).
 #[derive(Default)]
-pub(crate) struct WakeCell(Mutex<Option<Waker>>);
+pub(crate) struct WakeCell([Mutex<Option<Waker>>; 2]);
 
 impl WakeCell {
-    pub(crate) fn register(&self, w: &Waker) {
-        if let Ok(mut slot) = self.0.lock() {
+    pub(crate) fn register(&self, reading: bool, w: &Waker) {
+        if let Ok(mut slot) = self.0[usize::from(reading)].lock() {
             match &*slot {
                 Some(old) if old.will_wake(w) => {}
                 _ => *slot = Some(w.clone()),
+            }
+        }
+    }
+
+    fn wake(&self) {
+        for slot in &self.0 {
+            let w = slot.lock().ok().and_then(|mut s| s.take());
+            if let Some(w) = w {
+                w.wake();
             }
         }
     }
@@ -170,10 +178,6 @@ impl Link {
             epoch: std::time::Instant::now(),
             state_version: opts.state_version,
             draining: AtomicBool::new(false),
-            drain_fd: rustix::event::eventfd(
-                0,
-                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-            )?,
             wakers: Mutex::new(Vec::new()),
         })))
     }
@@ -295,21 +299,13 @@ impl Link {
             return;
         }
         tracing::info!("a new version takes over: handing connections back at their commit points");
-        let _ = rustix::io::write(&self.drain_fd, &1u64.to_ne_bytes());
         let cells: Vec<Arc<WakeCell>> = match self.wakers.lock() {
             Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
             Err(_) => Vec::new(),
         };
         for c in cells {
-            let w = c.0.lock().ok().and_then(|mut s| s.take());
-            if let Some(w) = w {
-                w.wake();
-            }
+            c.wake();
         }
-    }
-
-    pub(crate) fn drain_fd(&self) -> BorrowedFd<'_> {
-        self.drain_fd.as_fd()
     }
 
     /// A cell for one connection's waiting task, woken by [`Link::start_drain`].

@@ -28,6 +28,9 @@
 //! `LEAK <id> <mib>\n` allocates `mib` MiB that are never freed and
 //! answers `LEAKED <id> <mib>\n`: a worker whose memory grows without bound.
 //!
+//! `QUIT <id>\n` is answered `BYE <id>\n` and the service closes the
+//! connection.
+//!
 //! `COUNT <id>\n` is answered `COUNT <id> <n>\n`, `n` being the requests
 //! this connection completed before it. With `--state-version V` the count
 //! is the connection's state blob (version 1: 8 bytes little-endian, version
@@ -248,6 +251,10 @@ fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
                 c.write_all(&body_answer(id, body))?;
             } else if let Some(id) = line.strip_prefix("COUNT ") {
                 c.write_all(&count_answer(id, count))?;
+            } else if let Some(id) = line.strip_prefix("QUIT ") {
+                c.write_all(format!("BYE {id}\n").as_bytes())?;
+                c.commit(total, &[])?;
+                return Ok(());
             } else {
                 answer(&mut c, &line, salt)?;
             }
@@ -395,6 +402,10 @@ mod asynch {
                     c.write_all(&super::body_answer(id, body)).await?;
                 } else if let Some(id) = line.strip_prefix("COUNT ") {
                     c.write_all(&super::count_answer(id, count)).await?;
+                } else if let Some(id) = line.strip_prefix("QUIT ") {
+                    c.write_all(format!("BYE {id}\n").as_bytes()).await?;
+                    c.commit(total, &[]).await?;
+                    return Ok(());
                 } else {
                     answer(&mut c, &line, salt).await?;
                 }

@@ -97,6 +97,8 @@ struct SavedWorker {
     state_writes: u16,
     state_reads: (u16, u16),
     drain_left_ms: Option<u64>,
+    drain_sent: bool,
+    catcher: bool,
     exit_left_ms: Option<u64>,
 }
 
@@ -282,6 +284,8 @@ impl Keeper {
                     state_writes: w.state_writes,
                     state_reads: w.state_reads,
                     drain_left_ms: left_ms(w.drain_deadline),
+                    drain_sent: w.drain_sent,
+                    catcher: w.catcher,
                     exit_left_ms: left_ms(w.exit_by),
                 })
                 .collect(),
@@ -386,6 +390,8 @@ impl Keeper {
                     state_writes: sw.state_writes,
                     state_reads: sw.state_reads,
                     drain_deadline: sw.drain_left_ms.map(|ms| now + Duration::from_millis(ms)),
+                    drain_sent: sw.drain_sent,
+                    catcher: sw.catcher,
                     exit_by: sw.exit_left_ms.map(|ms| now + Duration::from_millis(ms)),
                 },
             );

@@ -45,6 +45,9 @@ pub(super) struct Upgrade {
     switched: Option<Instant>,
     drain_timeout: Duration,
     settle: Duration,
+    /// The old version can take everything back if the new one dies
+    /// before it settles (it reads the state blobs the new one writes).
+    rollback: bool,
     total: usize,
     moved: usize,
     /// Connections still busy at the drain timeout, recovered as after a crash.
@@ -179,6 +182,7 @@ impl Keeper {
             switched: None,
             drain_timeout: Duration::from_millis(req.drain_timeout_ms),
             settle: Duration::from_millis(req.settle_ms),
+            rollback: true,
             total: 0,
             moved: 0,
             recovered: 0,
@@ -254,20 +258,24 @@ impl Keeper {
 
     fn switch(&mut self, cand: u32) {
         let now = Instant::now();
-        let Some(drain_timeout) = self.upgrade.as_ref().map(|u| u.drain_timeout) else {
+        let Some((drain_timeout, gen, command)) = self
+            .upgrade
+            .as_ref()
+            .map(|u| (u.drain_timeout, u.generation, u.command.clone()))
+        else {
             return;
         };
+        // Rolling back hands the new version's connections, with the state
+        // blobs it wrote, to the old version's standbys: only if they read them.
+        let writes = self.workers.get(&cand).map_or(1, |w| w.state_writes);
+        let unreadable = self
+            .workers
+            .values()
+            .filter(|w| w.generation == self.generation && w.role == Role::Standby)
+            .find(|w| !(w.state_reads.0..=w.state_reads.1).contains(&writes))
+            .map(|w| (w.generation, w.state_reads));
         if let Some(old) = self.active.take() {
-            if let Some(w) = self.workers.get_mut(&old) {
-                w.role = Role::Draining;
-                w.drain_deadline = Some(now + drain_timeout);
-                let control = w.control.clone();
-                let empty = w.owned == 0;
-                send_msg(&control, &Msg::Drain);
-                if empty {
-                    self.tell_exit(old);
-                }
-            }
+            self.start_drain(old, now + drain_timeout);
         }
         let total: usize = self
             .workers
@@ -276,6 +284,23 @@ impl Keeper {
             .map(|w| w.owned)
             .sum();
         self.promote(cand);
+        // The new version's standbys start now, so one is ready when the
+        // upgrade is done (or for a crash once it can no longer roll back).
+        for _ in 0..self.cfg.standby {
+            if let Err(e) = self.spawn_worker(Some(&command), gen, Role::Starting) {
+                tracing::warn!(error = %e, "cannot start a standby of the new version");
+            }
+        }
+        if let Some((g, (lo, hi))) = unreadable {
+            tracing::warn!(
+                "generation {g} reads state versions {lo}..={hi}, the new version writes {writes}: \
+                 no rollback for this upgrade"
+            );
+            if let Some(up) = &mut self.upgrade {
+                up.rollback = false;
+            }
+            self.adopt_version();
+        }
         let Some(up) = &mut self.upgrade else {
             return;
         };
@@ -287,14 +312,85 @@ impl Keeper {
             generation = up.generation,
             ready_ms,
             connections = total,
+            rollback = up.rollback,
             "upgrade: new version serves; moving connections"
         );
         up.send(Progress::Switched {
             generation: up.generation,
             ready_ms,
             total,
+            rollback: up.rollback,
         });
         self.check_upgrade();
+    }
+
+    /// Asks worker `id` to hand its connections back at their commit points,
+    /// taking from it at `deadline` what it still holds.
+    fn start_drain(&mut self, id: u32, deadline: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.role = Role::Draining;
+        w.drain_deadline = Some(deadline);
+        let control = w.control.clone();
+        let empty = w.owned == 0;
+        w.drain_sent = send_msg(&control, &Msg::Drain);
+        if empty {
+            self.tell_exit(id);
+        }
+    }
+
+    /// A worker that is not the active one died (or was stopped at the
+    /// drain timeout) holding connections. They are recovered where the
+    /// same code still runs if possible — a standby of the dead worker's
+    /// version, which replays what was cut with the same bytes and hands
+    /// each connection over at its next commit point — and otherwise on
+    /// the active worker, as after any crash.
+    pub(super) fn stragglers(&mut self, id: u32, w: &super::Worker, crashed: bool) {
+        let mine = self.conns.values().filter(|h| h.owner == Some(id)).count();
+        if mine == 0 {
+            return;
+        }
+        let catcher = if w.role == Role::Draining && !w.catcher {
+            self.workers
+                .iter()
+                .find(|(_, s)| s.role == Role::Standby && s.generation == w.generation)
+                .map(|(sid, _)| *sid)
+        } else {
+            None
+        };
+        if let Some(up) = &mut self.upgrade {
+            up.recovered += mine;
+        }
+        self.recover_from(id, crashed);
+        let Some(sid) = catcher else {
+            self.hand_out();
+            return;
+        };
+        let timeout = self.upgrade.as_ref().map_or(
+            Duration::from_millis(UpgradeRequest::DRAIN_TIMEOUT_MS),
+            |u| u.drain_timeout,
+        );
+        tracing::info!(
+            worker = sid,
+            generation = w.generation,
+            connections = mine,
+            "a standby of the same version takes over the connections still busy"
+        );
+        // Taken back out of the shared queue (recover_from put them in
+        // front), and sent to the catcher before it is told to drain.
+        let mut queue: std::collections::VecDeque<u64> =
+            self.waiting.drain(..mine.min(self.waiting.len())).collect();
+        if let Some(s) = self.workers.get_mut(&sid) {
+            s.catcher = true;
+        }
+        self.hand_to(sid, &mut queue);
+        self.start_drain(sid, Instant::now() + timeout);
+        // Whatever could not be sent goes to the active worker.
+        while let Some(c) = queue.pop_back() {
+            self.waiting.push_front(c);
+        }
+        self.hand_out();
     }
 
     /// A draining worker handed a connection back at a commit point.
@@ -356,12 +452,17 @@ impl Keeper {
     /// workers that were told to exit and did not.
     pub(super) fn check_draining(&mut self) {
         let now = Instant::now();
-        let mut late = Vec::new();
+        let (mut late, mut resend, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         for (id, w) in self.workers.iter_mut() {
             if w.role != Role::Draining {
                 continue;
             }
-            if w.owned > 0 && w.drain_deadline.is_some_and(|t| now >= t) {
+            if !w.drain_sent {
+                resend.push(*id);
+            }
+            if w.owned == 0 && w.exit_by.is_none() {
+                idle.push(*id);
+            } else if w.owned > 0 && w.drain_deadline.is_some_and(|t| now >= t) {
                 tracing::warn!(
                     worker = *id,
                     generation = w.generation,
@@ -378,6 +479,16 @@ impl Keeper {
         }
         for id in late {
             self.kill(id);
+        }
+        // A Drain that found the control socket full goes again.
+        for id in resend {
+            if let Some(w) = self.workers.get_mut(&id) {
+                let control = w.control.clone();
+                w.drain_sent = send_msg(&control, &Msg::Drain);
+            }
+        }
+        for id in idle {
+            self.tell_exit(id);
         }
     }
 
@@ -444,23 +555,11 @@ impl Keeper {
     /// The new version is now *the* version: its command starts the
     /// standbys from here on, and the old version's standbys retire.
     pub(super) fn finish_upgrade(&mut self) {
+        self.adopt_version();
         let Some(up) = self.upgrade.take() else {
             return;
         };
-        self.cfg.command = up.command.clone();
-        self.generation = up.generation;
         self.upgrades += 1;
-        let old: Vec<u32> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| {
-                matches!(w.role, Role::Standby | Role::Starting) && w.generation < up.generation
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in old {
-            self.tell_exit(id);
-        }
         let move_ms = match (up.switched, up.last_move) {
             (Some(s), Some(l)) if l > s => ms(l - s),
             _ => 0,
@@ -486,11 +585,49 @@ impl Keeper {
         self.ensure_workers();
     }
 
+    /// From here on the upgrade's version is the one in force: its command
+    /// starts new workers, and the older versions' standbys retire.
+    fn adopt_version(&mut self) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        let gen = up.generation;
+        self.cfg.command = up.command.clone();
+        self.generation = gen;
+        let old: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.role, Role::Standby | Role::Starting) && w.generation < gen)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            self.tell_exit(id);
+        }
+    }
+
     fn fail_upgrade(&mut self, reason: String) {
         let Some(up) = self.upgrade.take() else {
             return;
         };
         self.failed_upgrades += 1;
+        // The new version's standbys go too.
+        let new: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == up.generation && w.role != Role::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in new {
+            if self
+                .workers
+                .get(&id)
+                .is_some_and(|w| w.role == Role::Candidate)
+            {
+                self.kill(id);
+            } else {
+                self.tell_exit(id);
+            }
+        }
         tracing::warn!(
             generation = up.generation,
             back_on = self.generation,
@@ -516,7 +653,9 @@ impl Keeper {
         let Some(up) = &self.upgrade else {
             return;
         };
-        if up.candidate != id {
+        if up.candidate != id || (!up.rollback && up.phase != UpgradePhase::Starting) {
+            // Not the new version, or it can no longer roll back: an
+            // ordinary crash, recovered on a standby of the version in force.
             self.check_upgrade();
             return;
         }
