@@ -98,3 +98,85 @@ fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
     let _ = keeper.0.kill();
     let _ = keeper.0.wait();
 }
+
+/// While no worker can run, the input waiting connections have queued is
+/// bounded too (`--hold-kib`): past it, the oldest connections get the
+/// unavailable reply and a clean close; newer ones go on waiting.
+#[test]
+fn held_input_is_bounded_by_bytes_oldest_first() {
+    let dir = TempDir::new("holdbytes");
+    let control = dir.path().join("control.sock");
+    let reply = dir.path().join("503.http");
+    std::fs::write(&reply, REPLY).unwrap();
+    let port = free_port();
+    let mut keeper = hf_tests::Proc(
+        Command::new(bin("holdfast"))
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--hold-timeout",
+                "60000",
+                "--hold-kib",
+                "256",
+                "--unavailable",
+            ])
+            .arg(&reply)
+            .arg("--control")
+            .arg(&control)
+            .args(["--", "/bin/sh", "-c", "exit 1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_status(
+        &control,
+        "failing start-ups",
+        Duration::from_secs(20),
+        |s| s.start_failures >= 1,
+    );
+    // Five clients, oldest first, each with 100 KB of request queued (it
+    // fits in the kernel's buffers, so every write completes).
+    let body = vec![b'x'; 100_000];
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(&body).unwrap();
+        clients.push(c);
+        wait_status(
+            &control,
+            "the connection held",
+            Duration::from_secs(5),
+            |s| s.waiting == clients.len(),
+        );
+    }
+    // 500 KB waiting, 256 KiB allowed: the three oldest go, the two newest stay.
+    let s = wait_status(
+        &control,
+        "oldest turned away",
+        Duration::from_secs(5),
+        |s| s.turned_away == 3,
+    );
+    assert_eq!(s.waiting, 2);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_millis(if i < 3 { 5000 } else { 300 })))
+            .unwrap();
+        let mut got = Vec::new();
+        let r = c.read_to_end(&mut got);
+        if i < 3 {
+            r.unwrap_or_else(|e| panic!("client {i}: {e} instead of a clean close"));
+            assert_eq!(got, REPLY, "client {i}");
+        } else {
+            let e = r.expect_err("a newer client is still held");
+            assert!(
+                matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+                "client {i}: {e}"
+            );
+            assert!(got.is_empty());
+        }
+    }
+    let _ = keeper.0.kill();
+    let _ = keeper.0.wait();
+}

@@ -827,29 +827,40 @@ impl Keeper {
         let now = Instant::now();
         let timeout = self.cfg.hold_timeout;
         let excess = self.waiting.len().saturating_sub(self.cfg.hold_max);
-        let expired: Vec<u64> = self
+        // Input the clients sent meanwhile sits in the kernel (and in
+        // spools): bounded too, oldest connections first.
+        let bytes: Vec<u64> = self
             .waiting
             .iter()
-            .enumerate()
-            .filter(|(i, c)| {
-                *i < excess
-                    || self
-                        .conns
-                        .get(c)
-                        .and_then(|h| h.since)
-                        .is_some_and(|t| now - t >= timeout)
-            })
-            .map(|(_, c)| *c)
+            .map(|c| self.conns.get(c).map_or(0, |h| queued_bytes(h)))
             .collect();
+        let mut over = bytes
+            .iter()
+            .sum::<u64>()
+            .saturating_sub(self.cfg.hold_bytes);
+        let mut expired: Vec<u64> = Vec::new();
+        for (i, c) in self.waiting.iter().enumerate() {
+            let late = self
+                .conns
+                .get(c)
+                .and_then(|h| h.since)
+                .is_some_and(|t| now - t >= timeout);
+            if i < excess || late || over > 0 {
+                over = over.saturating_sub(bytes[i]);
+                expired.push(*c);
+            }
+        }
         if expired.is_empty() {
             return;
         }
         tracing::warn!(
             connections = expired.len(),
             waiting = self.waiting.len(),
-            "no worker could serve in time; turning connections away"
+            queued_bytes = bytes.iter().sum::<u64>(),
+            "no worker could serve in time (or too much is waiting); turning connections away"
         );
-        self.waiting.retain(|c| !expired.contains(c));
+        let gone: std::collections::HashSet<u64> = expired.iter().copied().collect();
+        self.waiting.retain(|c| !gone.contains(c));
         for cid in expired {
             self.turn_away(cid);
         }
@@ -1210,6 +1221,17 @@ impl Keeper {
         }
         let _ = std::fs::remove_file(&self.cfg.control);
     }
+}
+
+/// Input a held connection has waiting: in the kernel's receive queue and,
+/// for a spooled request, in its spool.
+fn queued_bytes(h: &Held) -> u64 {
+    let spooled = h
+        .spool
+        .as_ref()
+        .and_then(|s| rustix::fs::fstat(s).ok())
+        .map_or(0, |st| st.st_blocks as u64 * 512);
+    rustix::io::ioctl_fionread(&h.fd).unwrap_or(0) + spooled
 }
 
 /// A process's resident memory, from `/proc/PID/statm`.

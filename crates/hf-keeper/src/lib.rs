@@ -68,6 +68,9 @@ pub struct Config {
     pub hold_timeout: std::time::Duration,
     /// …and at most this many wait; then they are turned away.
     pub hold_max: usize,
+    /// …and the input they have queued (kernel buffers and spools) stays
+    /// under this many bytes; the oldest are turned away first.
+    pub hold_bytes: u64,
     /// Longest a request may run (first byte to commit) before its worker
     /// stops its heartbeat and is replaced (`None`: no deadline).
     pub request_deadline: Option<std::time::Duration>,

@@ -62,6 +62,10 @@ enum Cmd {
         /// away, oldest first.
         #[arg(long, default_value_t = 10_000, value_name = "N")]
         hold_max: usize,
+        /// ...and the input they have queued (in the kernel and in spools)
+        /// stays under this many KiB; the oldest are turned away first.
+        #[arg(long, default_value_t = 65_536, value_name = "KIB")]
+        hold_kib: u64,
         /// Replace a worker one of whose requests has run this many
         /// milliseconds from its first byte without a commit (tokio flavour;
         /// implies --hang-timeout 500 unless given; 0 = off).
@@ -187,6 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hang_timeout,
             hold_timeout,
             hold_max,
+            hold_kib,
             request_deadline,
             poison_after,
             unavailable,
@@ -212,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
+                hold_bytes: hold_kib << 10,
                 request_deadline: (request_deadline > 0)
                     .then(|| Duration::from_millis(request_deadline)),
                 poison_after,
@@ -462,6 +468,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,
+        hold_bytes: 64 << 20,
         request_deadline: None,
         poison_after: 2,
         max_generations: 3,
