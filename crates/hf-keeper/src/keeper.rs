@@ -832,7 +832,7 @@ impl Keeper {
         let bytes: Vec<u64> = self
             .waiting
             .iter()
-            .map(|c| self.conns.get(c).map_or(0, |h| queued_bytes(h)))
+            .map(|c| self.conns.get(c).map_or(0, queued_bytes))
             .collect();
         let mut over = bytes
             .iter()
