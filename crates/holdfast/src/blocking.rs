@@ -228,6 +228,16 @@ impl Conn {
         self.core.commit(self.fd.as_fd(), consumed, version, state)
     }
 
+    /// Commits the last request of this connection and closes it: use it
+    /// instead of `commit` and drop when an answer ends the connection
+    /// (HTTP `Connection: close`, FTP `QUIT`). The journal records the
+    /// commit and the close together, so a crash between the two cannot
+    /// leave the client waiting for a close that never comes.
+    pub fn commit_and_close(&mut self, consumed: usize) -> io::Result<()> {
+        self.core.flush_pending(self.fd.as_fd())?;
+        self.core.commit_and_close(self.fd.as_fd(), consumed)
+    }
+
     /// Returns `make()` the first time a request runs and the same bytes
     /// when it is replayed after a crash (at most 59 bytes per request in all).
     pub fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
@@ -251,6 +261,12 @@ impl Conn {
     /// Closes the connection now (dropping it does the same).
     pub fn close(self) {
         drop(self);
+    }
+
+    /// Sets `TCP_NODELAY` (the socket is shared with the keeper's copy and
+    /// with the next worker, which keep it).
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_tcp_nodelay(&self.fd, on)?)
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {

@@ -444,6 +444,31 @@ impl Core {
         state_version: u16,
         state: &[u8],
     ) -> io::Result<()> {
+        self.commit_inner(fd, consumed, state_version, state, false)
+    }
+
+    /// A commit after which the connection closes: the journal says both
+    /// in one store, so a crash between the answer and the close cannot
+    /// leave the connection open waiting for a request that will not come.
+    pub(crate) fn commit_and_close(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        consumed: usize,
+    ) -> io::Result<()> {
+        let v = self.state_version();
+        let r = self.commit_inner(fd, consumed, v, &[], true);
+        self.close(fd);
+        r
+    }
+
+    fn commit_inner(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        consumed: usize,
+        state_version: u16,
+        state: &[u8],
+        last: bool,
+    ) -> io::Result<()> {
         if self.released {
             return Err(moved());
         }
@@ -484,6 +509,9 @@ impl Core {
         k.poisoned = false;
         k.nondet_cursor = 0;
         k.push_until_commit = false;
+        if last {
+            k.rec.flags |= FLAG_CLOSING;
+        }
         k.store()?;
         if let Some(b) = &k.busy {
             // Input read past this commit belongs to the next request, which
@@ -761,6 +789,15 @@ impl Kept {
             io::Error::new(io::ErrorKind::InvalidData, format!("journal record: {e}"))
         })?;
         if rec.closing() {
+            // The service had closed it (or committed its last answer): the
+            // dead worker may not have finished the close, so finish it —
+            // unread input dropped first, so the peer gets a FIN, not an RST.
+            while let Ok(n) = hf_sys::tcp::discard(fd, 1 << 30) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = rustix::net::shutdown(fd, Shutdown::Write);
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "connection was closed by the service",

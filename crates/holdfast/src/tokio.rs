@@ -273,6 +273,14 @@ impl Conn {
             .commit(self.io.get_ref().as_fd(), consumed, version, state)
     }
 
+    /// Commits the last request of this connection and closes it; see
+    /// [`crate::Conn::commit_and_close`].
+    pub async fn commit_and_close(&mut self, consumed: usize) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush_pending(cx)).await?;
+        self.core
+            .commit_and_close(self.io.get_ref().as_fd(), consumed)
+    }
+
     /// See [`crate::Conn::record`].
     pub fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
         self.core.record(make)
@@ -283,6 +291,15 @@ impl Conn {
         Ok(u64::from_le_bytes(
             self.core.record_fixed(crate::now_bytes)?,
         ))
+    }
+
+    /// Sets `TCP_NODELAY` (the socket is shared with the keeper's copy and
+    /// with the next worker, which keep it).
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_tcp_nodelay(
+            self.io.get_ref(),
+            on,
+        )?)
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {

@@ -167,6 +167,9 @@ impl Resume {
 }
 
 async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
+    // The tail of a file sent in pieces is a short segment: without
+    // NODELAY it waits for the client's delayed ACK (~40 ms).
+    let _ = c.set_nodelay(true);
     let (version, state) = c.state();
     if !state.is_empty() {
         let r = (version == STATE_V1)
@@ -255,7 +258,17 @@ async fn error_reply(c: &mut Conn, status: Status, to: ErrorTo, len: usize) -> s
         out.extend_from_slice(&body);
     }
     c.write_all(&out).await?;
-    c.commit(len, &[]).await
+    finish(c, len, to.keep_alive).await
+}
+
+/// Commits a request's `consumed` bytes; for the last answer on the
+/// connection, commits and closes in one step (see `commit_and_close`).
+async fn finish(c: &mut Conn, consumed: usize, keep_alive: bool) -> std::io::Result<()> {
+    if keep_alive {
+        c.commit(consumed, &[]).await
+    } else {
+        c.commit_and_close(consumed).await
+    }
 }
 
 /// Answers one request; returns whether the connection stays open.
@@ -301,7 +314,7 @@ async fn respond(
     );
     if req.method == Method::Head || size == 0 {
         c.write_all(&out).await?;
-        c.commit(len, &[]).await?;
+        finish(c, len, req.keep_alive).await?;
         return Ok(req.keep_alive);
     }
     if size <= PIECE as u64 {
@@ -309,7 +322,7 @@ async fn respond(
         out.resize(head_len + size as usize, 0);
         f.read_exact_at(&mut out[head_len..], 0)?;
         c.write_all(&out).await?;
-        c.commit(len, &[]).await?;
+        finish(c, len, req.keep_alive).await?;
         return Ok(req.keep_alive);
     }
     c.write_all(&out).await?;
@@ -352,6 +365,6 @@ async fn send_pieces(c: &mut Conn, mut consumed: usize, mut r: Resume) -> std::i
             consumed = 0;
         }
     }
-    c.commit(consumed, &[]).await?;
+    finish(c, consumed, r.keep_alive).await?;
     Ok(r.keep_alive)
 }

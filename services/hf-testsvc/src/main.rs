@@ -253,8 +253,7 @@ fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
                 c.write_all(&count_answer(id, count))?;
             } else if let Some(id) = line.strip_prefix("QUIT ") {
                 c.write_all(format!("BYE {id}\n").as_bytes())?;
-                c.commit(total, &[])?;
-                return Ok(());
+                return c.commit_and_close(total);
             } else {
                 answer(&mut c, &line, salt)?;
             }
@@ -404,8 +403,7 @@ mod asynch {
                     c.write_all(&super::count_answer(id, count)).await?;
                 } else if let Some(id) = line.strip_prefix("QUIT ") {
                     c.write_all(format!("BYE {id}\n").as_bytes()).await?;
-                    c.commit(total, &[]).await?;
-                    return Ok(());
+                    return c.commit_and_close(total).await;
                 } else {
                     answer(&mut c, &line, salt).await?;
                 }
