@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! cargo build --release --workspace
-//! target/release/hf-bench recovery   [--kills 1000] [--conns 64]
-//! target/release/hf-bench throughput [--secs 3] [--rounds 5] [--conns 32]
+//! target/release/hf-bench recovery   [--kills 1000] [--conns 64] [--client auto|threads|epoll]
+//! target/release/hf-bench throughput [--secs 3] [--rounds 5] [--conns 32] [--hang-timeout 200]
 //! target/release/hf-bench memory     [--conns 100,10000]
 //! target/release/hf-bench hang       [--timeout-ms 200] [--rounds 30]
 //! target/release/hf-bench storm      [--secs 10] [--conns 64] [--every-ms 50]
 //! target/release/hf-bench upgrade    [--idle 1000,10000] [--rounds 3] [--secs 8] [--every-ms 1000]
 //! target/release/hf-bench all
+//! target/release/hf-bench faults
 //! ```
 //!
 //! Meant for small, noisy, shared machines: what is compared is measured in
@@ -47,7 +48,8 @@ struct Cli {
 enum Cmd {
     /// Crash → first replayed byte at the client, hot-standby takeover after SIGKILL.
     Recovery(recovery::Args),
-    /// Requests per second of hf-httpd alone vs under the keeper, interleaved.
+    /// Requests per second of hf-httpd alone vs under the keeper, interleaved
+    /// (or, with `--hang-timeout MS`, under a keeper without vs with it).
     Throughput(throughput::Args),
     /// Keeper memory per held connection.
     Memory(memory::Args),
@@ -60,6 +62,12 @@ enum Cmd {
     Upgrade(upgrade::Args),
     /// All of them with their defaults, and one summary table.
     All,
+    /// Figures for faults beyond crashes, one summary table: what watching
+    /// the heartbeat costs (`throughput --hang-timeout 200 --rounds 10
+    /// --secs 2`, then the same with `--hang-timeout 0`: the noise floor)
+    /// and SIGKILLs with 10,000 connections mid-answer (`recovery --conns
+    /// 10000 --kills 20`). About five minutes.
+    Faults,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +121,40 @@ fn main() -> ExitCode {
             step("storm", storm::run(&sa));
             println!();
             step("upgrade", upgrade::run(&ua));
+        }
+        Cmd::Faults => {
+            let parse = |args: &[&str]| {
+                Cli::try_parse_from(std::iter::once("hf-bench").chain(args.iter().copied()))
+                    .map(|c| c.cmd)
+            };
+            let (Ok(Cmd::Throughput(hb)), Ok(Cmd::Throughput(aa)), Ok(Cmd::Recovery(ra))) = (
+                parse(&[
+                    "throughput",
+                    "--hang-timeout",
+                    "200",
+                    "--rounds",
+                    "10",
+                    "--secs",
+                    "2",
+                ]),
+                parse(&[
+                    "throughput",
+                    "--hang-timeout",
+                    "0",
+                    "--rounds",
+                    "10",
+                    "--secs",
+                    "2",
+                ]),
+                parse(&["recovery", "--conns", "10000", "--kills", "20"]),
+            ) else {
+                unreachable!("faults arguments parse")
+            };
+            step("heartbeat", throughput::run(&hb));
+            println!();
+            step("heartbeat A/A", throughput::run(&aa));
+            println!();
+            step("recovery", recovery::run(&ra));
         }
     }
     print_summary(&rows);

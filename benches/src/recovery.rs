@@ -2,20 +2,31 @@
 //! the middle of an answer on every connection, and time crash → first
 //! replayed byte at the client.
 //!
-//! One client thread per connection. Each round every connection sends
-//! `HOLD <id> <len>` to hf-testsvc, which writes the first half of its
-//! answer and then blocks until it is killed. Once every client has its
-//! first half, the coordinator takes `t0` and SIGKILLs the active worker;
-//! each client thread takes `Instant::now()` as soon as `read()` returns the
-//! first byte of the second half (written by the standby that took over),
-//! reads the rest and checks the whole answer byte for byte. Before the next
-//! round the coordinator waits until the keeper reports the restart, a new
-//! active worker and a *ready* standby again, so every round measures a hot
-//! standby takeover; it then samples the keeper's own `last_recovery_us`.
-//! The coordinator also watches the killed worker through its own pidfd
-//! (kill → process gone), which splits the client-side figure into: the
-//! kernel tearing the worker down, the keeper's hand-over, and the new
-//! worker's replay plus the trip to the client.
+//! Each round every connection sends `HOLD <id> <len>` to hf-testsvc, which
+//! writes the first half of its answer and then blocks until it is killed.
+//! Once every client has its first half, the coordinator takes `t0` and
+//! SIGKILLs the active worker; each connection's sample is the moment the
+//! first byte of the second half (written by the standby that took over) is
+//! seen; the rest is read and the whole answer checked byte for byte.
+//! Before the next round the coordinator waits until the keeper reports the
+//! restart, a new active worker and a *ready* standby again, so every round
+//! measures a hot standby takeover; it then samples the keeper's own
+//! `last_recovery_us`. The coordinator also watches the killed worker
+//! through its own pidfd (kill → process gone), which splits the
+//! client-side figure into: the kernel tearing the worker down, the keeper's
+//! hand-over, and the new worker's replay plus the trip to the client.
+//!
+//! Two ways to be the clients (`--client`): a blocking thread per
+//! connection, which takes `Instant::now()` as soon as its `read()` returns
+//! (the default up to 1,000 connections), or one thread with every
+//! connection in an epoll set, which stamps each connection with the moment
+//! the `epoll_wait` that reported it returned. That one thread can wake late
+//! while both CPUs are busy (the standby replaying, the keeper starting the
+//! next standby): at 64 connections the first-byte median is the same both
+//! ways, but in some rounds a batch of connections is stamped together, up
+//! to ~1.5 ms late. Above 1,000 connections it is the default all the same:
+//! ten thousand threads woken at once on a 2-core machine would time the
+//! scheduler, and take the CPU from the standby, far more than that.
 //!
 //! How the client acknowledges the first half matters: with the kernel's
 //! default delayed ACK, the first half may still be unacknowledged when the
@@ -26,13 +37,15 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rustix::event::epoll;
 use rustix::process::Signal;
 
-use crate::common::{active_pid, signal, standby_ready, us, Dist, Keeper, Row};
+use crate::common::{active_pid, raise_nofile, signal, standby_ready, us, Dist, Keeper, Row};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -58,6 +71,13 @@ pub struct Args {
     /// takes the kernel several times longer to tear down.
     #[arg(long)]
     pub blocking: bool,
+    /// How this process reads the answers: `threads` (a blocking thread per
+    /// connection), `epoll` (one thread, every connection in one epoll set),
+    /// or `auto`: threads up to 1,000 connections, epoll above (for
+    /// `--conns 10000`: that many threads woken at once would time the
+    /// scheduler more than the recovery).
+    #[arg(long, value_enum, default_value_t = Client::Auto)]
+    pub client: Client,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,10 +87,43 @@ pub enum Ack {
     Delayed,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    Auto,
+    Threads,
+    Epoll,
+}
+
+/// Above this many connections `--client auto` uses epoll.
+const AUTO_EPOLL_ABOVE: usize = 1000;
+
 /// The whole answer hf-testsvc sends to `HOLD id len` (the test harness's
 /// independent copy of the service's generator).
 fn answer(id: u64, len: usize) -> Vec<u8> {
     hf_tests::testsvc::answer(id, len, 0)
+}
+
+/// How long a round may wait for every connection: 20 s, plus 1 ms a
+/// connection (10,000 `HOLD`s are answered by a worker on one thread).
+fn round_timeout(n: usize) -> Duration {
+    Duration::from_secs(20) + Duration::from_millis(n as u64)
+}
+
+/// The benchmark's side of the connections, one round at a time.
+trait Clients {
+    /// Sends `HOLD` on connection `i` with id `first_id + i`, and returns
+    /// once every connection has exactly the first half of its answer (and
+    /// has acknowledged it at once, if `quick`).
+    fn arm(&mut self, first_id: u64, quick: bool) -> anyhow::Result<()>;
+    /// After the kill at `t0`: waits until every answer is complete and
+    /// checked, with `samples[i]` = kill → first replayed byte on
+    /// connection `i` (ns). Returns kill → `pidfd` readable (ns), if seen.
+    fn collect(
+        &mut self,
+        t0: Instant,
+        pidfd: Option<&OwnedFd>,
+        samples: &mut [u64],
+    ) -> anyhow::Result<Option<u64>>;
 }
 
 enum ToConn {
@@ -168,14 +221,414 @@ fn conn_thread(
     }
 }
 
+/// A blocking client thread per connection.
+struct Threads {
+    to: Vec<mpsc::Sender<ToConn>>,
+    rx: mpsc::Receiver<FromConn>,
+    socks: Vec<TcpStream>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Threads {
+    fn start(conns: Vec<TcpStream>, len: usize) -> anyhow::Result<Threads> {
+        let (tx, rx) = mpsc::channel::<FromConn>();
+        let mut t = Threads {
+            to: Vec::with_capacity(conns.len()),
+            rx,
+            socks: Vec::with_capacity(conns.len()),
+            threads: Vec::with_capacity(conns.len()),
+        };
+        for (i, s) in conns.into_iter().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            t.socks.push(s.try_clone()?);
+            let (ctx, crx) = mpsc::channel();
+            t.to.push(ctx);
+            let tx = tx.clone();
+            t.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("conn{i}"))
+                    .stack_size(256 * 1024)
+                    .spawn(move || conn_thread(i, s, len, crx, tx))?,
+            );
+        }
+        Ok(t)
+    }
+}
+
+impl Clients for Threads {
+    fn arm(&mut self, first_id: u64, quick: bool) -> anyhow::Result<()> {
+        let n = self.to.len();
+        for (i, t) in self.to.iter().enumerate() {
+            t.send(ToConn::Go(first_id + i as u64, quick))
+                .map_err(|_| anyhow::anyhow!("client thread {i} gone"))?;
+        }
+        let mut ready = 0;
+        while ready < n {
+            match self.rx.recv_timeout(round_timeout(n)) {
+                Ok(FromConn::Ready(_)) => ready += 1,
+                Ok(FromConn::Done(i, Err(e))) => bail!("connection {i}, before the kill: {e}"),
+                Ok(FromConn::Done(i, Ok(_))) => {
+                    bail!("connection {i}: answer completed before the kill")
+                }
+                Err(_) => bail!(
+                    "only {ready}/{n} connections got their first half within {:?}",
+                    round_timeout(n)
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn collect(
+        &mut self,
+        t0: Instant,
+        pidfd: Option<&OwnedFd>,
+        samples: &mut [u64],
+    ) -> anyhow::Result<Option<u64>> {
+        let n = self.to.len();
+        // The client threads read meanwhile; this one waits for the death.
+        let mut dead_at = None;
+        if let Some(fd) = pidfd {
+            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 5,
+                tv_nsec: 0,
+            };
+            if matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(1)) {
+                dead_at = Some(t0.elapsed().as_nanos() as u64);
+            }
+        }
+        let mut got = 0;
+        while got < n {
+            match self.rx.recv_timeout(round_timeout(n)) {
+                Ok(FromConn::Done(i, Ok(t))) => {
+                    samples[i] = t
+                        .checked_duration_since(t0)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0);
+                    got += 1;
+                }
+                Ok(FromConn::Done(i, Err(e))) => bail!("connection {i}, after the kill: {e}"),
+                Ok(FromConn::Ready(i)) => bail!("connection {i} ready twice"),
+                Err(_) => bail!(
+                    "only {got}/{n} connections were answered within {:?} of the kill",
+                    round_timeout(n)
+                ),
+            }
+        }
+        Ok(dead_at)
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for s in &self.socks {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in &self.to {
+            let _ = t.send(ToConn::Stop);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every connection non-blocking in one epoll set, read by the
+/// coordinator's own thread.
+struct Epoll {
+    ep: OwnedFd,
+    conns: Vec<EConn>,
+    len: usize,
+    events: Vec<epoll::Event>,
+    buf: Vec<u8>,
+}
+
+struct EConn {
+    s: TcpStream,
+    want: Vec<u8>,
+    got: Vec<u8>,
+    /// The answer is complete (after the kill).
+    done: bool,
+}
+
+/// The epoll token of the killed worker's pidfd (connections are 0..n).
+const PIDFD_TOKEN: u64 = u64::MAX;
+
+impl Epoll {
+    fn start(conns: Vec<TcpStream>, len: usize) -> anyhow::Result<Epoll> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).context("epoll_create")?;
+        let mut out = Vec::with_capacity(conns.len());
+        for (i, s) in conns.into_iter().enumerate() {
+            s.set_nonblocking(true)?;
+            epoll::add(
+                &ep,
+                &s,
+                epoll::EventData::new_u64(i as u64),
+                epoll::EventFlags::IN,
+            )
+            .context("epoll_ctl")?;
+            out.push(EConn {
+                s,
+                want: Vec::new(),
+                got: Vec::with_capacity(2 * len + 64),
+                done: false,
+            });
+        }
+        Ok(Epoll {
+            ep,
+            conns: out,
+            len,
+            events: Vec::with_capacity(1024),
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// One `epoll_wait` (retried on EINTR); the events are in `self.events`.
+    /// Returns when it returned, or an error once `deadline` has passed.
+    fn wait(&mut self, deadline: Instant, what: &dyn Fn() -> String) -> anyhow::Result<Instant> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("{}", what());
+            }
+            let timeout = rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            self.events.clear();
+            match epoll::wait(
+                &self.ep,
+                rustix::buffer::spare_capacity(&mut self.events),
+                Some(&timeout),
+            ) {
+                Ok(_) => return Ok(Instant::now()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e).context("epoll_wait"),
+            }
+        }
+    }
+
+    /// One `read` on connection `i` into its answer so far; the number of
+    /// bytes, 0 for nothing to read now. EOF is an error: the connection was
+    /// lost.
+    fn read_some(&mut self, i: usize) -> Result<usize, String> {
+        let c = &mut self.conns[i];
+        match (&c.s).read(&mut self.buf) {
+            Ok(0) => Err(format!(
+                "EOF after {} of {} bytes (connection lost)",
+                c.got.len(),
+                c.want.len()
+            )),
+            Ok(k) => {
+                c.got.extend_from_slice(&self.buf[..k]);
+                Ok(k)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+}
+
+impl Clients for Epoll {
+    fn arm(&mut self, first_id: u64, quick: bool) -> anyhow::Result<()> {
+        let n = self.conns.len();
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            let id = first_id + i as u64;
+            c.want = answer(id, self.len);
+            c.got.clear();
+            c.done = false;
+            // A few bytes into an empty send buffer: never short.
+            let req = format!("HOLD {id} {}\n", self.len);
+            match (&c.s).write(req.as_bytes()) {
+                Ok(k) if k == req.len() => {}
+                Ok(k) => bail!("connection {i}: short write of the request ({k} bytes)"),
+                Err(e) => bail!("connection {i}: writing the request: {e}"),
+            }
+        }
+        let deadline = Instant::now() + round_timeout(n);
+        let mut ready = 0;
+        while ready < n {
+            self.wait(deadline, &|| {
+                format!(
+                    "only {ready}/{n} connections got their first half within {:?}",
+                    round_timeout(n)
+                )
+            })?;
+            for j in 0..self.events.len() {
+                let i = self.events[j].data.u64() as usize;
+                let k = self
+                    .read_some(i)
+                    .map_err(|e| anyhow::anyhow!("connection {i}, before the kill: {e}"))?;
+                let c = &self.conns[i];
+                let half = c.want.len() / 2;
+                if k == 0 || c.got.len() < half {
+                    continue;
+                }
+                if c.got.len() > half {
+                    bail!(
+                        "connection {i}: got {} bytes before the kill, expected exactly the first half ({half})",
+                        c.got.len()
+                    );
+                }
+                if c.got[..] != c.want[..half] {
+                    bail!("connection {i}: first half differs from the expected answer");
+                }
+                if quick {
+                    rustix::net::sockopt::set_tcp_quickack(&c.s, true)
+                        .with_context(|| format!("connection {i}: TCP_QUICKACK"))?;
+                }
+                ready += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn collect(
+        &mut self,
+        t0: Instant,
+        pidfd: Option<&OwnedFd>,
+        samples: &mut [u64],
+    ) -> anyhow::Result<Option<u64>> {
+        let n = self.conns.len();
+        // The worker's death is one more event in the same set.
+        let mut watching = pidfd.and_then(|fd| {
+            epoll::add(
+                &self.ep,
+                fd,
+                epoll::EventData::new_u64(PIDFD_TOKEN),
+                epoll::EventFlags::IN,
+            )
+            .ok()
+            .map(|()| fd)
+        });
+        let mut dead_at = None;
+        let deadline = Instant::now() + round_timeout(n);
+        let mut answered = 0;
+        let r = (|| -> anyhow::Result<()> {
+            while answered < n {
+                let t = self.wait(deadline, &|| {
+                    format!(
+                        "only {answered}/{n} connections were answered within {:?} of the kill",
+                        round_timeout(n)
+                    )
+                })?;
+                // Every connection this wait reported is stamped with its
+                // return: the bytes were there by then, however long the
+                // reads of the others before it take.
+                let since = t.saturating_duration_since(t0).as_nanos() as u64;
+                for j in 0..self.events.len() {
+                    let tok = self.events[j].data.u64();
+                    if tok == PIDFD_TOKEN {
+                        dead_at.get_or_insert(since);
+                        if let Some(fd) = watching.take() {
+                            let _ = epoll::delete(&self.ep, fd.as_fd());
+                        }
+                        continue;
+                    }
+                    let i = tok as usize;
+                    let before = self.conns[i].got.len();
+                    let k = self
+                        .read_some(i)
+                        .map_err(|e| anyhow::anyhow!("connection {i}, after the kill: {e}"))?;
+                    let c = &mut self.conns[i];
+                    if k == 0 {
+                        continue;
+                    }
+                    if before == c.want.len() / 2 {
+                        samples[i] = since;
+                    }
+                    if c.got.len() < c.want.len() {
+                        continue;
+                    }
+                    if c.done || c.got.len() > c.want.len() {
+                        bail!(
+                            "connection {i}: {} bytes received, the answer has {}",
+                            c.got.len(),
+                            c.want.len()
+                        );
+                    }
+                    if c.got != c.want {
+                        let at = c
+                            .got
+                            .iter()
+                            .zip(&c.want)
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(c.want.len());
+                        bail!(
+                            "connection {i}: answer differs at byte {at} of {}",
+                            c.want.len()
+                        );
+                    }
+                    c.done = true;
+                    answered += 1;
+                }
+            }
+            Ok(())
+        })();
+        if let Some(fd) = watching {
+            let _ = epoll::delete(&self.ep, fd.as_fd());
+        }
+        r?;
+        Ok(dead_at)
+    }
+}
+
+/// Opens `n` connections to the keeper, in batches small enough for its
+/// listen backlog (each batch accepted before the next is opened), and
+/// waits until the active worker holds all of them.
+fn connect_all(keeper: &mut Keeper, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    const BATCH: usize = 500;
+    let addr = keeper.addr;
+    let mut socks = Vec::with_capacity(n);
+    while socks.len() < n {
+        for _ in 0..BATCH.min(n - socks.len()) {
+            let s = TcpStream::connect(addr)
+                .with_context(|| format!("connect #{} to {addr}", socks.len()))?;
+            s.set_nodelay(true)?;
+            socks.push(s);
+        }
+        let opened = socks.len();
+        keeper.wait_for(
+            &format!("{opened} connections accepted"),
+            Duration::from_secs(30),
+            |s| s.connections >= opened,
+        )?;
+    }
+    keeper.wait_for(
+        &format!("{n} connections held by the active worker"),
+        Duration::from_secs(30),
+        |s| {
+            s.waiting == 0
+                && s.workers
+                    .iter()
+                    .any(|w| w.role == hf_keeper::status::Role::Active && w.connections == n)
+        },
+    )?;
+    Ok(socks)
+}
+
 pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     if a.conns == 0 || a.kills == 0 {
         bail!("--conns and --kills must be at least 1");
     }
+    let epoll = match a.client {
+        Client::Auto => a.conns > AUTO_EPOLL_ABOVE,
+        Client::Threads => false,
+        Client::Epoll => true,
+    };
     println!(
         "== recovery: SIGKILL the active worker mid-answer on {} connections, {} kills ==",
         a.conns, a.kills
     );
+    // One socket per connection here (two with threads: a clone to shut
+    // them down with); the keeper and the workers raise their own limits.
+    let limit = raise_nofile();
+    let need = a.conns * if epoll { 1 } else { 2 } + 100;
+    if (limit as usize) < need {
+        bail!("RLIMIT_NOFILE is {limit} here, {need} needed for {} connections (raise the hard limit)", a.conns);
+    }
     let testsvc = crate::common::bin("hf-testsvc")?;
     let flavour = if a.blocking { "blocking" } else { "tokio" };
     let mut cmd = vec![testsvc.as_os_str()];
@@ -184,46 +637,28 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     }
     let mut keeper = Keeper::start(1, &cmd)?;
     println!(
-        "keeper pid {} on {}, hf-testsvc workers ({flavour} flavour), --standby 1, answers of {} pattern bytes",
+        "keeper pid {} on {}, hf-testsvc workers ({flavour} flavour), --standby 1, answers of {} pattern bytes, clients: {}",
         keeper.pid(),
         keeper.addr,
-        a.len
+        a.len,
+        if epoll { "one thread, epoll" } else { "a thread per connection" }
     );
-
-    let (tx, rx) = mpsc::channel::<FromConn>();
-    let mut to = Vec::with_capacity(a.conns);
-    let mut socks = Vec::with_capacity(a.conns);
-    let mut threads = Vec::with_capacity(a.conns);
-    for i in 0..a.conns {
-        let s = TcpStream::connect(keeper.addr)
-            .with_context(|| format!("connect #{i} to {}", keeper.addr))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(15)))?;
-        socks.push(s.try_clone()?);
-        let (ctx, crx) = mpsc::channel();
-        to.push(ctx);
-        let tx = tx.clone();
-        let len = a.len;
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("conn{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || conn_thread(i, s, len, crx, tx))?,
+    let t = Instant::now();
+    let socks = connect_all(&mut keeper, a.conns)?;
+    if a.conns > AUTO_EPOLL_ABOVE {
+        println!(
+            "{} connections open and held by the worker ({:.2} s)",
+            a.conns,
+            t.elapsed().as_secs_f64()
         );
     }
-    drop(tx);
-
-    let result = rounds(a, &mut keeper, &to, &rx);
-
-    for s in &socks {
-        let _ = s.shutdown(Shutdown::Both);
-    }
-    for t in &to {
-        let _ = t.send(ToConn::Stop);
-    }
-    for t in threads {
-        let _ = t.join();
-    }
+    let result = if epoll {
+        let mut c = Epoll::start(socks, a.len)?;
+        rounds(a, &mut keeper, &mut c)
+    } else {
+        let mut c = Threads::start(socks, a.len)?;
+        rounds(a, &mut keeper, &mut c)
+    };
     keeper.stop();
     result
 }
@@ -247,12 +682,7 @@ struct Acc {
     after_death: Vec<u64>,
 }
 
-fn rounds(
-    a: &Args,
-    keeper: &mut Keeper,
-    to: &[mpsc::Sender<ToConn>],
-    rx: &mpsc::Receiver<FromConn>,
-) -> anyhow::Result<Vec<Row>> {
+fn rounds(a: &Args, keeper: &mut Keeper, clients: &mut dyn Clients) -> anyhow::Result<Vec<Row>> {
     let n = a.conns;
     let started = Instant::now();
     let budget = Duration::from_secs(a.max_secs);
@@ -265,6 +695,8 @@ fn rounds(
     )?;
     let mut done = 0;
     let mut samples = vec![0u64; n];
+    // Progress lines: every 100 kills of 64 connections, every kill of 10,000.
+    let every = (10_000 / n).clamp(1, 100);
     while done < a.kills {
         if started.elapsed() > budget {
             println!(
@@ -280,26 +712,9 @@ fn rounds(
         };
         let pid = active_pid(&snap).context("no active worker")?;
         let restarts = snap.restarts;
-        for (i, t) in to.iter().enumerate() {
-            let id = (done * n + i + 1) as u64;
-            t.send(ToConn::Go(id, quick))
-                .map_err(|_| anyhow::anyhow!("client thread {i} gone"))?;
-        }
-        let mut ready = 0;
-        while ready < n {
-            match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(FromConn::Ready(_)) => ready += 1,
-                Ok(FromConn::Done(i, Err(e))) => {
-                    bail!("round {done}, connection {i}, before the kill: {e}")
-                }
-                Ok(FromConn::Done(i, Ok(_))) => {
-                    bail!("round {done}, connection {i}: answer completed before the kill")
-                }
-                Err(_) => bail!(
-                    "round {done}: only {ready}/{n} connections got their first half within 20 s"
-                ),
-            }
-        }
+        clients
+            .arm((done * n + 1) as u64, quick)
+            .with_context(|| format!("round {done}"))?;
         // Watch the worker die from here too: kill → pidfd readable.
         let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
             rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
@@ -307,30 +722,11 @@ fn rounds(
         // Every connection has exactly the first half: the worker is mid-answer on all.
         let t0 = Instant::now();
         signal(pid, Signal::KILL);
-        let mut dead_at = None;
-        if let Some(fd) = &pidfd {
-            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-            let timeout = rustix::event::Timespec {
-                tv_sec: 5,
-                tv_nsec: 0,
-            };
-            if matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(1)) {
-                let d = t0.elapsed().as_nanos() as u64;
-                acc[usize::from(quick)].dead.push(d);
-                dead_at = Some(d);
-            }
-        }
-        let mut got = 0;
-        while got < n {
-            match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(FromConn::Done(i, Ok(t))) => {
-                    samples[i] = t.checked_duration_since(t0).map(|d| d.as_nanos() as u64).unwrap_or(0);
-                    got += 1;
-                }
-                Ok(FromConn::Done(i, Err(e))) => bail!("round {done}, connection {i}, after the kill: {e}"),
-                Ok(FromConn::Ready(i)) => bail!("round {done}: connection {i} ready twice"),
-                Err(_) => bail!("round {done}: only {got}/{n} connections were answered within 20 s of the kill"),
-            }
+        let dead_at = clients
+            .collect(t0, pidfd.as_ref(), &mut samples)
+            .with_context(|| format!("round {done}"))?;
+        if let Some(d) = dead_at {
+            acc[usize::from(quick)].dead.push(d);
         }
         let t_answered = Instant::now();
         let ac = &mut acc[usize::from(quick)];
@@ -355,7 +751,7 @@ fn rounds(
             ac.keeper.push(k * 1000);
         }
         done += 1;
-        if done % 100 == 0 || done == a.kills {
+        if done % every == 0 || done == a.kills {
             println!(
                 "  {done:>5} kills  {:>5.1} s  last kill ({} ACK): first client byte {} µs, last {} µs, keeper {} µs",
                 started.elapsed().as_secs_f64(),

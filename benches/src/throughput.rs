@@ -12,6 +12,21 @@
 //! reads each full response (Content-Length), and again, until the slice is
 //! over — every connection always has one request in flight, none is left
 //! in flight between slices. Bodies are checked against the file.
+//!
+//! Before the load, both sides sit idle for a few seconds and what each
+//! process does meanwhile is counted (CPU time and wake-ups, per second): a
+//! worker under the keeper wakes for its heartbeat (every 50 ms in the tokio
+//! flavour), the same binary alone does not, so the difference bounds what
+//! the heartbeat costs.
+//!
+//! `--hang-timeout MS` compares two keepers instead: A runs hf-httpd without
+//! `--hang-timeout`, B with it. The worker beats on both sides (the library
+//! always does under a keeper); what differs is the keeper reading the
+//! beats, every MS / 4 instead of never. `--hang-timeout 0` gives B the
+//! keeper's "off" too: an A/A run, the noise floor of the comparison. Each
+//! round starts a fresh pair, in alternating order: two keepers running the
+//! same code can differ by a few per cent for as long as they live, which
+//! one pair for the whole run would report as an effect.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -31,7 +46,8 @@ pub struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3)]
     pub secs: u64,
-    /// Rounds; each round measures plain then kept, for each file.
+    /// Rounds; each round measures both sides (plain and kept, or A and B),
+    /// for each file.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Keep-alive connections of the load generator.
@@ -40,24 +56,168 @@ pub struct Args {
     /// Load generator threads.
     #[arg(long, default_value_t = 2)]
     pub client_threads: usize,
-    /// Within a round, plain and kept take turns in slices this long
+    /// Within a round, the two sides take turns in slices this long
     /// (plain, kept, kept, plain, ...), so bursts of outside noise hit both.
     #[arg(long, default_value_t = 250)]
     pub slice_ms: u64,
+    /// Instead of hf-httpd alone against hf-httpd under the keeper, compare
+    /// the keeper without `--hang-timeout` (A) against the keeper with
+    /// `--hang-timeout MS` (B): what watching the workers' heartbeat costs.
+    /// 0 runs B with the timeout off too (A/A: the noise floor). A fresh
+    /// pair of keepers each round.
+    #[arg(long, value_name = "MS")]
+    pub hang_timeout: Option<u64>,
 }
+
+/// How long both sides sit idle before the load, to count their wake-ups.
+const IDLE: Duration = Duration::from_secs(2);
 
 const FILES: [(&str, usize); 2] = [("1k.bin", 1024), ("16k.bin", 16 * 1024)];
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Plain,
-    Kept,
+/// One side of the comparison.
+struct Server {
+    /// "plain" / "kept", or "A" / "B" for `--hang-timeout`.
+    name: &'static str,
+    addr: SocketAddr,
+    /// Processes whose CPU time counts for this side; with a keeper, the
+    /// keeper first, then its active worker.
+    pids: Vec<u32>,
+    host: Host,
 }
 
-struct Server {
-    addr: SocketAddr,
-    /// Processes whose CPU time counts for this mode.
-    pids: Vec<u32>,
+/// What serves one side; stopped on drop.
+enum Host {
+    /// hf-httpd on its own listener (pass-through).
+    Alone(Proc),
+    Kept(Keeper),
+}
+
+impl Server {
+    /// hf-httpd alone, the same binary, its own listener.
+    fn alone(httpd: &Path, root: &Path) -> anyhow::Result<Server> {
+        let addr = free_port()?;
+        let mut c = Command::new(httpd);
+        c.arg("--root")
+            .arg(root)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("HOLDFAST_LOG", LOG_FILTER);
+        let mut p = Proc::spawn(&mut c, &root.join("plain.log"))?;
+        wait_listening(
+            addr,
+            &mut p,
+            "hf-httpd (pass-through)",
+            Duration::from_secs(10),
+        )?;
+        Ok(Server {
+            name: "plain",
+            addr,
+            pids: vec![p.pid()],
+            host: Host::Alone(p),
+        })
+    }
+
+    /// hf-httpd under a keeper (one standby) with `extra` options.
+    fn kept(
+        name: &'static str,
+        httpd: &Path,
+        root: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Server> {
+        let keeper = Keeper::start_with(
+            1,
+            extra,
+            &[httpd.as_os_str(), "--root".as_ref(), root.as_os_str()],
+        )?;
+        let worker = active_pid(&keeper.status()?).context("no active worker")?;
+        Ok(Server {
+            name,
+            addr: keeper.addr,
+            pids: vec![keeper.pid(), worker],
+            host: Host::Kept(keeper),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.host {
+            Host::Alone(p) => format!("hf-httpd pid {} on {}", p.pid(), self.addr),
+            Host::Kept(k) => format!(
+                "keeper pid {} + worker pid {} on {} (1 standby)",
+                k.pid(),
+                self.pids[1],
+                self.addr
+            ),
+        }
+    }
+
+    /// Err if the server died; a warning if its worker was replaced (its
+    /// CPU time is then no longer counted).
+    fn check(&mut self) -> anyhow::Result<()> {
+        match &mut self.host {
+            Host::Alone(p) => p.check_alive("hf-httpd (pass-through)"),
+            Host::Kept(k) => {
+                let snap = k.status().context("keeper status")?;
+                if snap.restarts != 0 {
+                    println!(
+                        "warning: the {} worker restarted {} times during the run",
+                        self.name, snap.restarts
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// CPU time and wake-ups of a process, all threads: nanoseconds on a CPU
+/// and context switches (voluntary + involuntary), from /proc.
+fn sched_of(pid: u32) -> Option<(u64, u64)> {
+    let mut cpu = 0;
+    let mut switches = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = t.ok()?.path();
+        let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+        cpu += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        for l in status.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some((cpu, switches))
+}
+
+/// Per second of `IDLE` with no load, for each pid of each side: (CPU µs,
+/// wake-ups).
+fn idle_cost(servers: &[&Server]) -> Vec<Vec<(f64, f64)>> {
+    let before: Vec<Vec<Option<(u64, u64)>>> = servers
+        .iter()
+        .map(|s| s.pids.iter().map(|p| sched_of(*p)).collect())
+        .collect();
+    let t0 = Instant::now();
+    std::thread::sleep(IDLE);
+    let secs = t0.elapsed().as_secs_f64();
+    servers
+        .iter()
+        .zip(before)
+        .map(|(s, b)| {
+            s.pids
+                .iter()
+                .zip(b)
+                .map(|(p, b)| match (b, sched_of(*p)) {
+                    (Some((c0, w0)), Some((c1, w1))) => (
+                        c1.saturating_sub(c0) as f64 / 1e3 / secs,
+                        w1.saturating_sub(w0) as f64 / secs,
+                    ),
+                    _ => (f64::NAN, f64::NAN),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// CPU time (user + system, all threads) of `pid`, in seconds.
@@ -255,15 +415,68 @@ fn run_wrk(
         .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
 }
 
+/// The two sides, started (in alternating order, by `round`) and warmed
+/// up: hf-httpd alone and under a keeper, or two keepers, without and with
+/// `--hang-timeout`.
+fn start_pair(
+    a: &Args,
+    httpd: &Path,
+    root: &Path,
+    files: &[(String, Vec<u8>)],
+    round: usize,
+) -> anyhow::Result<(Server, Server)> {
+    let pair = match a.hang_timeout {
+        None => (
+            Server::alone(httpd, root)?,
+            Server::kept("kept", httpd, root, &[])?,
+        ),
+        Some(ms) => {
+            let ms = ms.to_string();
+            let start_a = || Server::kept("A", httpd, root, &[]);
+            let start_b = || Server::kept("B", httpd, root, &["--hang-timeout", &ms]);
+            if round.is_multiple_of(2) {
+                let sa = start_a()?;
+                (sa, start_b()?)
+            } else {
+                let sb = start_b()?;
+                (start_a()?, sb)
+            }
+        }
+    };
+    println!(
+        "{}{}: {}   {}: {}",
+        if a.hang_timeout.is_some() {
+            format!("round {}: ", round + 1)
+        } else {
+            String::new()
+        },
+        pair.0.name,
+        pair.0.describe(),
+        pair.1.name,
+        pair.1.describe()
+    );
+    // Warm-up (page cache, first connections, lazy allocations).
+    for s in [&pair.0, &pair.1] {
+        for (path, body) in files {
+            Pool::connect(s.addr, path, a.conns, a.client_threads)?
+                .run(body, Duration::from_millis(250))?;
+        }
+    }
+    Ok(pair)
+}
+
 struct Series {
     file: String,
     tool: &'static str,
+    /// Requests per second of side A (plain) and side B (kept), per round.
     plain: Vec<f64>,
     kept: Vec<f64>,
     /// CPU seconds of the server side per request.
     plain_cpu: Vec<f64>,
     kept_cpu: Vec<f64>,
-    /// The keeper's part of `kept_cpu`.
+    /// The keepers' part of `plain_cpu` (with `--hang-timeout` only) and of
+    /// `kept_cpu`.
+    plain_keeper_cpu: Vec<f64>,
     keeper_cpu: Vec<f64>,
 }
 
@@ -271,67 +484,61 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     if a.conns == 0 || a.rounds == 0 || a.secs == 0 {
         bail!("--conns, --rounds and --secs must be at least 1");
     }
+    let bench = match a.hang_timeout {
+        None => "throughput",
+        Some(0) => "heartbeat A/A",
+        Some(_) => "heartbeat",
+    };
+    let what = match a.hang_timeout {
+        None => "hf-httpd alone vs under the keeper".to_owned(),
+        Some(ms) => format!(
+            "hf-httpd under the keeper without --hang-timeout (A) vs with --hang-timeout {ms} (B{})",
+            if ms == 0 { ": off too, an A/A run" } else { "" }
+        ),
+    };
     println!(
-        "== throughput: hf-httpd alone vs under the keeper, {} rounds × {} s per mode (in {} ms slices, alternating), {} keep-alive connections over {} client threads ==",
+        "== {bench}: {what}, {} rounds × {} s per side (in {} ms slices, alternating), {} keep-alive connections over {} client threads ==",
         a.rounds, a.secs, a.slice_ms, a.conns, a.client_threads
     );
     let httpd = bin("hf-httpd")?;
     let site = TempDir::new("site");
     let files = write_site(site.path())?;
 
-    // Pass-through: the same binary, its own listener.
-    let addr = free_port()?;
-    let mut c = Command::new(&httpd);
-    c.arg("--root")
-        .arg(site.path())
-        .arg("--listen")
-        .arg(addr.to_string())
-        .env("HOLDFAST_LOG", LOG_FILTER);
-    let plain_log = site.path().join("plain.log");
-    let mut plain_proc = Proc::spawn(&mut c, &plain_log)?;
-    wait_listening(
-        addr,
-        &mut plain_proc,
-        "hf-httpd (pass-through)",
-        Duration::from_secs(10),
-    )?;
-    let plain = Server {
-        addr,
-        pids: vec![plain_proc.pid()],
-    };
+    let mut pair = start_pair(a, &httpd, site.path(), &files, 0)?;
+    let (na, nb) = (pair.0.name, pair.1.name);
 
-    let keeper = Keeper::start(
-        1,
-        &[
-            httpd.as_os_str(),
-            "--root".as_ref(),
-            site.path().as_os_str(),
-        ],
-    )?;
-    let snap = keeper.status()?;
-    let worker = active_pid(&snap).context("no active worker")?;
-    let kept = Server {
-        addr: keeper.addr,
-        pids: vec![keeper.pid(), worker],
-    };
+    // Idle: what each process does with nothing to serve.
+    let idle = idle_cost(&[&pair.0, &pair.1]);
+    let mut rows = Vec::new();
     println!(
-        "plain: hf-httpd pid {} on {}   kept: keeper pid {} + worker pid {} on {} (1 standby)",
-        plain_proc.pid(),
-        plain.addr,
-        keeper.pid(),
-        worker,
-        kept.addr
+        "idle for {:.0} s, per second: CPU time and wake-ups (context switches), all threads",
+        IDLE.as_secs_f64()
     );
-
-    // Warm-up (page cache, first connections, lazy allocations).
-    for s in [&plain, &kept] {
-        for (path, body) in &files {
-            Pool::connect(s.addr, path, a.conns, a.client_threads)?
-                .run(body, Duration::from_millis(250))?;
-        }
+    for (srv, v) in [&pair.0, &pair.1].into_iter().zip(&idle) {
+        let parts: Vec<String> = v
+            .iter()
+            .enumerate()
+            .map(|(i, (cpu, wake))| {
+                let who = match (&srv.host, i) {
+                    (Host::Alone(_), _) => "hf-httpd",
+                    (Host::Kept(_), 0) => "keeper",
+                    (Host::Kept(_), _) => "worker",
+                };
+                format!("{who} {cpu:.0} µs CPU, {wake:.1} wake-ups")
+            })
+            .collect();
+        println!("  {:<6} {}", srv.name, parts.join(";  "));
+        rows.push(Row::new(
+            bench,
+            format!("{} idle, per s: CPU µs, wake-ups", srv.name),
+            parts.join("; "),
+        ));
     }
 
-    let wrk = find_on_path("wrk");
+    // wrk runs each side for whole seconds, one after the other, not in
+    // alternating slices: too coarse for the sub-per-cent effect looked for
+    // with --hang-timeout.
+    let wrk = find_on_path("wrk").filter(|_| a.hang_timeout.is_none());
     let mut series: Vec<Series> = Vec::new();
     let tools: Vec<&'static str> = if wrk.is_some() {
         vec!["built-in", "wrk"]
@@ -349,6 +556,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 kept: vec![],
                 plain_cpu: vec![],
                 kept_cpu: vec![],
+                plain_keeper_cpu: vec![],
                 keeper_cpu: vec![],
             });
         }
@@ -357,13 +565,24 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     let slice = Duration::from_millis(a.slice_ms.max(50));
     let slices = ((a.secs * 1000) / a.slice_ms.max(50)).max(1);
     for r in 0..a.rounds {
+        if a.hang_timeout.is_some() && r > 0 {
+            // A fresh pair each round: two keepers running the same code
+            // differ by up to a few per cent for as long as they live (an
+            // A/A run shows it), far more than what is measured here; new
+            // pairs, started in alternating order, put that in the spread.
+            pair.0.check()?;
+            pair.1.check()?;
+            drop(pair);
+            pair = start_pair(a, &httpd, site.path(), &files, r)?;
+        }
+        let (plain, kept) = (&pair.0, &pair.1);
         for s in series.iter_mut() {
             let body = &files.iter().find(|f| f.0 == s.file).expect("file").1;
-            // Per mode: responses, seconds, server CPU seconds, keeper CPU seconds.
+            // Per side: responses, seconds, server CPU seconds, keeper CPU seconds.
             let mut acc = [(0u64, 0f64, 0f64, 0f64); 2];
             if s.tool == "wrk" {
-                // wrk runs whole seconds: one run per mode, plain first.
-                for (mi, srv) in [&plain, &kept].into_iter().enumerate() {
+                // wrk runs whole seconds: one run per side, A first.
+                for (mi, srv) in [plain, kept].into_iter().enumerate() {
                     let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
                     let rps = run_wrk(
                         wrk.as_deref().expect("wrk"),
@@ -387,14 +606,14 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                     Pool::connect(kept.addr, &s.file, a.conns, a.client_threads)?,
                 ];
                 for i in 0..slices {
-                    // plain, kept, kept, plain, plain, kept, ...
+                    // A, B, B, A, A, B, ...
                     let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
                     for mi in order {
-                        let srv = if mi == 0 { &plain } else { &kept };
+                        let srv = if mi == 0 { plain } else { kept };
                         let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
-                        let (n, t) = pools[mi].run(body, slice).with_context(|| {
-                            format!("{:?} round {}", [Mode::Plain, Mode::Kept][mi], r + 1)
-                        })?;
+                        let (n, t) = pools[mi]
+                            .run(body, slice)
+                            .with_context(|| format!("{} round {}", srv.name, r + 1))?;
                         let e = &mut acc[mi];
                         e.0 += n;
                         e.1 += t;
@@ -408,6 +627,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 if mi == 0 {
                     s.plain.push(n / t);
                     s.plain_cpu.push(cpu / n);
+                    s.plain_keeper_cpu.push(kcpu / n);
                 } else {
                     s.kept.push(n / t);
                     s.kept_cpu.push(cpu / n);
@@ -415,7 +635,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 }
             }
             println!(
-                "  round {} {:<8} {:<9} plain {:>9.0} req/s   kept {:>9.0} req/s   kept/plain {:.3}",
+                "  round {} {:<8} {:<9} {na} {:>9.0} req/s   {nb} {:>9.0} req/s   {nb}/{na} {:.3}",
                 r + 1,
                 s.tool,
                 s.file,
@@ -425,33 +645,30 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             );
         }
     }
-    plain_proc.check_alive("hf-httpd (pass-through)")?;
-    let snap = keeper.status()?;
-    if snap.restarts != 0 {
-        println!(
-            "warning: the kept worker restarted {} times during the run",
-            snap.restarts
-        );
-    }
-    drop(plain_proc);
-    keeper.stop();
+    pair.0.check()?;
+    pair.1.check()?;
+    drop(pair);
     println!(
         "({:.0} s of measurement)",
         measuring.elapsed().as_secs_f64()
     );
 
     println!();
+    let both_kept = a.hang_timeout.is_some();
     println!(
         "{:<9} {:<9} {:>12} {:>12} {:>10} {:>14} {:>26}",
         "tool",
         "file",
-        "plain req/s",
-        "kept req/s",
+        format!("{na} req/s"),
+        format!("{nb} req/s"),
         "overhead",
         "paired ratio",
-        "server CPU µs/req (keeper)"
+        if both_kept {
+            "server CPU µs/req (keepers)"
+        } else {
+            "server CPU µs/req (keeper)"
+        }
     );
-    let mut rows = Vec::new();
     for s in &series {
         let mp = median_f(&s.plain);
         let mk = median_f(&s.kept);
@@ -461,18 +678,26 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         let (rmin, rmax) = ratios
             .iter()
             .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+        let keepers = if both_kept {
+            format!(
+                "{:.2} → {:.2}",
+                median_f(&s.plain_keeper_cpu) * 1e6,
+                median_f(&s.keeper_cpu) * 1e6
+            )
+        } else {
+            format!("{:.2}", median_f(&s.keeper_cpu) * 1e6)
+        };
         let cpu = format!(
-            "{:.1} → {:.1} ({:.2})",
+            "{:.1} → {:.1} ({keepers})",
             median_f(&s.plain_cpu) * 1e6,
             median_f(&s.kept_cpu) * 1e6,
-            median_f(&s.keeper_cpu) * 1e6
         );
         println!(
             "{:<9} {:<9} {:>12.0} {:>12.0} {:>9.2}% {:>14.3} {:>26}",
             s.tool, s.file, mp, mk, overhead, mr, cpu
         );
         println!(
-            "{:<19} per-round kept/plain: {}  (min {rmin:.3}, max {rmax:.3})",
+            "{:<19} per-round {nb}/{na}: {}  (min {rmin:.3}, max {rmax:.3})",
             "",
             ratios
                 .iter()
@@ -481,29 +706,45 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 .join(" ")
         );
         rows.push(Row::new(
-            "throughput",
-            format!("{} {} median plain / kept req/s", s.tool, s.file),
+            bench,
+            format!("{} {} median {na} / {nb} req/s", s.tool, s.file),
             format!("{mp:.0} / {mk:.0}"),
         ));
         rows.push(Row::new(
-            "throughput",
+            bench,
             format!(
-                "{} {} server CPU µs/req plain → kept (keeper)",
-                s.tool, s.file
+                "{} {} server CPU µs/req {na} → {nb} ({})",
+                s.tool,
+                s.file,
+                if both_kept { "keepers" } else { "keeper" }
             ),
             cpu,
         ));
         rows.push(Row::new(
-            "throughput",
+            bench,
+            format!(
+                "{} {} {nb}/{na} per round: median (min–max)",
+                s.tool, s.file
+            ),
+            format!("{mr:.3} ({rmin:.3}–{rmax:.3})"),
+        ));
+        rows.push(Row::new(
+            bench,
             format!("{} {} overhead (medians; paired)", s.tool, s.file),
             format!("{overhead:.2} % ; {:.2} %", (1.0 - mr) * 100.0),
         ));
     }
-    println!("overhead = (median plain − median kept) / median plain; paired = 1 − median of per-round kept/plain");
-    println!("server CPU = CPU time (user+sys) of hf-httpd, resp. keeper + active worker, per request (plain → kept (keeper's part))");
-    if wrk.is_none() {
+    println!("overhead = (median {na} − median {nb}) / median {na}; paired = 1 − median of per-round {nb}/{na}");
+    if both_kept {
+        println!("server CPU = CPU time (user+sys) of keeper + active worker, per request ({na} → {nb} (keepers' part, {na} → {nb}))");
+    } else {
+        println!("server CPU = CPU time (user+sys) of hf-httpd, resp. keeper + active worker, per request (plain → kept (keeper's part))");
+    }
+    if a.hang_timeout.is_some() {
+        println!("wrk: not used with --hang-timeout (it does not alternate the sides in slices)");
+    } else if wrk.is_none() {
         println!("wrk: not found on PATH, skipped (only the built-in load generator was used)");
-        rows.push(Row::new("throughput", "wrk", "not on PATH, skipped"));
+        rows.push(Row::new(bench, "wrk", "not on PATH, skipped"));
     }
     Ok(rows)
 }
