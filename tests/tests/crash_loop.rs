@@ -12,23 +12,20 @@ use hf_tests::{bin, free_port, wait_status, Phase, TempDir};
 const REPLY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-#[test]
-fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
+/// A keeper on a free port whose worker exits 1 at every start, with the
+/// unavailable reply `REPLY` and `extra` arguments: (its directory, control
+/// socket, port, process).
+fn failing_keeper(extra: &[&str]) -> (TempDir, std::path::PathBuf, u16, hf_tests::Proc) {
     let dir = TempDir::new("crashloop");
     let control = dir.path().join("control.sock");
     let reply = dir.path().join("503.http");
     std::fs::write(&reply, REPLY).unwrap();
     let port = free_port();
-    let mut keeper = hf_tests::Proc(
+    let keeper = hf_tests::Proc(
         Command::new(bin("holdfast"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--hold-timeout",
-                "600",
-                "--unavailable",
-            ])
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .arg("--unavailable")
             .arg(&reply)
             .arg("--control")
             .arg(&control)
@@ -39,6 +36,12 @@ fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
             .spawn()
             .unwrap(),
     );
+    (dir, control, port, keeper)
+}
+
+#[test]
+fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
+    let (_dir, control, port, mut keeper) = failing_keeper(&["--hold-timeout", "600"]);
     wait_status(
         &control,
         "failing start-ups",
@@ -104,33 +107,8 @@ fn crash_loop_backs_off_and_turns_connections_away_cleanly() {
 /// unavailable reply and a clean close; newer ones go on waiting.
 #[test]
 fn held_input_is_bounded_by_bytes_oldest_first() {
-    let dir = TempDir::new("holdbytes");
-    let control = dir.path().join("control.sock");
-    let reply = dir.path().join("503.http");
-    std::fs::write(&reply, REPLY).unwrap();
-    let port = free_port();
-    let mut keeper = hf_tests::Proc(
-        Command::new(bin("holdfast"))
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--hold-timeout",
-                "60000",
-                "--hold-kib",
-                "256",
-                "--unavailable",
-            ])
-            .arg(&reply)
-            .arg("--control")
-            .arg(&control)
-            .args(["--", "/bin/sh", "-c", "exit 1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_dir, control, port, mut keeper) =
+        failing_keeper(&["--hold-timeout", "60000", "--hold-kib", "256"]);
     wait_status(
         &control,
         "failing start-ups",

@@ -36,6 +36,21 @@ fn done_event(out: &str) -> serde_json::Value {
     v
 }
 
+/// Runs `holdfast upgrade ARGS` on `k` in a thread: (exit code, stdout, stderr).
+fn upgrade_in_background(k: &Keeper, args: &[&str]) -> JoinHandle<(i32, String, String)> {
+    let control = k.control.clone();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        run_cmd(
+            std::process::Command::new(bin("holdfast"))
+                .arg("upgrade")
+                .args(&args)
+                .arg("--control")
+                .arg(&control),
+        )
+    })
+}
+
 fn active_generation(s: &Snapshot) -> Option<u32> {
     s.workers
         .iter()
@@ -416,21 +431,7 @@ fn crashes_during_upgrades_lose_nothing() {
     held.send("HOLD 5 50000\n");
     let want = answer(5, 50_000, 0);
     let first = held.read_n(half(5, 50_000)).unwrap();
-    let control = k.control.clone();
-    let up = std::thread::spawn(move || {
-        run_cmd(
-            std::process::Command::new(bin("holdfast"))
-                .args([
-                    "upgrade",
-                    "--drain-timeout",
-                    "30000",
-                    "--settle",
-                    "20",
-                    "--control",
-                ])
-                .arg(&control),
-        )
-    });
+    let up = upgrade_in_background(&k, &["--drain-timeout", "30000", "--settle", "20"]);
     let st = k.wait_for("old version draining", |s| {
         s.workers
             .iter()
@@ -451,14 +452,7 @@ fn crashes_during_upgrades_lose_nothing() {
     load.progress(200);
     // The new version killed while it settles: back to the one before.
     let gen = k.status().unwrap().generation;
-    let control = k.control.clone();
-    let up = std::thread::spawn(move || {
-        run_cmd(
-            std::process::Command::new(bin("holdfast"))
-                .args(["upgrade", "--settle", "10000", "--control"])
-                .arg(&control),
-        )
-    });
+    let up = upgrade_in_background(&k, &["--settle", "10000"]);
     let st = k.wait_for("new version active", |s| {
         active_generation(s) == Some(gen + 1)
     });
@@ -493,21 +487,7 @@ fn live_generations_are_bounded() {
     held.send("HOLD 3 20000\n");
     let want = answer(3, 20_000, 0);
     let first = held.read_n(half(3, 20_000)).unwrap();
-    let control = k.control.clone();
-    let up = std::thread::spawn(move || {
-        run_cmd(
-            std::process::Command::new(bin("holdfast"))
-                .args([
-                    "upgrade",
-                    "--drain-timeout",
-                    "30000",
-                    "--settle",
-                    "10",
-                    "--control",
-                ])
-                .arg(&control),
-        )
-    });
+    let up = upgrade_in_background(&k, &["--drain-timeout", "30000", "--settle", "10"]);
     let st = k.wait_for("generation 1 draining", |s| {
         s.workers
             .iter()

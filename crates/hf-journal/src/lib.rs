@@ -56,6 +56,7 @@
 //!   connection is the business of the runtime crates.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod record;
 pub mod wire;
 

@@ -80,12 +80,17 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Keeper {
-    /// Generations with workers that serve, drain or are about to take over.
+    /// Generations with workers that serve, drain or are about to take over
+    /// (a worker that holds nothing and was told to exit does not count).
     pub(super) fn live_generations(&self) -> Vec<u32> {
         let mut g: Vec<u32> = self
             .workers
             .values()
-            .filter(|w| matches!(w.role, Role::Active | Role::Draining | Role::Candidate))
+            .filter(|w| match w.role {
+                Role::Active | Role::Candidate => true,
+                Role::Draining => w.owned > 0 || w.exit_by.is_none(),
+                Role::Standby | Role::Starting => false,
+            })
             .map(|w| w.generation)
             .collect();
         g.sort_unstable();
