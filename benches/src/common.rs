@@ -327,6 +327,9 @@ pub struct Row {
     pub bench: &'static str,
     pub metric: String,
     pub value: String,
+    /// The figures behind `value` as numbers (name, value), for
+    /// `hf-bench report`'s targets, plots and rows.json; never printed.
+    pub nums: Vec<(String, f64)>,
 }
 
 impl Row {
@@ -335,7 +338,42 @@ impl Row {
             bench,
             metric: metric.into(),
             value: value.into(),
+            nums: Vec::new(),
         }
+    }
+
+    /// Adds a number behind the text.
+    pub fn num(mut self, name: impl Into<String>, v: f64) -> Row {
+        self.nums.push((name.into(), v));
+        self
+    }
+
+    /// Adds a distribution's n, p50, p99 and max, in µs.
+    pub fn dist_us(self, d: &Dist) -> Row {
+        self.num("n", d.n as f64)
+            .num("p50_us", d.p50 as f64 / 1e3)
+            .num("p99_us", d.p99 as f64 / 1e3)
+            .num("max_us", d.max as f64 / 1e3)
+    }
+
+    /// Adds `values` as `name1`, `name2`, ...
+    pub fn nums_list(mut self, name: &str, values: &[f64]) -> Row {
+        for (i, v) in values.iter().enumerate() {
+            self = self.num(format!("{name}{}", i + 1), *v);
+        }
+        self
+    }
+
+    /// The numbers `name1`, `name2`, ... in order.
+    pub fn list(&self, name: &str) -> Vec<f64> {
+        (1..)
+            .map_while(|i| self.get(&format!("{name}{i}")))
+            .collect()
+    }
+
+    /// The number named `name`, if attached.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.nums.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
     }
 }
 

@@ -11,6 +11,7 @@
 //! target/release/hf-bench upgrade    [--idle 1000,10000] [--rounds 3] [--secs 8] [--every-ms 1000]
 //! target/release/hf-bench all
 //! target/release/hf-bench faults
+//! target/release/hf-bench report     [--quick] --out results/DIR   (or bench/run [--quick])
 //! ```
 //!
 //! Meant for small, noisy, shared machines: what is compared is measured in
@@ -23,6 +24,7 @@ mod common;
 mod hang;
 mod memory;
 mod recovery;
+mod report;
 mod storm;
 mod throughput;
 mod upgrade;
@@ -68,6 +70,10 @@ enum Cmd {
     /// and SIGKILLs with 10,000 connections mid-answer (`recovery --conns
     /// 10000 --kills 20`). About five minutes.
     Faults,
+    /// Everything, sized for a report (`--quick`: under five minutes on two
+    /// cores), written to DIR as report.md (figures, spreads, targets met
+    /// or missed), rows.json and PNG plots. `bench/run` runs it.
+    Report(report::Args),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +95,7 @@ fn main() -> ExitCode {
         Cmd::Hang(a) => step("hang", hang::run(&a)),
         Cmd::Storm(a) => step("storm", storm::run(&a)),
         Cmd::Upgrade(a) => step("upgrade", upgrade::run(&a)),
+        Cmd::Report(a) => step("report", report::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);

@@ -186,9 +186,18 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         active_pid(&s).context("no active worker")
     };
 
-    let mut results: Vec<(usize, Mem, Mem)> = Vec::new();
+    let mut results: Vec<(usize, Mem, Mem, Option<Mem>)> = Vec::new();
     let w = settle(&mut keeper, 0)?;
-    results.push((0, read_mem(kpid)?, read_mem(w)?));
+    // The standby's own memory, for the report: what the hot spare costs.
+    let standby_mem = |keeper: &Keeper| -> Option<Mem> {
+        let s = keeper.status().ok()?;
+        let w = s
+            .workers
+            .iter()
+            .find(|w| w.role == hf_keeper::status::Role::Standby)?;
+        read_mem(w.pid).ok()
+    };
+    results.push((0, read_mem(kpid)?, read_mem(w)?, standby_mem(&keeper)));
     let mut socks: Vec<TcpStream> = Vec::with_capacity(max);
     for &n in &targets {
         let t = Instant::now();
@@ -198,7 +207,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             "  {n} connections open and handed over ({:.2} s)",
             t.elapsed().as_secs_f64()
         );
-        results.push((n, read_mem(kpid)?, read_mem(w)?));
+        results.push((n, read_mem(kpid)?, read_mem(w)?, standby_mem(&keeper)));
     }
     let snap = keeper.status()?;
     drop(socks);
@@ -227,7 +236,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         "worker dirty"
     );
     let mut rows = Vec::new();
-    for (n, m, wm) in &results {
+    for (n, m, wm, sm) in &results {
         let per = |now: u64, then: u64| {
             if *n == 0 {
                 "-".to_owned()
@@ -249,16 +258,27 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             per(m.journal_rss, base.journal_rss),
             kib(wm.private_dirty)
         );
-        rows.push(Row::new(
-            "memory",
-            format!("keeper private (dirty) + journal Rss @ {n} conns"),
-            format!(
-                "{} ({}) + {}",
-                kib(m.private),
-                kib(m.private_dirty),
-                kib(m.journal_rss)
+        rows.push(
+            Row::new(
+                "memory",
+                format!("keeper private (dirty) + journal Rss @ {n} conns"),
+                format!(
+                    "{} ({}) + {}",
+                    kib(m.private),
+                    kib(m.private_dirty),
+                    kib(m.journal_rss)
+                ),
+            )
+            .num("conns", *n as f64)
+            .num("keeper_private", m.private as f64)
+            .num("keeper_private_dirty", m.private_dirty as f64)
+            .num("journal_rss", m.journal_rss as f64)
+            .num("worker_private_dirty", wm.private_dirty as f64)
+            .num(
+                "standby_private_dirty",
+                sm.map_or(f64::NAN, |s| s.private_dirty as f64),
             ),
-        ));
+        );
         if *n > 0 {
             rows.push(Row::new(
                 "memory",

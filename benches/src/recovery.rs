@@ -776,7 +776,9 @@ fn rounds(a: &Args, keeper: &mut Keeper, clients: &mut dyn Clients) -> anyhow::R
         "recovery",
         "kills × conns (all answers byte-exact)",
         format!("{done} × {n}"),
-    )];
+    )
+    .num("kills", done as f64)
+    .num("conns", n as f64)];
     let mut p50s = [None, None];
     for (qi, name) in [(1usize, "quick"), (0, "delayed")] {
         let ac = &acc[qi];
@@ -797,46 +799,64 @@ fn rounds(a: &Args, keeper: &mut Keeper, clients: &mut dyn Clients) -> anyhow::R
         println!("{}", dlast.row_us("last connection answered, per kill"));
         if let Some(d) = Dist::of(&ac.dead) {
             println!("{}", d.row_us("kill → worker pidfd readable (here)"));
-            rows.push(Row::new(
-                "recovery",
-                format!("{name} ACK: kill→worker gone (pidfd) p50/p99/max"),
-                d.short_us(),
-            ));
+            rows.push(
+                Row::new(
+                    "recovery",
+                    format!("{name} ACK: kill→worker gone (pidfd) p50/p99/max"),
+                    d.short_us(),
+                )
+                .dist_us(&d),
+            );
         }
         if let Some(d) = Dist::of(&ac.keeper) {
             println!("{}", d.row_us("keeper last_recovery_us (noticed → handed)"));
-            rows.push(Row::new(
-                "recovery",
-                format!("{name} ACK: keeper last_recovery_us p50/p99/max"),
-                d.short_us(),
-            ));
+            rows.push(
+                Row::new(
+                    "recovery",
+                    format!("{name} ACK: keeper last_recovery_us p50/p99/max"),
+                    d.short_us(),
+                )
+                .dist_us(&d),
+            );
         }
-        rows.push(Row::new(
-            "recovery",
-            format!("{name} ACK: kill→1st byte, all p50/p99/max"),
-            dall.short_us(),
-        ));
+        rows.push(
+            Row::new(
+                "recovery",
+                format!("{name} ACK: kill→1st byte, all p50/p99/max"),
+                dall.short_us(),
+            )
+            .dist_us(&dall),
+        );
         if let Some(d) = Dist::of(&ac.after_death) {
             println!(
                 "{}",
                 d.row_us("worker gone (pidfd) → 1st byte, all samples")
             );
-            rows.push(Row::new(
-                "recovery",
-                format!("{name} ACK: worker gone→1st byte, all p50/p99/max"),
-                d.short_us(),
-            ));
+            rows.push(
+                Row::new(
+                    "recovery",
+                    format!("{name} ACK: worker gone→1st byte, all p50/p99/max"),
+                    d.short_us(),
+                )
+                .dist_us(&d),
+            );
         }
-        rows.push(Row::new(
-            "recovery",
-            format!("{name} ACK: kill→1st byte, 1st conn/kill p50/p99/max"),
-            dfirst.short_us(),
-        ));
-        rows.push(Row::new(
-            "recovery",
-            format!("{name} ACK: kill→1st byte, last conn/kill p50/p99/max"),
-            dlast.short_us(),
-        ));
+        rows.push(
+            Row::new(
+                "recovery",
+                format!("{name} ACK: kill→1st byte, 1st conn/kill p50/p99/max"),
+                dfirst.short_us(),
+            )
+            .dist_us(&dfirst),
+        );
+        rows.push(
+            Row::new(
+                "recovery",
+                format!("{name} ACK: kill→1st byte, last conn/kill p50/p99/max"),
+                dlast.short_us(),
+            )
+            .dist_us(&dlast),
+        );
     }
     if let (Some(d), Some(q)) = (p50s[0], p50s[1]) {
         println!();

@@ -49,6 +49,18 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// A summary row with the counts as numbers: ok, failed, kills, and
+    /// each kind of failure.
+    fn row(&self, metric: &str) -> Row {
+        let mut r = Row::new("storm", metric, self.describe())
+            .num("ok", self.ok as f64)
+            .num("failed", self.failed() as f64)
+            .num("kills", self.kills as f64);
+        for (k, v) in &self.failures {
+            r = r.num(*k, *v as f64);
+        }
+        r
+    }
     fn failed(&self) -> u64 {
         self.failures.values().sum()
     }
@@ -347,11 +359,11 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let h = holdfast(a, site.path(), &files)?;
     println!("  holdfast + hf-httpd:        {}", h.describe());
-    rows.push(Row::new("storm", "holdfast + hf-httpd", h.describe()));
+    rows.push(h.row("holdfast + hf-httpd"));
     match nginx(a, site.path(), &files)? {
         Some(n) => {
             println!("  nginx, 2 workers:           {}", n.describe());
-            rows.push(Row::new("storm", "nginx (2 workers)", n.describe()));
+            rows.push(n.row("nginx (2 workers)"));
         }
         None => {
             println!("  nginx: not found on PATH (apt-get install nginx), skipped");
@@ -360,10 +372,6 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     }
     let p = supervised(a, site.path(), &files)?;
     println!("  hf-httpd + plain restart:   {}", p.describe());
-    rows.push(Row::new(
-        "storm",
-        "hf-httpd, restarted on death",
-        p.describe(),
-    ));
+    rows.push(p.row("hf-httpd, restarted on death"));
     Ok(rows)
 }

@@ -67,12 +67,21 @@ pub struct Args {
     /// pair of keepers each round.
     #[arg(long, value_name = "MS")]
     pub hang_timeout: Option<u64>,
+    /// Sizes of the files fetched, in KiB (each measured on its own).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub sizes: Vec<usize>,
+    /// A new connection for every request (`Connection: close`), instead of
+    /// keep-alive: the accept path, where the keeper is involved, on every
+    /// request. wrk is not used then.
+    #[arg(long)]
+    pub close: bool,
+    /// Do not use wrk even when it is installed (shorter runs).
+    #[arg(long)]
+    pub no_wrk: bool,
 }
 
 /// How long both sides sit idle before the load, to count their wake-ups.
 const IDLE: Duration = Duration::from_secs(2);
-
-const FILES: [(&str, usize); 2] = [("1k.bin", 1024), ("16k.bin", 16 * 1024)];
 
 /// One side of the comparison.
 struct Server {
@@ -234,10 +243,11 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| cpu_secs(*p)).sum()
 }
 
-fn write_site(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+fn write_site(dir: &Path, sizes_kib: &[usize]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     let mut x: u64 = 0x1234_5678_9abc_def1;
-    for (name, len) in FILES {
+    for &k in sizes_kib {
+        let (name, len) = (format!("{k}k.bin"), k * 1024);
         let body: Vec<u8> = (0..len)
             .map(|_| {
                 x ^= x << 13;
@@ -246,7 +256,7 @@ fn write_site(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
                 x as u8
             })
             .collect();
-        std::fs::write(dir.join(name), &body)?;
+        std::fs::write(dir.join(&name), &body)?;
         out.push((format!("/{name}"), body));
     }
     Ok(out)
@@ -311,10 +321,24 @@ struct Pool {
     addr: SocketAddr,
     groups: Vec<Vec<Conn>>,
     req: Vec<u8>,
+    /// A new connection for each request (`--close`).
+    close: bool,
 }
 
 impl Pool {
     fn connect(addr: SocketAddr, path: &str, conns: usize, threads: usize) -> anyhow::Result<Pool> {
+        Pool::connect_with(addr, path, conns, threads, false)
+    }
+
+    /// [`Pool::connect`]; with `close`, every request goes out on a new
+    /// connection and asks the server to close it after the answer.
+    fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        conns: usize,
+        threads: usize,
+        close: bool,
+    ) -> anyhow::Result<Pool> {
         let threads = threads.clamp(1, conns.max(1));
         let mut groups = Vec::with_capacity(threads);
         for t in 0..threads {
@@ -331,9 +355,17 @@ impl Pool {
             }
             groups.push(g);
         }
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hf-bench\r\n\r\n")
-            .into_bytes();
-        Ok(Pool { addr, groups, req })
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hf-bench\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+        .into_bytes();
+        Ok(Pool {
+            addr,
+            groups,
+            req,
+            close,
+        })
     }
 
     /// Drives every connection for `dur` (one request in flight on each,
@@ -342,6 +374,7 @@ impl Pool {
         let barrier = Barrier::new(self.groups.len() + 1);
         let req = &self.req;
         let addr = self.addr;
+        let close = self.close;
         std::thread::scope(|sc| -> anyhow::Result<(u64, f64)> {
             let mut hs = Vec::new();
             for g in self.groups.iter_mut() {
@@ -353,6 +386,14 @@ impl Pool {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         for c in g.iter_mut() {
+                            if close {
+                                // The previous answer ended with the server closing.
+                                c.s = TcpStream::connect(addr)
+                                    .with_context(|| format!("connect to {addr}"))?;
+                                c.s.set_nodelay(true)?;
+                                c.s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                                c.buf.clear();
+                            }
                             c.s.write_all(req)
                                 .with_context(|| format!("sending to {addr}"))?;
                         }
@@ -481,8 +522,8 @@ struct Series {
 }
 
 pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
-    if a.conns == 0 || a.rounds == 0 || a.secs == 0 {
-        bail!("--conns, --rounds and --secs must be at least 1");
+    if a.conns == 0 || a.rounds == 0 || a.secs == 0 || a.sizes.contains(&0) || a.sizes.is_empty() {
+        bail!("--conns, --rounds, --secs and --sizes must be at least 1");
     }
     let bench = match a.hang_timeout {
         None => "throughput",
@@ -497,12 +538,21 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         ),
     };
     println!(
-        "== {bench}: {what}, {} rounds × {} s per side (in {} ms slices, alternating), {} keep-alive connections over {} client threads ==",
-        a.rounds, a.secs, a.slice_ms, a.conns, a.client_threads
+        "== {bench}: {what}, {} rounds × {} s per side (in {} ms slices, alternating), {} {} over {} client threads ==",
+        a.rounds,
+        a.secs,
+        a.slice_ms,
+        a.conns,
+        if a.close {
+            "connections, a new one per request,"
+        } else {
+            "keep-alive connections"
+        },
+        a.client_threads
     );
     let httpd = bin("hf-httpd")?;
     let site = TempDir::new("site");
-    let files = write_site(site.path())?;
+    let files = write_site(site.path(), &a.sizes)?;
 
     let mut pair = start_pair(a, &httpd, site.path(), &files, 0)?;
     let (na, nb) = (pair.0.name, pair.1.name);
@@ -538,7 +588,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     // wrk runs each side for whole seconds, one after the other, not in
     // alternating slices: too coarse for the sub-per-cent effect looked for
     // with --hang-timeout.
-    let wrk = find_on_path("wrk").filter(|_| a.hang_timeout.is_none());
+    let wrk = find_on_path("wrk").filter(|_| a.hang_timeout.is_none() && !a.close && !a.no_wrk);
     let mut series: Vec<Series> = Vec::new();
     let tools: Vec<&'static str> = if wrk.is_some() {
         vec!["built-in", "wrk"]
@@ -602,8 +652,8 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 }
             } else {
                 let mut pools = [
-                    Pool::connect(plain.addr, &s.file, a.conns, a.client_threads)?,
-                    Pool::connect(kept.addr, &s.file, a.conns, a.client_threads)?,
+                    Pool::connect_with(plain.addr, &s.file, a.conns, a.client_threads, a.close)?,
+                    Pool::connect_with(kept.addr, &s.file, a.conns, a.client_threads, a.close)?,
                 ];
                 for i in 0..slices {
                     // A, B, B, A, A, B, ...
@@ -705,11 +755,16 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        rows.push(Row::new(
-            bench,
-            format!("{} {} median {na} / {nb} req/s", s.tool, s.file),
-            format!("{mp:.0} / {mk:.0}"),
-        ));
+        rows.push(
+            Row::new(
+                bench,
+                format!("{} {} median {na} / {nb} req/s", s.tool, s.file),
+                format!("{mp:.0} / {mk:.0}"),
+            )
+            .num("a", mp)
+            .num("b", mk)
+            .num("conns", a.conns as f64),
+        );
         rows.push(Row::new(
             bench,
             format!(
@@ -720,14 +775,20 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             ),
             cpu,
         ));
-        rows.push(Row::new(
-            bench,
-            format!(
-                "{} {} {nb}/{na} per round: median (min–max)",
-                s.tool, s.file
-            ),
-            format!("{mr:.3} ({rmin:.3}–{rmax:.3})"),
-        ));
+        rows.push(
+            Row::new(
+                bench,
+                format!(
+                    "{} {} {nb}/{na} per round: median (min–max)",
+                    s.tool, s.file
+                ),
+                format!("{mr:.3} ({rmin:.3}–{rmax:.3})"),
+            )
+            .num("median", mr)
+            .num("min", rmin)
+            .num("max", rmax)
+            .nums_list("round", &ratios),
+        );
         rows.push(Row::new(
             bench,
             format!("{} {} overhead (medians; paired)", s.tool, s.file),

@@ -639,23 +639,33 @@ fn idle(a: &Args) -> anyhow::Result<Vec<Row>> {
             checked.ok,
             checked.failures_text()
         );
-        rows.push(Row::new(
-            "upgrade",
-            format!(
-                "{n} idle conns: move_ms; elapsed_ms (median of {})",
-                runs.len()
-            ),
-            format!("{mv:.0} ms (max {mv_max}); {el:.0} ms (max {el_max})"),
-        ));
-        rows.push(Row::new(
-            "upgrade",
-            format!("{n} idle conns: checked after each upgrade"),
-            format!(
-                "{} right, {}; {recovered} recovered",
-                checked.ok,
-                checked.failures_text()
-            ),
-        ));
+        rows.push(
+            Row::new(
+                "upgrade",
+                format!(
+                    "{n} idle conns: move_ms; elapsed_ms (median of {})",
+                    runs.len()
+                ),
+                format!("{mv:.0} ms (max {mv_max}); {el:.0} ms (max {el_max})"),
+            )
+            .num("conns", n as f64)
+            .num("move_ms", mv)
+            .num("move_ms_min", mv_min as f64)
+            .num("move_ms_max", mv_max as f64),
+        );
+        rows.push(
+            Row::new(
+                "upgrade",
+                format!("{n} idle conns: checked after each upgrade"),
+                format!(
+                    "{} right, {}; {recovered} recovered",
+                    checked.ok,
+                    checked.failures_text()
+                ),
+            )
+            .num("ok", checked.ok as f64)
+            .num("failed", checked.failed() as f64),
+        );
         if n >= 10_000 {
             let verdict = if mv_max < 100 && checked.failed() == 0 {
                 "met"
@@ -1149,22 +1159,29 @@ fn storm(a: &Args) -> anyhow::Result<Vec<Row>> {
                 s.action_errors.len()
             );
         }
-        rows.push(Row::new(
-            "upgrade",
-            format!("storm: {name}"),
-            format!(
-                "during: {} ok, {}; p99 {} → {} ms{}",
-                s.during.ok,
-                s.during.failures_text(),
-                Dist::of(&s.before.latency_ns).map_or("-".into(), |d| ms(d.p99)),
-                Dist::of(&s.during.latency_ns).map_or("-".into(), |d| ms(d.p99)),
-                if s.action_errors.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {} upgrades failed", s.action_errors.len())
-                }
-            ),
-        ));
+        rows.push(
+            Row::new(
+                "upgrade",
+                format!("storm: {name}"),
+                format!(
+                    "during: {} ok, {}; p99 {} → {} ms{}",
+                    s.during.ok,
+                    s.during.failures_text(),
+                    Dist::of(&s.before.latency_ns).map_or("-".into(), |d| ms(d.p99)),
+                    Dist::of(&s.during.latency_ns).map_or("-".into(), |d| ms(d.p99)),
+                    if s.action_errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {} upgrades failed", s.action_errors.len())
+                    }
+                ),
+            )
+            .num("ok", s.during.ok as f64)
+            .num("failed", s.during.failed() as f64)
+            .num("resets", s.during.resets() as f64)
+            .num("actions", s.actions as f64)
+            .num("action_errors", s.action_errors.len() as f64),
+        );
     }
     println!("holdfast: {holdfast_detail}");
     rows.push(Row::new(
