@@ -106,7 +106,7 @@ impl Plan {
                 recovery: vec![(64, 1000), (1000, 100), (10_000, 20)],
                 memory: "100,1000,10000",
                 hang_rounds: 30,
-                storm_secs: 10,
+                storm_secs: 30,
                 upgrade: vec![],
                 scaling: vec![1, 4, 16, 64, 256, 1024],
                 scaling_rounds: 3,
@@ -646,19 +646,21 @@ fn markdown(a: &Args, m: &Machine, total: f64, sections: &[Section], plots: &Plo
     let _ = writeln!(w, "64 keep-alive clients fetching 1 KiB–512 KiB files, every body checked; a worker SIGKILLed every 50 ms.\n");
     let _ = writeln!(
         w,
-        "| server | requests ok | failed | by kind | kills |\n|---|---|---|---|---|"
+        "| server | requests ok | failed | by kind (\"wrong bytes\": corrupt answers) | kills | stalls > 100 ms (slowest) |\n|---|---|---|---|---|---|"
     );
     if let Some(s) = section(sections, "storm") {
         for r in s.rows.iter().filter(|r| r.get("ok").is_some()) {
             let kinds: Vec<String> = r
                 .nums
                 .iter()
-                .filter(|(k, _)| !["ok", "failed", "kills"].contains(&k.as_str()))
+                .filter(|(k, _)| {
+                    !["ok", "failed", "kills", "stalls", "worst_ms"].contains(&k.as_str())
+                })
                 .map(|(k, v)| format!("{v:.0} {k}"))
                 .collect();
             let _ = writeln!(
                 w,
-                "| {} | {:.0} | {:.0} | {} | {:.0} |",
+                "| {} | {:.0} | {:.0} | {} | {:.0} | {:.0} ({:.0} ms) |",
                 r.metric,
                 r.get("ok").unwrap_or(0.0),
                 r.get("failed").unwrap_or(0.0),
@@ -667,7 +669,9 @@ fn markdown(a: &Args, m: &Machine, total: f64, sections: &[Section], plots: &Plo
                 } else {
                     kinds.join(", ")
                 },
-                r.get("kills").unwrap_or(0.0)
+                r.get("kills").unwrap_or(0.0),
+                r.get("stalls").unwrap_or(0.0),
+                r.get("worst_ms").unwrap_or(0.0)
             );
         }
     }

@@ -46,7 +46,13 @@ struct Outcome {
     ok: u64,
     failures: BTreeMap<&'static str, u64>,
     kills: u64,
+    /// Requests that took longer than [`STALL`], and the slowest one.
+    stalls: u64,
+    worst: Duration,
 }
+
+/// A request slower than this is a stall: the client noticed the crash.
+const STALL: Duration = Duration::from_millis(100);
 
 impl Outcome {
     /// A summary row with the counts as numbers: ok, failed, kills, and
@@ -55,7 +61,9 @@ impl Outcome {
         let mut r = Row::new("storm", metric, self.describe())
             .num("ok", self.ok as f64)
             .num("failed", self.failed() as f64)
-            .num("kills", self.kills as f64);
+            .num("kills", self.kills as f64)
+            .num("stalls", self.stalls as f64)
+            .num("worst_ms", self.worst.as_secs_f64() * 1e3);
         for (k, v) in &self.failures {
             r = r.num(*k, *v as f64);
         }
@@ -71,7 +79,7 @@ impl Outcome {
             .map(|(k, v)| format!("{v} {k}"))
             .collect();
         format!(
-            "{} ok, {} failed{}; {} kills",
+            "{} ok, {} failed{}; {} kills; {} stalls over {} ms (slowest {:.0} ms)",
             self.ok,
             self.failed(),
             if kinds.is_empty() {
@@ -79,7 +87,10 @@ impl Outcome {
             } else {
                 format!(" ({})", kinds.join(", "))
             },
-            self.kills
+            self.kills,
+            self.stalls,
+            STALL.as_millis(),
+            self.worst.as_secs_f64() * 1e3
         )
     }
 }
@@ -127,8 +138,10 @@ fn load(
                 let mut conn: Option<hf_tests::http::Client> = None;
                 let mut i = c;
                 let (mut ok, mut fails): (u64, BTreeMap<&'static str, u64>) = (0, BTreeMap::new());
+                let (mut stalls, mut worst) = (0u64, Duration::ZERO);
                 while !stop.load(Ordering::Relaxed) {
                     let (path, want) = &files[i % files.len()];
+                    let started = Instant::now();
                     i = i.wrapping_mul(5).wrapping_add(1);
                     let r = match conn.as_mut() {
                         Some(cl) => cl.get(path),
@@ -138,6 +151,11 @@ fn load(
                             r
                         }),
                     };
+                    let took = started.elapsed();
+                    worst = worst.max(took);
+                    if took > STALL {
+                        stalls += 1;
+                    }
                     match r {
                         Ok(resp) if resp.status == 200 && resp.body == *want => ok += 1,
                         Ok(_) => {
@@ -153,6 +171,8 @@ fn load(
                 }
                 let mut o = out.lock().expect("outcome");
                 o.ok += ok;
+                o.stalls += stalls;
+                o.worst = o.worst.max(worst);
                 for (k, v) in fails {
                     *o.failures.entry(k).or_default() += v;
                 }
