@@ -561,7 +561,15 @@ fn keeper_reexecs_itself_under_load_twenty_times() {
     let before = k.wait_for("the standby ready", |s| {
         s.workers.iter().any(|w| w.role == Role::Standby)
     });
-    let fds_before = open_fds(k.pid());
+    // The lowest of a few counts: the status query just made may not be
+    // closed on the keeper's side yet.
+    let fds_before = (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            open_fds(k.pid())
+        })
+        .min()
+        .unwrap_or(0);
     let load = Load::start(k.addr, 16);
     load.progress(200);
     let workers: Vec<u32> = before.workers.iter().map(|w| w.pid).collect();
@@ -588,12 +596,13 @@ fn keeper_reexecs_itself_under_load_twenty_times() {
     assert_eq!(after.restarts, 0);
     let pids: Vec<u32> = after.workers.iter().map(|w| w.pid).collect();
     assert_eq!(pids, workers, "workers kept serving through the re-execs");
-    // A status connection may still be closing: a leak is what stays.
+    // A status connection may still be closing at either count (the
+    // keeper drops it just after its reply): a leak is what stays above.
     let pid = k.pid();
     hf_tests::eventually(
         Duration::from_secs(5),
         "keeper fds back to the start",
-        || (open_fds(pid) == fds_before).then_some(()),
+        || (open_fds(pid) <= fds_before).then_some(()),
     );
 }
 
