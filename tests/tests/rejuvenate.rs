@@ -75,3 +75,24 @@ fn workers_are_replaced_after_their_uptime() {
     let st = k.status().unwrap();
     assert!(st.generation >= 2 && st.restarts == 0, "{st:?}");
 }
+
+/// `--max-requests`: a worker is replaced after that many committed
+/// requests, on the tokio and the blocking flavour, while one client keeps
+/// using the same connection; every answer is checked.
+#[test]
+fn workers_are_replaced_after_their_request_count() {
+    for flavour in [&["--tokio"][..], &[][..]] {
+        let k = testsvc::keeper(&["--max-requests", "20"], flavour);
+        let mut c = LineClient::connect(k.addr, "counted");
+        let mut i = 0;
+        while k.status().unwrap().rejuvenations < 2 {
+            assert!(i < 5000, "fewer than 2 rejuvenations after {i} requests");
+            c.request(i, 500, 0);
+            i += 1;
+        }
+        c.request(i, 500, 0);
+        let st = k.status().unwrap();
+        assert!(st.generation >= 2 && st.restarts == 0, "{st:?}");
+        assert!(i >= 40, "replaced after {i} requests, before 2 × 20");
+    }
+}

@@ -79,14 +79,21 @@ pub const ENV_REQUEST_DEADLINE_MS: &str = "HOLDFAST_REQUEST_DEADLINE_MS";
 /// bytes each.
 pub const HEADER_SIZE: usize = 4096;
 
-/// Heartbeat counters live in the header page, one `u64` per worker.
-const HEARTBEATS: usize = HEADER_SIZE / 8 - 1;
+/// Per-worker counters live in the header page: a heartbeat and a count
+/// of committed requests, one `u64` each per worker.
+const PER_WORKER: usize = (HEADER_SIZE / 8 - 1) / 2;
 
 /// Byte offset of worker `worker_id`'s heartbeat counter in the journal
 /// header: 8-aligned, inside the first page. Ids share a counter only when
-/// they are 511 apart, and a keeper never runs that many workers at once.
+/// they are 255 apart, and a keeper never runs that many workers at once.
 pub fn heartbeat_offset(worker_id: u32) -> usize {
-    8 * (1 + worker_id as usize % HEARTBEATS)
+    8 * (1 + worker_id as usize % PER_WORKER)
+}
+
+/// Byte offset of worker `worker_id`'s count of committed requests (for
+/// `--max-requests`), in the header page's second half.
+pub fn requests_offset(worker_id: u32) -> usize {
+    8 * (1 + PER_WORKER + worker_id as usize % PER_WORKER)
 }
 
 /// Byte offset of record `slot` in the journal (also the journal size
@@ -101,13 +108,16 @@ mod layout_tests {
 
     #[test]
     fn heartbeats_stay_in_the_header_and_aligned() {
-        for id in [0, 1, 510, 511, 512, u32::MAX] {
-            let off = heartbeat_offset(id);
-            assert!(
-                off >= 8 && off + 8 <= HEADER_SIZE && off.is_multiple_of(8),
-                "{id} -> {off}"
-            );
+        for id in [0, 1, 254, 255, 256, 510, 511, 512, u32::MAX] {
+            for off in [heartbeat_offset(id), requests_offset(id)] {
+                assert!(
+                    off >= 8 && off + 8 <= HEADER_SIZE && off.is_multiple_of(8),
+                    "{id} -> {off}"
+                );
+            }
         }
         assert_ne!(heartbeat_offset(1), heartbeat_offset(2));
+        let hb: Vec<usize> = (0..255).map(heartbeat_offset).collect();
+        assert!((0..255).map(requests_offset).all(|r| !hb.contains(&r)));
     }
 }

@@ -750,18 +750,30 @@ impl Keeper {
     /// left alone (a service whose baseline is over the limit would
     /// otherwise be replaced forever).
     fn check_rejuvenation(&mut self) {
-        if self.upgrade.is_some() || (self.cfg.max_rss.is_none() && self.cfg.max_uptime.is_none()) {
+        let cfg = &self.cfg;
+        if self.upgrade.is_some()
+            || (cfg.max_rss.is_none() && cfg.max_uptime.is_none() && cfg.max_requests.is_none())
+        {
             return;
         }
-        let Some(w) = self.active.and_then(|a| self.workers.get(&a)) else {
+        let Some((id, w)) = self.active.and_then(|a| Some(a).zip(self.workers.get(&a))) else {
             return;
         };
         let age = w.started.elapsed();
         if age < Duration::from_secs(1) {
             return;
         }
+        // Any value the worker wrote is only its own count: at worst it
+        // gets itself replaced early, or (RSS and uptime still apply) late.
+        let served = self
+            .journal
+            .load_u64(hf_journal::requests_offset(id))
+            .unwrap_or(0);
         let why = match (self.cfg.max_rss, self.cfg.max_uptime) {
             (_, Some(max)) if age >= max => format!("up {} s (--max-uptime)", age.as_secs()),
+            _ if self.cfg.max_requests.is_some_and(|m| served >= m) => {
+                format!("served {served} requests (--max-requests)")
+            }
             (Some(max), _) => match resident_bytes(w.pid) {
                 Some(rss) if rss > max => {
                     format!("resident memory {} MiB (--max-rss)", rss >> 20)
@@ -1077,10 +1089,13 @@ impl Keeper {
         role: Role,
     ) -> Result<u32, KeeperError> {
         let (mine, theirs) = fdpass::seqpacket_pair()?;
-        // A previous worker with the same heartbeat counter left its value.
-        let _ = self
-            .journal
-            .store_u64(hf_journal::heartbeat_offset(self.next_worker), 0);
+        // A previous worker with the same counters left their values.
+        for off in [
+            hf_journal::heartbeat_offset(self.next_worker),
+            hf_journal::requests_offset(self.next_worker),
+        ] {
+            let _ = self.journal.store_u64(off, 0);
+        }
         let command: Vec<OsString> = command.unwrap_or(&self.cfg.command).to_vec();
         let Some((prog, args)) = command.split_first() else {
             return Err(KeeperError::NoCommand);

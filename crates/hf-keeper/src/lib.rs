@@ -87,8 +87,10 @@ pub struct Config {
     /// Replace the active worker (a zero-loss upgrade to the same command)
     /// once its resident memory passes this many bytes…
     pub max_rss: Option<u64>,
-    /// …or once it has served this long.
+    /// …or once it has served this long…
     pub max_uptime: Option<std::time::Duration>,
+    /// …or committed this many requests.
+    pub max_requests: Option<u64>,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

@@ -93,6 +93,10 @@ enum Cmd {
         /// this many seconds (0 = off).
         #[arg(long, default_value_t = 0, value_name = "SECONDS")]
         max_uptime: u64,
+        /// Replace the active worker with a fresh one once it has committed
+        /// this many requests (0 = off).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        max_requests: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -198,6 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_generations,
             max_rss,
             max_uptime,
+            max_requests,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_generations: max_generations.into(),
                 max_rss: (max_rss > 0).then_some(max_rss << 20),
                 max_uptime: (max_uptime > 0).then(|| Duration::from_secs(max_uptime)),
+                max_requests: (max_requests > 0).then_some(max_requests),
                 command,
             })?;
             Ok(())
@@ -404,7 +410,7 @@ fn print_status(s: &Snapshot) {
     }
     if s.rejuvenations > 0 {
         println!(
-            "rejuvenated  {} workers (--max-rss / --max-uptime)",
+            "rejuvenated  {} workers (--max-rss / --max-uptime / --max-requests)",
             s.rejuvenations
         );
     }
@@ -474,6 +480,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         max_generations: 3,
         max_rss: None,
         max_uptime: None,
+        max_requests: None,
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

@@ -513,6 +513,7 @@ impl Core {
             k.rec.flags |= FLAG_CLOSING;
         }
         k.store()?;
+        k.link.count_request();
         if let Some(b) = &k.busy {
             // Input read past this commit belongs to the next request, which
             // has started; otherwise nothing is in flight.

@@ -36,6 +36,8 @@ pub(crate) struct Link {
     epoch: std::time::Instant,
     /// The state blob schema version `commit` writes.
     pub(crate) state_version: u16,
+    /// Requests committed by this worker.
+    requests: std::sync::atomic::AtomicU64,
     /// A new version is taking over: connections let go at commit points.
     draining: AtomicBool,
     /// Tasks of the tokio flavour waiting on a connection, woken when
@@ -177,6 +179,7 @@ impl Link {
             busy: std::sync::Mutex::new(Vec::new()),
             epoch: std::time::Instant::now(),
             state_version: opts.state_version,
+            requests: std::sync::atomic::AtomicU64::new(0),
             draining: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
         })))
@@ -275,6 +278,15 @@ impl Link {
             .filter(|&t| t != 0)
             .min()
             .map(|t| std::time::Duration::from_nanos(now.saturating_sub(t)))
+    }
+
+    /// Counts one committed request in the journal header, where the
+    /// keeper's `--max-requests` reads it.
+    pub(crate) fn count_request(&self) {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self
+            .journal
+            .store_u64(hf_journal::requests_offset(self.id.worker_id), n);
     }
 
     pub(crate) fn beat(&self, n: u64) {
