@@ -62,9 +62,11 @@
 //! and then asks this worker to *drain*: each connection is handed back to the
 //! keeper at its next commit point (an idle one at once) and the new version
 //! resumes it from its journal record and state blob. The service sees a
-//! handed-back connection read as end of input (writes fail with
-//! `ConnectionAborted`), so the code that handles a client leaving handles
-//! this too; [`Conn::moved`] tells them apart. Keep calling `accept`: that is
+//! handed-back connection read as end of input (a read in the middle of a
+//! request, and writes, fail with `ConnectionAborted`), so the code that
+//! handles a client leaving handles this too; [`Conn::moved`] tells them
+//! apart. A request that has been read is answered here before the
+//! connection goes, so it never runs twice. Keep calling `accept`: that is
 //! where the keeper's requests arrive, and it returns `None` when this worker
 //! holds nothing more and may exit.
 //!

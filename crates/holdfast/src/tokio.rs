@@ -255,8 +255,8 @@ impl Conn {
     }
 
     /// This connection went to a new version of the service (`holdfast
-    /// upgrade`): reads return end of input and writes fail; drop it. The
-    /// client does not notice.
+    /// upgrade`): reads return end of input (or, if part of a request had
+    /// been read, fail) and writes fail; drop it. The client does not notice.
     pub fn moved(&self) -> bool {
         self.core.released()
     }
