@@ -161,6 +161,22 @@ impl Keeper {
         hf_keeper::status::query(&self.control)
     }
 
+    /// Waits until the keeper holds exactly `n` connections, all with the
+    /// active worker and none waiting.
+    pub fn wait_held(&mut self, n: usize) -> anyhow::Result<Snapshot> {
+        self.wait_for(
+            &format!("{n} connections held by the active worker"),
+            Duration::from_secs(30),
+            |s| {
+                s.connections == n
+                    && s.waiting == 0
+                    && s.workers
+                        .iter()
+                        .any(|w| w.role == hf_keeper::status::Role::Active && w.connections == n)
+            },
+        )
+    }
+
     pub fn wait_for(
         &mut self,
         what: &str,

@@ -171,17 +171,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     );
 
     let settle = |keeper: &mut Keeper, n: usize| -> anyhow::Result<u32> {
-        let s = keeper.wait_for(
-            &format!("{n} connections held by the active worker"),
-            Duration::from_secs(30),
-            |s| {
-                s.connections == n
-                    && s.waiting == 0
-                    && s.workers
-                        .iter()
-                        .any(|w| w.role == hf_keeper::status::Role::Active && w.connections == n)
-            },
-        )?;
+        let s = keeper.wait_held(n)?;
         std::thread::sleep(Duration::from_millis(200));
         active_pid(&s).context("no active worker")
     };

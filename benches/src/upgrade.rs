@@ -556,17 +556,7 @@ fn idle(a: &Args) -> anyhow::Result<Vec<Row>> {
     for &n in &targets {
         let t = Instant::now();
         open_idle(keeper.addr, n - conns.len(), &req, &want, &mut conns)?;
-        keeper.wait_for(
-            &format!("{n} connections held by the active worker"),
-            Duration::from_secs(30),
-            |s| {
-                s.connections == n
-                    && s.waiting == 0
-                    && s.workers
-                        .iter()
-                        .any(|w| w.role == Role::Active && w.connections == n)
-            },
-        )?;
+        keeper.wait_held(n)?;
         println!(
             "  {n} connections open and held by the worker ({:.2} s)",
             t.elapsed().as_secs_f64()
