@@ -27,6 +27,14 @@ pub const RECORD_SIZE: usize = 2 * SLOT_SIZE;
 pub const MAX_STATE: usize = 384;
 pub const MAX_NONDET: usize = 60;
 pub const FLAG_CLOSING: u16 = 1;
+/// The request in flight must not run again after a crash: the next worker
+/// answers it with the service's error.
+pub const FLAG_NO_REPLAY_ERROR: u16 = 2;
+/// The request in flight must not run again after a crash: the next worker
+/// closes the connection cleanly.
+pub const FLAG_NO_REPLAY_CLOSE: u16 = 4;
+/// Every flag a record may carry.
+pub const FLAGS: u16 = FLAG_CLOSING | FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE;
 /// Largest accepted `out_rec - out_commit`. Far beyond any real output
 /// window; a larger value can only come from a writer bug, and acting on it
 /// would mean reasoning about terabytes of output that never existed.
@@ -99,7 +107,9 @@ pub struct PickError {
 /// derived equality compares exactly the meaningful content.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Bit 0 [`FLAG_CLOSING`]: the service closed the connection. Other bits are rejected.
+    /// Bit 0 [`FLAG_CLOSING`]: the service closed the connection; bits 1
+    /// and 2 [`FLAG_NO_REPLAY_ERROR`], [`FLAG_NO_REPLAY_CLOSE`]: the replay
+    /// policy of the request in flight. Other bits are rejected.
     pub flags: u16,
     /// Version number, >= 1 once written; decides the slot (see [`slot_of`]).
     pub seq: u64,
@@ -257,7 +267,7 @@ impl Record {
         // The bytes are now exactly what some writer meant to write; the
         // remaining checks catch writer bugs and formats we do not understand.
         let flags = u16::from_le_bytes(get::<OFF_FLAGS, 2>(slot));
-        if flags & !FLAG_CLOSING != 0 {
+        if flags & !FLAGS != 0 {
             return Err(RecordError::BadFlags(flags));
         }
         let seq = u64::from_le_bytes(get::<OFF_SEQ, 8>(slot));
@@ -415,8 +425,8 @@ mod tests {
     #[test]
     fn semantic_checks_behind_a_valid_crc() {
         assert_eq!(
-            resealed(|s| s[OFF_FLAGS] = 2),
-            Err(RecordError::BadFlags(2))
+            resealed(|s| s[OFF_FLAGS] = 8),
+            Err(RecordError::BadFlags(8))
         );
         assert_eq!(
             resealed(|s| s[OFF_DEATHS + 1] = 1).map(|r| r.deaths),

@@ -21,6 +21,8 @@ use thiserror::Error;
 pub const MAX_MSG: usize = 16 * 1024;
 /// Linux's `SCM_MAX_FD`: the most descriptors one `sendmsg` may carry.
 pub const MAX_FDS_PER_MSG: usize = 253;
+/// Held channels one connection may have (see [`Msg::Hold`]).
+pub const MAX_CHANNELS: usize = 8;
 pub const CONN_RECOVERED: u8 = 1;
 /// The connection has an input spool: its memfd travels right after the
 /// connection's own fd.
@@ -55,11 +57,14 @@ const KIND_CLOSED: u8 = 0x03;
 const KIND_SPOOL: u8 = 0x04;
 const KIND_POISONED: u8 = 0x05;
 const KIND_RELEASED: u8 = 0x06;
+const KIND_HOLD: u8 = 0x07;
+const KIND_UNHOLD: u8 = 0x08;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
 const KIND_SHUTDOWN: u8 = 0x84;
 const KIND_DRAIN: u8 = 0x85;
+const KIND_CHANNEL: u8 = 0x86;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Msg {
@@ -85,6 +90,13 @@ pub enum Msg {
     /// A draining worker let go of this connection at a commit point: it
     /// will not touch it again, and its journal record says where it stands.
     Released { conn_id: u64, slot: u32 },
+    /// A held channel of this connection travels with this message (one fd):
+    /// an fd the service opened that must outlive the worker (an upstream
+    /// connection, a CGI program's output pipe, an FTP data connection). It
+    /// replaces one with the same tag.
+    Hold { conn_id: u64, slot: u32, tag: u32 },
+    /// The keeper drops its copy of that channel.
+    Unhold { conn_id: u64, slot: u32, tag: u32 },
     // keeper -> worker
     /// Answer to Hello; `slots` = number of records in the journal.
     Welcome {
@@ -103,6 +115,8 @@ pub enum Msg {
     /// A new version takes over: let go of every connection at its next
     /// commit point (`Released`), take no new ones.
     Drain,
+    /// A held channel of a connection (one fd) the next `Conns` hands over.
+    Channel { conn_id: u64, tag: u32 },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -181,6 +195,15 @@ impl Msg {
             | Msg::Released { conn_id, slot } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
+            }
+            Msg::Hold { conn_id, slot, tag } | Msg::Unhold { conn_id, slot, tag } => {
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
+            }
+            Msg::Channel { conn_id, tag } => {
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
             }
             Msg::Welcome {
                 worker_id,
@@ -274,6 +297,20 @@ impl Msg {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
             },
+            KIND_HOLD => Msg::Hold {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+                tag: r.u32()?,
+            },
+            KIND_UNHOLD => Msg::Unhold {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+                tag: r.u32()?,
+            },
+            KIND_CHANNEL => Msg::Channel {
+                conn_id: r.u64()?,
+                tag: r.u32()?,
+            },
             KIND_WELCOME => Msg::Welcome {
                 worker_id: r.u32()?,
                 generation: r.u32()?,
@@ -331,7 +368,7 @@ impl Msg {
     pub fn fd_count(&self) -> usize {
         match self {
             Msg::Conns(entries) => entries.len() + entries.iter().filter(|e| e.spooled()).count(),
-            Msg::Spool { .. } => 1,
+            Msg::Spool { .. } | Msg::Hold { .. } | Msg::Channel { .. } => 1,
             _ => 0,
         }
     }
@@ -349,6 +386,9 @@ impl Msg {
             Msg::Conns(_) => KIND_CONNS,
             Msg::Shutdown => KIND_SHUTDOWN,
             Msg::Drain => KIND_DRAIN,
+            Msg::Hold { .. } => KIND_HOLD,
+            Msg::Unhold { .. } => KIND_UNHOLD,
+            Msg::Channel { .. } => KIND_CHANNEL,
         }
     }
 }

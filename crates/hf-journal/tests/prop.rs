@@ -10,7 +10,7 @@ use proptest::sample::Index;
 
 fn arb_record() -> impl Strategy<Value = Record> {
     let fields = (
-        any::<bool>(),
+        any::<u16>(),
         1..=u64::MAX,
         any::<u64>(),
         any::<u64>(),
@@ -27,11 +27,11 @@ fn arb_record() -> impl Strategy<Value = Record> {
     );
     (fields, payload).prop_map(
         |(
-            (closing, seq, conn_id, in_commit, out_commit, pending, out_crc, state_version),
+            (flags, seq, conn_id, in_commit, out_commit, pending, out_crc, state_version),
             (state, nondet, split, deaths),
         )| {
             let mut r = Record::new(conn_id);
-            r.flags = u16::from(closing) * record::FLAG_CLOSING;
+            r.flags = flags & record::FLAGS;
             r.seq = seq;
             r.in_commit = in_commit;
             r.out_commit = out_commit;
@@ -117,6 +117,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::Shutdown),
         Just(Msg::Drain),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Released { conn_id, slot }),
+        (any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(conn_id, slot, tag)| Msg::Hold { conn_id, slot, tag }),
+        (any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(conn_id, slot, tag)| Msg::Unhold { conn_id, slot, tag }),
+        (any::<u64>(), any::<u32>()).prop_map(|(conn_id, tag)| Msg::Channel { conn_id, tag }),
     ]
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
 use hf_journal::wire::{
-    ConnEntry, Msg, CONN_CRASHED, CONN_MOVED, CONN_RECOVERED, CONN_SPOOL, MAX_FDS_PER_MSG, MAX_MSG,
+    ConnEntry, Msg, CONN_CRASHED, CONN_MOVED, CONN_RECOVERED, CONN_SPOOL, MAX_CHANNELS, MAX_FDS_PER_MSG, MAX_MSG,
     PROTO_VERSION,
 };
 use hf_sys::fdpass;
@@ -79,6 +79,8 @@ struct Held {
     since: Option<Instant>,
     /// The input spool of a request larger than the socket buffer.
     spool: Option<OwnedFd>,
+    /// Held channels (fds the service opened for this connection), by tag.
+    channels: Vec<(u32, OwnedFd)>,
     /// Its last worker crashed by itself (see `CONN_CRASHED`).
     crashed: bool,
     /// Handed back by a draining worker: its next hand-out is a move to a
@@ -486,6 +488,7 @@ impl Keeper {
                     handed: false,
                     since: Some(Instant::now()),
                     spool: None,
+                    channels: Vec::new(),
                     crashed: false,
                     moved: false,
                 },
@@ -545,6 +548,29 @@ impl Keeper {
                     flags,
                 });
                 ids.push(*id);
+            }
+            // A connection's held channels go first, so they are there when
+            // the worker takes the connection. If the batch is not sent they
+            // go again with it; the worker keeps the last copy of each.
+            for id in &ids {
+                for (tag, ch) in &self.conns[id].channels {
+                    Msg::Channel {
+                        conn_id: *id,
+                        tag: *tag,
+                    }
+                    .encode(&mut msg);
+                    match fdpass::send(&*control, &msg, &[ch.as_fd()], true) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            self.arm_retry(Duration::from_millis(2));
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = wid, error = %e, "cannot hand channels to worker");
+                            return;
+                        }
+                    }
+                }
             }
             Msg::Conns(entries).encode(&mut msg);
             match fdpass::send(&*control, &msg, &fds, true) {
@@ -663,6 +689,49 @@ impl Keeper {
                         worker = id,
                         conn = conn_id,
                         "spool that is not a sealed memfd; ignored"
+                    ),
+                }
+            }
+            Msg::Hold { conn_id, slot, tag } => {
+                let owned = self
+                    .conns
+                    .get(&conn_id)
+                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let (Some(fd), true) = (fds.pop(), owned) else {
+                    tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        "channel for a connection the worker does not own; ignored"
+                    );
+                    return;
+                };
+                let Some(h) = self.conns.get_mut(&conn_id) else {
+                    return;
+                };
+                h.channels.retain(|(t, _)| *t != tag);
+                if h.channels.len() >= MAX_CHANNELS {
+                    tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        tag,
+                        max = MAX_CHANNELS,
+                        "too many held channels for one connection; refused"
+                    );
+                    return;
+                }
+                tracing::debug!(worker = id, conn = conn_id, tag, "channel held");
+                h.channels.push((tag, fd));
+            }
+            Msg::Unhold { conn_id, slot, tag } => {
+                match self.conns.get_mut(&conn_id) {
+                    Some(h) if h.owner == Some(id) && h.slot == slot => {
+                        h.channels.retain(|(t, _)| *t != tag);
+                        tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
+                    }
+                    _ => tracing::warn!(
+                        worker = id,
+                        conn = conn_id,
+                        "unhold for a connection the worker does not own; ignored"
                     ),
                 }
             }

@@ -37,3 +37,23 @@ pub fn inherit_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>], die_with_parent: b
         cmd.pre_exec(hook);
     }
 }
+
+/// Makes `cmd` write `marker` to its standard output right before `exec`,
+/// after its stdio is in place. A reader of that output (a CGI program's
+/// pipe) then knows the child was started, even if the process that
+/// started it died before it could say so: the marker is the first byte.
+pub fn mark_start(cmd: &mut Command, marker: u8) {
+    let hook = move || -> std::io::Result<()> {
+        // SAFETY: fd 1 is the child's standard output, set up by `Command`
+        // before pre-exec hooks run; it is only borrowed for this write.
+        let out = unsafe { BorrowedFd::borrow_raw(1) };
+        rustix::io::write(out, &[marker])?;
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec in the child and makes a
+    // single raw `write` syscall through rustix: no allocation, no locks,
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -190,10 +190,12 @@ impl Conn {
         self.core.replaying()
     }
 
-    /// The request now in flight was in flight during two consecutive
-    /// crashes of this service's workers: it is probably what kills them.
-    /// Answer it with an error (HTTP 500, FTP 451, ...) without running it,
-    /// and commit as usual; the flag clears at the commit.
+    /// The request now in flight must not run again: it was in flight
+    /// during two consecutive crashes of this service's workers (it is
+    /// probably what kills them), or a worker that died running it had set
+    /// [`ReplayPolicy::Error`](crate::ReplayPolicy::Error). Answer it with
+    /// an error (HTTP 500, FTP 451, ...) without running it, and commit as
+    /// usual; the flag clears at the commit.
     pub fn poisoned(&self) -> bool {
         self.core.poisoned()
     }
@@ -256,6 +258,59 @@ impl Conn {
     /// been read, fail) and writes fail; drop it. The client does not notice.
     pub fn moved(&self) -> bool {
         self.core.released()
+    }
+
+    /// Declares what happens to the request in flight if this worker dies
+    /// before its commit (until that commit; the default is to run it
+    /// again). Call it before the work that must not be repeated: it is in
+    /// the journal when this returns.
+    ///
+    /// ```no_run
+    /// # fn f(conn: &mut holdfast::Conn) -> std::io::Result<()> {
+    /// use std::io::Write;
+    /// if conn.poisoned() {
+    ///     // A previous worker died while charging: don't charge twice.
+    ///     conn.write_all(b"ERR not charged twice; check your statement\n")?;
+    /// } else {
+    ///     conn.replay_policy(holdfast::ReplayPolicy::Error)?;
+    ///     // charge_card()?;
+    ///     conn.write_all(b"OK charged\n")?;
+    /// }
+    /// conn.commit(16, &[])?;
+    /// # Ok(()) }
+    /// ```
+    pub fn replay_policy(&mut self, policy: crate::ReplayPolicy) -> io::Result<()> {
+        self.core.set_replay(policy)
+    }
+
+    /// Hands the keeper a copy of `fd` to hold with this connection under
+    /// `tag` (replacing one with the same tag): a *held channel*, an fd the
+    /// service opened that must outlive this worker (an upstream connection,
+    /// a CGI program's output pipe, an FTP data connection). After a crash,
+    /// or a move to a new version, the next worker gets it back with the
+    /// connection ([`Conn::take_held`]). At most 8 per connection; closing
+    /// the connection drops them. A no-op in pass-through mode.
+    ///
+    /// Hold a channel before anything depends on it surviving (before the
+    /// first byte goes to an upstream, before a child process starts), and
+    /// say in the state blob of a commit that it exists: the next worker
+    /// learns from the state blob what to do with it. [`crate::held`] reads
+    /// such channels with exact positions.
+    pub fn hold(&mut self, tag: u32, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        self.core.hold(tag, fd)
+    }
+
+    /// Takes the channel held under `tag` that came back with this
+    /// connection (`None` for a new connection, in pass-through mode, or
+    /// once taken).
+    pub fn take_held(&mut self, tag: u32) -> Option<OwnedFd> {
+        self.core.take_held(tag)
+    }
+
+    /// The keeper drops its copy of channel `tag`: call it when done with
+    /// the channel.
+    pub fn unhold(&mut self, tag: u32) -> io::Result<()> {
+        self.core.unhold(tag)
     }
 
     /// Closes the connection now (dropping it does the same).

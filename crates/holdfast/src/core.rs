@@ -22,7 +22,10 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use hf_journal::record::{slot_of, Record, FLAG_CLOSING, MAX_NONDET, RECORD_SIZE, SLOT_SIZE};
+use hf_journal::record::{
+    slot_of, Record, FLAG_CLOSING, FLAG_NO_REPLAY_CLOSE, FLAG_NO_REPLAY_ERROR, MAX_NONDET,
+    RECORD_SIZE, SLOT_SIZE,
+};
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
 use crate::worker::Link;
@@ -93,6 +96,8 @@ struct Kept {
     poisoned: bool,
     /// Since when the request in flight runs, for a per-request deadline.
     busy: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Held channels handed back with this connection, not yet taken.
+    channels: Vec<(u32, OwnedFd)>,
 }
 
 /// Uncommitted input moved out of the kernel into a memfd the keeper holds.
@@ -182,8 +187,15 @@ impl Core {
             spool: None,
             poisoned: false,
             busy: None,
+            channels: Vec::new(),
         };
         kept.busy = kept.link.busy_cell();
+        // Channels sent ahead of a connection a worker had before; a fresh
+        // connection has none (anything stashed for its id is stale).
+        let channels = kept.link.take_channels(conn_id);
+        if recovered {
+            kept.channels = channels;
+        }
         if recovered {
             kept.recover(fd, spool, crashed)?;
         } else {
@@ -223,6 +235,57 @@ impl Core {
     /// running it, then commit as usual.
     pub(crate) fn poisoned(&self) -> bool {
         self.kept.as_ref().is_some_and(|k| k.poisoned)
+    }
+
+    /// Hands the keeper a copy of `fd` to hold with this connection under
+    /// `tag`; a no-op in pass-through mode.
+    pub(crate) fn hold(&mut self, tag: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if self.released {
+            return Err(moved());
+        }
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
+        k.channels.retain(|(t, _)| *t != tag);
+        k.link.hold(k.rec.conn_id, k.slot, tag, fd)
+    }
+
+    /// The channel held under `tag` that came back with this connection.
+    pub(crate) fn take_held(&mut self, tag: u32) -> Option<OwnedFd> {
+        let k = self.kept.as_mut()?;
+        let i = k.channels.iter().position(|(t, _)| *t == tag)?;
+        Some(k.channels.swap_remove(i).1)
+    }
+
+    /// The keeper drops its copy of channel `tag`.
+    pub(crate) fn unhold(&mut self, tag: u32) -> io::Result<()> {
+        if self.released {
+            return Err(moved());
+        }
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
+        k.channels.retain(|(t, _)| *t != tag);
+        k.link.send(&hf_journal::wire::Msg::Unhold {
+            conn_id: k.rec.conn_id,
+            slot: k.slot,
+            tag,
+        })
+    }
+
+    /// What a new worker does with the request in flight if this one dies
+    /// before the next commit; stored in the journal at once.
+    pub(crate) fn set_replay(&mut self, policy: crate::ReplayPolicy) -> io::Result<()> {
+        let Some(k) = &mut self.kept else {
+            return Ok(());
+        };
+        k.rec.flags &= !(FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE);
+        k.rec.flags |= match policy {
+            crate::ReplayPolicy::Replay => 0,
+            crate::ReplayPolicy::Error => FLAG_NO_REPLAY_ERROR,
+            crate::ReplayPolicy::Close => FLAG_NO_REPLAY_CLOSE,
+        };
+        k.store()
     }
 
     pub(crate) fn conn_id(&self) -> Option<u64> {
@@ -506,6 +569,7 @@ impl Core {
         k.crc_run = 0;
         k.rec.clear_nondet();
         k.rec.deaths = 0;
+        k.rec.flags &= !(FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE);
         k.poisoned = false;
         k.nondet_cursor = 0;
         k.push_until_commit = false;
@@ -603,12 +667,7 @@ impl Core {
             }
             k.rec.flags |= FLAG_CLOSING;
             let _ = k.store();
-            while let Ok(n) = hf_sys::tcp::discard(fd, 1 << 30) {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = rustix::net::shutdown(fd, Shutdown::Write);
+            fin(fd);
             let msg = hf_journal::wire::Msg::Closed {
                 conn_id: k.rec.conn_id,
                 slot: k.slot,
@@ -618,6 +677,17 @@ impl Core {
             }
         }
     }
+}
+
+/// Ends our side of the connection cleanly: unread input is dropped first,
+/// so the peer gets a FIN, not an RST.
+fn fin(fd: BorrowedFd<'_>) {
+    while let Ok(n) = hf_sys::tcp::discard(fd, 1 << 30) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = rustix::net::shutdown(fd, Shutdown::Write);
 }
 
 /// Sends what the socket holds now, whatever Nagle's algorithm would wait
@@ -793,18 +863,30 @@ impl Kept {
             // The service had closed it (or committed its last answer): the
             // dead worker may not have finished the close, so finish it —
             // unread input dropped first, so the peer gets a FIN, not an RST.
-            while let Ok(n) = hf_sys::tcp::discard(fd, 1 << 30) {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = rustix::net::shutdown(fd, Shutdown::Write);
+            fin(fd);
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "connection was closed by the service",
             ));
         }
         let pos = hf_sys::tcp::stream_positions(fd)?;
+        // The service said the request in flight must not run again: close
+        // the connection if it asked so, or if part of the answer is out
+        // (an error cannot follow it).
+        let no_replay = rec.flags & (FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE) != 0
+            && (pos.received > rec.in_commit || rec.out_rec > rec.out_commit);
+        if no_replay && (rec.flags & FLAG_NO_REPLAY_CLOSE != 0 || pos.written > rec.out_commit) {
+            tracing::warn!(
+                conn = conn_id,
+                input_offset = rec.in_commit,
+                "request in flight may not run again: closing the connection"
+            );
+            fin(fd);
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "request not replayable; connection closed",
+            ));
+        }
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
         if let Some(sfd) = spool {
             // Uncommitted input [in_commit, consumed) is in the spool. If the
@@ -871,7 +953,14 @@ impl Kept {
         }
         let after = self.link.poison_after;
         self.poisoned = after > 0 && rec.deaths >= after;
-        if self.poisoned {
+        if no_replay {
+            tracing::warn!(
+                conn = conn_id,
+                input_offset = rec.in_commit,
+                "request in flight may not run again: the service answers it with an error"
+            );
+            self.poisoned = true;
+        } else if self.poisoned {
             tracing::warn!(
                 conn = conn_id,
                 input_offset = rec.in_commit,

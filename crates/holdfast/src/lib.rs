@@ -44,8 +44,12 @@
 //!   a crash is read again from the last commit.
 //! - Output: the client receives exactly one crash-free run's bytes.
 //! - Side effects outside the connection (files, databases, upstream
-//!   servers) happen **at least once**: a request replayed after a crash runs
-//!   again.
+//!   servers) happen **at least once** by default: a request replayed after
+//!   a crash runs again. For work that must not run twice, declare a
+//!   [`ReplayPolicy`] before doing it, or make it resumable: hold the
+//!   channels it uses ([`Conn::hold`], [`held`]) and record its progress in
+//!   the state blob, so the next worker continues it instead (exactly once;
+//!   `hf-httpd`'s CGI support does this for programs it runs).
 //! - Input a service holds uncommitted beyond 64 KiB moves to a spool (a
 //!   memfd the keeper holds) so the client's window stays open; up to 64 MiB
 //!   may be uncommitted — larger uploads are committed piecewise with their
@@ -84,6 +88,7 @@
 #![forbid(unsafe_code)]
 
 mod blocking;
+pub mod held;
 mod core;
 #[cfg(feature = "tokio")]
 pub mod tokio;
@@ -151,6 +156,24 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// What a new worker does with the request in flight when this one dies
+/// before the request's commit ([`Conn::replay_policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReplayPolicy {
+    /// Run it again (the default): right for requests whose effects are
+    /// idempotent or confined to the connection.
+    #[default]
+    Replay,
+    /// Do not run it again: the new worker sees [`Conn::poisoned`] and
+    /// answers it with the service's error (an HTTP 503, an FTP 451). If
+    /// part of the answer was already out, the connection is closed
+    /// instead, as an error cannot follow it.
+    Error,
+    /// Do not run it again: the new worker closes the connection cleanly
+    /// (the client sees the connection end, never a reset).
+    Close,
 }
 
 /// How the process is running.

@@ -293,6 +293,26 @@ impl Conn {
         ))
     }
 
+    /// See [`crate::Conn::replay_policy`].
+    pub fn replay_policy(&mut self, policy: crate::ReplayPolicy) -> io::Result<()> {
+        self.core.set_replay(policy)
+    }
+
+    /// Holds `fd` with this connection; see [`crate::Conn::hold`].
+    pub fn hold(&mut self, tag: u32, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        self.core.hold(tag, fd)
+    }
+
+    /// See [`crate::Conn::take_held`].
+    pub fn take_held(&mut self, tag: u32) -> Option<std::os::fd::OwnedFd> {
+        self.core.take_held(tag)
+    }
+
+    /// See [`crate::Conn::unhold`].
+    pub fn unhold(&mut self, tag: u32) -> io::Result<()> {
+        self.core.unhold(tag)
+    }
+
     /// Sets `TCP_NODELAY` (the socket is shared with the keeper's copy and
     /// with the next worker, which keep it).
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
@@ -404,4 +424,10 @@ impl AsyncWrite for Conn {
         this.core.close(this.io.get_ref().as_fd());
         Poll::Ready(Ok(()))
     }
+}
+
+/// Registers a descriptor the service opened (a held channel's pipe or
+/// socket) with the current runtime, to await its readiness.
+pub fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    hf_sys::reactor::register(fd)
 }

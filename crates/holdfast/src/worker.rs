@@ -1,12 +1,13 @@
 //! The worker's link to its keeper: the control socket and the journal.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
 
-use hf_journal::wire::{ConnEntry, Msg, MAX_MSG, PROTO_VERSION};
+use hf_journal::wire::{ConnEntry, Msg, MAX_CHANNELS, MAX_MSG, PROTO_VERSION};
 use hf_sys::shm::SharedMem;
 
 use crate::Error;
@@ -43,6 +44,9 @@ pub(crate) struct Link {
     /// Tasks of the tokio flavour waiting on a connection, woken when
     /// draining starts.
     wakers: Mutex<Vec<Weak<WakeCell>>>,
+    /// Held channels the keeper sent ahead of their connections, by
+    /// connection id, until the connection is taken.
+    channels: Mutex<HashMap<u64, Vec<(u32, OwnedFd)>>>,
 }
 
 /// Where tokio tasks waiting on one connection leave their wakers (one
@@ -182,6 +186,7 @@ impl Link {
             requests: std::sync::atomic::AtomicU64::new(0),
             draining: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
+            channels: Mutex::new(HashMap::new()),
         })))
     }
 
@@ -230,6 +235,19 @@ impl Link {
             Msg::Activate => Ok(Some(Incoming::Activate)),
             Msg::Shutdown => Ok(Some(Incoming::Shutdown)),
             Msg::Drain => Ok(Some(Incoming::Drain)),
+            Msg::Channel { conn_id, tag } => {
+                let Some(fd) = fds.into_iter().next() else {
+                    return Err(Error::Protocol("channel without its fd".into()));
+                };
+                if let Ok(mut all) = self.channels.lock() {
+                    let v = all.entry(conn_id).or_default();
+                    v.retain(|(t, _)| *t != tag);
+                    if v.len() < MAX_CHANNELS {
+                        v.push((tag, fd));
+                    }
+                }
+                Ok(None)
+            }
             other => {
                 tracing::warn!(?other, "unexpected message from keeper, ignored");
                 Ok(None)
@@ -253,6 +271,21 @@ impl Link {
     /// heartbeat counter in the journal header.
     /// A per-connection "request in flight since" cell, watched by the
     /// heartbeat; `None` when no deadline is configured.
+    /// The held channels that came ahead of connection `conn_id`.
+    pub(crate) fn take_channels(&self, conn_id: u64) -> Vec<(u32, OwnedFd)> {
+        self.channels
+            .lock()
+            .ok()
+            .and_then(|mut all| all.remove(&conn_id))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn hold(&self, conn_id: u64, slot: u32, tag: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut out = Vec::with_capacity(64);
+        Msg::Hold { conn_id, slot, tag }.encode(&mut out);
+        hf_sys::fdpass::send(&self.control, &out, &[fd], false)
+    }
+
     pub(crate) fn busy_cell(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
         self.deadline?;
         let cell = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -38,6 +38,13 @@
 //! lets a build read versions `L..=V` (an upgrade from version 1 to 2).
 //! `--abort-on-request` aborts at the first request: a bad new version.
 //!
+//! `ONCE <id> <error|close> <hold|done>\n` is work that must not run twice:
+//! it declares that replay policy, appends `<id>` to the `--ledger` file
+//! (the side effect), then either answers `DONE <id>\n` or, with `hold`,
+//! waits until the worker is killed. The next worker does not run it
+//! again: it answers `ERR NOREPLAY <id>\n` (`error`) or the connection is
+//! closed (`close`).
+//!
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
 
@@ -75,6 +82,45 @@ struct Args {
     /// Abort at the first request (a broken build).
     #[arg(long)]
     abort_on_request: bool,
+    /// The file `ONCE` appends its ids to.
+    #[arg(long, value_name = "FILE")]
+    ledger: Option<std::path::PathBuf>,
+}
+
+static LEDGER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// `ONCE <id> <error|close> <hold|done>`: (id, policy, hold).
+fn once(line: &str) -> Option<(&str, holdfast::ReplayPolicy, bool)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        ["ONCE", id, policy, then] => Some((
+            id,
+            match *policy {
+                "error" => holdfast::ReplayPolicy::Error,
+                "close" => holdfast::ReplayPolicy::Close,
+                _ => return None,
+            },
+            match *then {
+                "hold" => true,
+                "done" => false,
+                _ => return None,
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// `ONCE`'s side effect: its id, appended to the ledger.
+fn side_effect(id: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let Some(path) = LEDGER.get() else {
+        return Ok(());
+    };
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?
+        .write_all(format!("{id}\n").as_bytes())
 }
 
 /// How the service keeps its per-connection state, and whether it is broken.
@@ -144,6 +190,9 @@ fn main() -> ExitCode {
         state_version: args.state_version,
         abort_on_request: args.abort_on_request,
     });
+    if let Some(l) = &args.ledger {
+        let _ = LEDGER.set(l.clone());
+    }
     std::thread::sleep(Duration::from_millis(args.init_ms));
     let salt = if args.diverge {
         u64::from(std::process::id())
@@ -346,6 +395,17 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
         }
         std::process::abort();
     }
+    if let Some((id, policy, hold)) = once(line) {
+        if c.poisoned() {
+            return c.write_all(format!("ERR NOREPLAY {id}\n").as_bytes());
+        }
+        c.replay_policy(policy)?;
+        side_effect(id)?;
+        while hold {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        return c.write_all(format!("DONE {id}\n").as_bytes());
+    }
     let Some((id, len, delay)) = parse(line) else {
         return c.write_all(b"ERR\n");
     };
@@ -430,6 +490,17 @@ mod asynch {
                 return c.write_all(format!("ERR POISON {id}\n").as_bytes()).await;
             }
             std::process::abort();
+        }
+        if let Some((id, policy, hold)) = super::once(line) {
+            if c.poisoned() {
+                return c.write_all(format!("ERR NOREPLAY {id}\n").as_bytes()).await;
+            }
+            c.replay_policy(policy)?;
+            super::side_effect(id)?;
+            if hold {
+                std::future::pending::<()>().await;
+            }
+            return c.write_all(format!("DONE {id}\n").as_bytes()).await;
         }
         let Some((id, len, delay)) = super::parse(line) else {
             return c.write_all(b"ERR\n").await;

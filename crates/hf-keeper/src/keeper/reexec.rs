@@ -79,6 +79,9 @@ struct SavedConn {
     owner: Option<u32>,
     handed: bool,
     spool_fd: Option<i32>,
+    /// Held channels: (tag, fd).
+    #[serde(default)]
+    channels: Vec<(u32, i32)>,
     crashed: bool,
     moved: bool,
     /// Milliseconds it has waited for a worker, if it waits.
@@ -201,6 +204,7 @@ impl Keeper {
             if let Some(sp) = &h.spool {
                 fds.push(sp.as_fd());
             }
+            fds.extend(h.channels.iter().map(|(_, ch)| ch.as_fd()));
         }
         fds.extend(self.workers.values().map(|w| w.control.as_fd()));
         let set = |flags: FdFlags| {
@@ -264,6 +268,11 @@ impl Keeper {
                     owner: h.owner,
                     handed: h.handed,
                     spool_fd: h.spool.as_ref().map(|s| s.as_raw_fd()),
+                    channels: h
+                        .channels
+                        .iter()
+                        .map(|(tag, ch)| (*tag, ch.as_raw_fd()))
+                        .collect(),
                     crashed: h.crashed,
                     moved: h.moved,
                     waited_ms: h.since.map(|t| (now - t).as_millis() as u64),
@@ -342,6 +351,11 @@ impl Keeper {
         for c in &saved.conns {
             let fd = inherit(c.fd, "connection")?;
             let spool = c.spool_fd.map(|s| inherit(s, "spool")).transpose()?;
+            let channels = c
+                .channels
+                .iter()
+                .map(|(tag, fd)| Ok((*tag, inherit(*fd, "held channel")?)))
+                .collect::<Result<Vec<_>, KeeperError>>()?;
             k.conns.insert(
                 c.id,
                 Held {
@@ -353,6 +367,7 @@ impl Keeper {
                         .waited_ms
                         .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
                     spool,
+                    channels,
                     crashed: c.crashed,
                     moved: c.moved,
                 },
