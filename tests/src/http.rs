@@ -142,6 +142,17 @@ fn parse_one(
         })
         .collect();
     buf.drain(..end);
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked && !head_only {
+        let body = dechunk(buf, &mut fill)?;
+        return Ok(Response {
+            status,
+            headers,
+            body,
+        });
+    }
     let len: usize = if head_only {
         0
     } else {
@@ -160,6 +171,41 @@ fn parse_one(
         headers,
         body,
     })
+}
+
+/// Takes a chunked body (RFC 9112 7.1, no trailers) off the front of `buf`.
+fn dechunk(
+    buf: &mut Vec<u8>,
+    fill: &mut impl FnMut(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if buf.len() > 64 {
+                return Err(bad("chunk size line too long"));
+            }
+            fill(buf)?;
+        };
+        let size = std::str::from_utf8(&buf[..line_end])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(|| bad("bad chunk size"))?;
+        while buf.len() < line_end + 2 + size + 2 {
+            fill(buf)?;
+        }
+        if &buf[line_end + 2 + size..line_end + 4 + size] != b"\r\n" {
+            return Err(bad("chunk not followed by CRLF"));
+        }
+        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+        buf.drain(..line_end + 4 + size);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
 }
 
 /// Deterministic content for test files.

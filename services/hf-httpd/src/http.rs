@@ -18,15 +18,19 @@ const MAX_HEADERS: usize = 64;
 pub enum Method {
     Get,
     Head,
+    /// Only for CGI programs.
+    Post,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub method: Method,
     /// Origin-form target (`/path?query`), still percent-encoded.
     pub target: String,
     pub keep_alive: bool,
     pub http10: bool,
+    /// Request body length (only CGI requests may have one).
+    pub content_length: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -53,6 +57,8 @@ pub enum Status {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    LengthRequired,
+    BadGateway,
     HeaderTooLarge,
     InternalError,
     VersionNotSupported,
@@ -67,6 +73,8 @@ impl Status {
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
             Status::PayloadTooLarge => 413,
+            Status::LengthRequired => 411,
+            Status::BadGateway => 502,
             Status::HeaderTooLarge => 431,
             Status::InternalError => 500,
             Status::VersionNotSupported => 505,
@@ -81,6 +89,8 @@ impl Status {
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::PayloadTooLarge => "Payload Too Large",
+            Status::LengthRequired => "Length Required",
+            Status::BadGateway => "Bad Gateway",
             Status::HeaderTooLarge => "Request Header Fields Too Large",
             Status::InternalError => "Internal Server Error",
             Status::VersionNotSupported => "HTTP Version Not Supported",
@@ -89,7 +99,15 @@ impl Status {
 }
 
 /// Parses one request head from the front of `buf`.
+#[cfg(test)]
 pub fn parse(buf: &[u8]) -> Parse {
+    parse_with(buf, None)
+}
+
+/// [`parse`], where requests for targets under `cgi_prefix` (when given)
+/// may be POSTs and carry a body of known length; the body is not part of
+/// `len`.
+pub fn parse_with(buf: &[u8], cgi_prefix: Option<&str>) -> Parse {
     // Never look past MAX_HEAD: a head that is not finished within it is
     // rejected, and a completed one is guaranteed to be <= MAX_HEAD.
     let window = buf.get(..MAX_HEAD).unwrap_or(buf);
@@ -118,7 +136,7 @@ pub fn parse(buf: &[u8]) -> Parse {
     };
     let http10 = version == 0;
 
-    let (mut close_hdr, mut keep_hdr, mut body) = (false, false, false);
+    let (mut close_hdr, mut keep_hdr, mut body, mut chunked) = (false, false, false, false);
     let mut content_length: Option<u64> = None;
     for h in r.headers.iter() {
         let name = h.name;
@@ -147,6 +165,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             body |= content_length.unwrap_or(0) > 0;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             body = true;
+            chunked = true;
         }
     }
     let keep_alive = if http10 {
@@ -162,12 +181,18 @@ pub fn parse(buf: &[u8]) -> Parse {
         close: body || !keep_alive,
     };
 
+    let cgi = cgi_prefix.is_some_and(|p| origin_form(path).is_some_and(|t| t.starts_with(p)));
     let method = match method {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
+        "POST" if cgi => Method::Post,
         _ => return error(Status::MethodNotAllowed),
     };
-    if body {
+    if chunked && cgi {
+        // A CGI program is told the body's length up front (RFC 3875 4.2).
+        return error(Status::LengthRequired);
+    }
+    if body && !cgi {
         return error(Status::PayloadTooLarge);
     }
     let Some(target) = origin_form(path) else {
@@ -179,6 +204,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             target: target.to_owned(),
             keep_alive,
             http10,
+            content_length: content_length.unwrap_or(0),
         },
         len,
     }
@@ -287,7 +313,7 @@ pub fn resolve(root: &Path, target: &str) -> Result<PathBuf, Status> {
 }
 
 /// Canonicalizes `p` (following symlinks) and checks it stays under `root`.
-fn contained(root: &Path, p: &Path) -> Result<PathBuf, Status> {
+pub(crate) fn contained(root: &Path, p: &Path) -> Result<PathBuf, Status> {
     let real = p.canonicalize().map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => Status::Forbidden,
         _ => Status::NotFound,
@@ -301,7 +327,7 @@ fn contained(root: &Path, p: &Path) -> Result<PathBuf, Status> {
 
 /// Decodes %XX escapes; None for a malformed escape or a decoded NUL (which
 /// would truncate the path at the OS boundary).
-fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(s.len());
     let mut it = s.iter().copied();
@@ -356,7 +382,7 @@ pub struct Head<'a> {
 
 /// IMF-fixdate; clamped because httpdate panics past year 9999 and
 /// `SystemTime + Duration` panics on overflow.
-fn http_date(secs: u64) -> String {
+pub(crate) fn http_date(secs: u64) -> String {
     const MAX: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(MAX)))
 }
@@ -364,14 +390,19 @@ fn http_date(secs: u64) -> String {
 /// The `Server` header's value (`--server-name`; default `hf-httpd`).
 pub static SERVER_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-/// Appends a complete response head (ending in the blank line) to `out`.
-pub fn write_head(head: &Head<'_>, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let server = SERVER_NAME
+/// The `Server` header's value.
+pub(crate) fn server_name() -> &'static str {
+    SERVER_NAME
         .get()
         .map(String::as_str)
         .filter(|v| safe_field(v))
-        .unwrap_or("hf-httpd");
+        .unwrap_or("hf-httpd")
+}
+
+/// Appends a complete response head (ending in the blank line) to `out`.
+pub fn write_head(head: &Head<'_>, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let server = server_name();
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
@@ -411,7 +442,7 @@ pub fn write_head(head: &Head<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn safe_field(s: &str) -> bool {
+pub(crate) fn safe_field(s: &str) -> bool {
     !s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
 }
 
@@ -454,7 +485,8 @@ mod tests {
                 method: Method::Get,
                 target: "/index.html?x=1".into(),
                 keep_alive: true,
-                http10: false
+                http10: false,
+                content_length: 0,
             }
         );
         let (r, _) = ok(b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
@@ -520,6 +552,30 @@ mod tests {
             err(b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n"),
             (Status::BadRequest, 56, true)
         );
+    }
+
+    #[test]
+    fn cgi_requests_may_carry_a_body() {
+        let cgi = Some("/cgi-bin/");
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        match parse_with(b, cgi) {
+            Parse::Complete { req, len } => {
+                assert_eq!((req.method, req.content_length), (Method::Post, 5));
+                assert_eq!(len, b.len() - 5);
+            }
+            other => panic!("{other:?}"),
+        }
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(
+            parse_with(b, cgi),
+            Parse::Error { status: Status::LengthRequired, close: true, .. }
+        ));
+        // Outside the CGI directory nothing changes.
+        let b = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(parse_with(b, cgi), parse(b));
+        // Without CGI, a POST to /cgi-bin/ is refused like any other.
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(matches!(parse(b), Parse::Error { status: Status::MethodNotAllowed, .. }));
     }
 
     #[test]

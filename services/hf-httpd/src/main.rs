@@ -9,9 +9,14 @@
 //!
 //! What makes its output replayable: the `Date` header comes from a recorded
 //! clock value, everything else from the request and the file.
+//!
+//! With `--cgi-dir DIR` it runs the programs in DIR at `/cgi-bin/NAME`
+//! (CGI/1.1), each exactly once per request even when a worker dies while
+//! the program runs: see the `cgi` module.
 
 #![forbid(unsafe_code)]
 
+mod cgi;
 mod http;
 mod site;
 
@@ -56,6 +61,41 @@ struct Args {
     /// The `Server` header's value (e.g. to tell versions apart during an upgrade).
     #[arg(long, default_value = "hf-httpd", value_name = "NAME")]
     server_name: String,
+    /// Run the executables in DIR as CGI programs at /cgi-bin/NAME.
+    #[arg(long, value_name = "DIR")]
+    cgi_dir: Option<PathBuf>,
+    /// Largest request body a CGI program is given (bytes; larger: 413).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20)]
+    cgi_max_body: u64,
+    /// Fault injection for tests: POINT:FILE aborts the process once at
+    /// POINT (cgi-before-spawn, cgi-after-spawn), when FILE does not exist
+    /// yet (it is created first).
+    #[arg(long, value_name = "POINT:FILE", hide = true)]
+    fault: Option<String>,
+}
+
+static FAULT: std::sync::OnceLock<(String, PathBuf)> = std::sync::OnceLock::new();
+
+/// Aborts here if `--fault` names this point and has not fired yet.
+pub(crate) fn fault(point: &str) {
+    if let Some((p, file)) = FAULT.get() {
+        if p == point
+            && std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(file)
+                .is_ok()
+        {
+            tracing::warn!(point, "injected fault: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// What every connection shares.
+struct Ctx {
+    root: PathBuf,
+    cgi: Option<cgi::Cgi>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +119,12 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let _ = http::SERVER_NAME.set(args.server_name.clone());
+    if let Some(f) = &args.fault {
+        let (point, file) = f
+            .split_once(':')
+            .context("--fault takes POINT:FILE")?;
+        let _ = FAULT.set((point.to_owned(), PathBuf::from(file)));
+    }
     let root = match (&args.root, &args.demo_site) {
         (_, Some(dir)) => {
             if !dir.join("big.bin").exists() {
@@ -96,29 +142,49 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !root.is_dir() {
         anyhow::bail!("document root {} is not a directory", root.display());
     }
+    let cgi = match &args.cgi_dir {
+        Some(dir) => {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("CGI directory {}", dir.display()))?;
+            if !dir.is_dir() {
+                anyhow::bail!("CGI directory {} is not a directory", dir.display());
+            }
+            Some(cgi::Cgi {
+                dir,
+                max_body: args.cgi_max_body,
+            })
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.into())
         .enable_all()
         .build()?;
-    rt.block_on(serve(Arc::new(root), args.listen))
+    rt.block_on(serve(Arc::new(Ctx { root, cgi }), args.listen))
 }
 
-async fn serve(root: Arc<PathBuf>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
-    let mut listener = Listener::bind(&listen).await?;
+async fn serve(ctx: Arc<Ctx>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
+    // State blobs: version 1 is a file download in pieces, version 2 a CGI
+    // response in progress.
+    let opts = holdfast::Options::new().reads_state_versions(STATE_V1..=cgi::STATE_CGI);
+    let mut listener = Listener::bind_with(&listen, &opts).await?;
+    let root = ctx.root.display();
+    let cgi = ctx.cgi.as_ref().map(|c| c.dir.display().to_string());
     match listener.mode() {
         holdfast::Mode::Kept(id) => {
-            tracing::info!(worker = id.worker_id, generation = id.generation, root = %root.display(), "serving under holdfast")
+            tracing::info!(worker = id.worker_id, generation = id.generation, %root, ?cgi, "serving under holdfast")
         }
         holdfast::Mode::PassThrough => {
             for a in listener.local_addrs() {
-                tracing::info!(listen = %a, root = %root.display(), "serving without holdfast");
+                tracing::info!(listen = %a, %root, ?cgi, "serving without holdfast");
             }
         }
     }
     while let Some(conn) = listener.accept().await? {
-        let root = root.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, &root).await {
+            if let Err(e) = handle(conn, &ctx).await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
@@ -166,26 +232,39 @@ impl Resume {
     }
 }
 
-async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
+async fn handle(mut c: Conn, ctx: &Ctx) -> std::io::Result<()> {
+    let root = ctx.root.as_path();
     // The tail of a file sent in pieces is a short segment: without
     // NODELAY it waits for the client's delayed ACK (~40 ms).
     let _ = c.set_nodelay(true);
     let (version, state) = c.state();
     if !state.is_empty() {
-        let r = (version == STATE_V1)
-            .then(|| Resume::decode(state))
-            .flatten();
-        let Some(r) = r else {
-            tracing::warn!(version, "unreadable state blob; closing connection");
-            return Ok(());
+        let keep = match version {
+            STATE_V1 => match Resume::decode(state) {
+                Some(r) => Some(send_pieces(&mut c, 0, r).await?),
+                None => None,
+            },
+            cgi::STATE_CGI => match cgi::resumed(state) {
+                Some(cgi::Resume::Running) => Some(cgi::continue_running(&mut c).await?),
+                // The request is read again below and finds its program.
+                Some(cgi::Resume::Launching) => Some(true),
+                None => None,
+            },
+            _ => None,
         };
-        if !send_pieces(&mut c, 0, r).await? {
-            return Ok(());
+        match keep {
+            Some(true) => {}
+            Some(false) => return Ok(()),
+            None => {
+                tracing::warn!(version, "unreadable state blob; closing connection");
+                return Ok(());
+            }
         }
     }
+    let cgi_prefix = ctx.cgi.as_ref().map(|_| cgi::PREFIX);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        match http::parse(&buf) {
+        match http::parse_with(&buf, cgi_prefix) {
             Parse::Incomplete => {
                 buf.reserve(4096);
                 if c.read_buf(&mut buf).await? == 0 {
@@ -196,13 +275,18 @@ async fn handle(mut c: Conn, root: &Path) -> std::io::Result<()> {
                 let keep = if c.poisoned() {
                     // This request was being served during two crashes in a
                     // row: answer 500 instead of serving it a third time.
-                    let to = ErrorTo {
-                        keep_alive: req.keep_alive,
-                        http10: req.http10,
-                        body: req.method == Method::Get,
+                    // An unread body ends the connection after the answer.
+                    let r = http::Request {
+                        keep_alive: req.keep_alive && req.content_length == 0,
+                        ..req.clone()
                     };
-                    error_reply(&mut c, Status::InternalError, to, len).await?;
-                    req.keep_alive
+                    reply_error(&mut c, Status::InternalError, &r, len).await?;
+                    r.keep_alive
+                } else if let (Some(cgi), true) = (&ctx.cgi, req.target.starts_with(cgi::PREFIX)) {
+                    let Some(keep) = run_cgi(&mut c, cgi, &req, &mut buf, len).await? else {
+                        return Ok(());
+                    };
+                    keep
                 } else {
                     respond(&mut c, root, &req, len).await?
                 };
@@ -259,6 +343,66 @@ async fn error_reply(c: &mut Conn, status: Status, to: ErrorTo, len: usize) -> s
     }
     c.write_all(&out).await?;
     finish(c, len, to.keep_alive).await
+}
+
+/// Answers `req` with an error page after consuming `consumed` bytes; a
+/// request whose body is not consumed closes the connection.
+pub(crate) async fn reply_error(
+    c: &mut Conn,
+    status: Status,
+    req: &http::Request,
+    consumed: usize,
+) -> std::io::Result<()> {
+    let to = ErrorTo {
+        keep_alive: req.keep_alive,
+        http10: req.http10,
+        body: req.method != Method::Head,
+    };
+    error_reply(c, status, to, consumed).await
+}
+
+/// A request for a CGI program: reads its body, then runs it (or, after a
+/// crash, finds it running). Takes the head and body out of `buf` but for
+/// `len` bytes, which the caller drains; `None` when the connection ends.
+async fn run_cgi(
+    c: &mut Conn,
+    cgi: &cgi::Cgi,
+    req: &http::Request,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<Option<bool>> {
+    let body_len = req.content_length;
+    let refuse = |status: Status| {
+        // The body is not read: the connection cannot go on after it.
+        let closing = http::Request {
+            keep_alive: req.keep_alive && body_len == 0,
+            ..req.clone()
+        };
+        (status, closing)
+    };
+    let script = match cgi::locate(&cgi.dir, &req.target) {
+        Ok(s) if body_len <= cgi.max_body => s,
+        Ok(_) => {
+            let (st, r) = refuse(Status::PayloadTooLarge);
+            reply_error(c, st, &r, len).await?;
+            return Ok(r.keep_alive.then_some(true));
+        }
+        Err(status) => {
+            let (st, r) = refuse(status);
+            reply_error(c, st, &r, len).await?;
+            return Ok(r.keep_alive.then_some(true));
+        }
+    };
+    let total = len + body_len as usize;
+    while buf.len() < total {
+        buf.reserve((total - buf.len()).min(1 << 20));
+        if c.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+    let keep = cgi::respond(c, cgi, &script, req, &buf[..len], &buf[len..total], total).await?;
+    buf.drain(len..total);
+    Ok(keep.then_some(true))
 }
 
 /// Commits a request's `consumed` bytes; for the last answer on the
