@@ -82,8 +82,19 @@ fn url(addr: SocketAddr, path: &str) -> String {
 #[test]
 fn curl_gets_cgi_and_static_answers() {
     let (_tmp, www, cgi) = site();
-    let k = keeper(&www, &cgi, &[]);
+    let mut k = keeper(&www, &cgi, &[]);
     let a = k.addr;
+    // Programs' channels are pipes and memfds: count what the keeper holds.
+    let proc_fd = format!("/proc/{}/fd", k.pid());
+    let channels = || {
+        std::fs::read_dir(&proc_fd)
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .filter(|l| l.starts_with("pipe:") || l.contains("pipe-spool"))
+            .collect::<Vec<_>>()
+    };
+    let channels_before = channels();
 
     assert_eq!(curl(&[&url(a, "/index.html")]), "<p>index</p>\n");
 
@@ -137,6 +148,9 @@ fn curl_gets_cgi_and_static_answers() {
     let l = ledger(&cgi);
     assert_eq!(l.values().sum::<usize>(), 3);
     assert!(["c1", "c2", "c3"].iter().all(|id| l.get(*id) == Some(&1)), "{l:?}");
+    // The keeper let go of every connection and every program's channels.
+    k.wait_for("every connection closed", |s| s.connections == 0);
+    assert_eq!(channels(), channels_before, "the keeper holds channels of finished programs");
 }
 
 #[test]
@@ -285,4 +299,59 @@ fn slow_reader_of_a_long_program_answer_survives_kills() {
     assert!(r[0].body == ledger_body("slow", size), "body differs");
     assert_eq!(ledger(&cgi).get("slow"), Some(&1));
     assert_eq!(k.status().unwrap().restarts, 4);
+}
+
+/// A program's answer in progress survives what moves connections without
+/// a crash: an upgrade to a new version (the answer goes on from the new
+/// version at a commit point) and a re-exec of the keeper itself (the
+/// program's pipe and spool pass through it); then a kill.
+#[test]
+fn program_answer_survives_upgrade_and_keeper_reexec() {
+    let (_tmp, www, cgi) = site();
+    let mut k = keeper(&www, &cgi, &[]);
+    let mut c = Client::connect(k.addr).unwrap();
+    let id = "moving";
+    let size = 400_000;
+    c.send(
+        format!("GET /cgi-bin/ledger.py?id={id}&size={size}&pieces=60&delay_ms=40 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    hf_tests::eventually(Duration::from_secs(10), "the program to start", || {
+        ledger(&cgi).contains_key(id).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let httpd = bin("hf-httpd");
+    let new = [
+        httpd.to_str().unwrap(),
+        "--root",
+        www.to_str().unwrap(),
+        "--cgi-dir",
+        cgi.to_str().unwrap(),
+        "--server-name",
+        "v2",
+    ];
+    let (code, out, err) = k.upgrade(&[], &new);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    // The answer moved at its next commit, long before the program ends
+    // (60 pieces 40 ms apart): the old version holds nothing and is gone.
+    let t0 = Instant::now();
+    let s = k.wait_for("the old version to hand over and exit", |s| {
+        s.workers.iter().all(|w| w.generation == 2)
+    });
+    assert!(t0.elapsed() < Duration::from_millis(500), "{:?} {s:?}", t0.elapsed());
+    std::thread::sleep(Duration::from_millis(150));
+    let (code, out, err) = k.upgrade(&["--keeper"], &[]);
+    assert_eq!(code, 0, "keeper re-exec: {out}{err}");
+    std::thread::sleep(Duration::from_millis(150));
+    k.kill_and_wait();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == ledger_body(id, size), "body differs");
+    assert_eq!(ledger(&cgi).get(id), Some(&1));
+    // The connection is the new version's now.
+    let r = c.get("/index.html").unwrap();
+    assert_eq!(r.header("Server"), Some("v2"));
+    let s = k.status().unwrap();
+    assert!(s.upgrades == 1 && s.keeper_execs == 1 && s.restarts >= 1, "{s:?}");
 }

@@ -1,7 +1,8 @@
 //! The keeper trusts nothing a worker says or writes. A rogue worker
 //! (Python, speaking just enough of the protocol) scribbles over the journal
-//! records of its connections, names connections it does not own, sends
-//! malformed and wrong-direction messages, and dies; a second one sends pure
+//! records of its connections, names connections it does not own, holds
+//! channels for them and more channels than allowed, sends malformed and
+//! wrong-direction messages, and dies; a second one sends pure
 //! garbage. The keeper stays up, kills what misbehaves, keeps new
 //! connections waiting, and a well-behaved worker then serves them.
 
@@ -50,6 +51,14 @@ if n == 1:
         off = 4096 + 1024 * slot
         m[off:off + 1024] = os.urandom(1024)                           # scribble
         ctl.send(frame(0x03, struct.pack("<QI", conn_id + 1000, slot + 7)))  # not ours
+        r, w = os.pipe()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))]
+        # A channel for a connection it does not own, then more channels
+        # than one connection may hold.
+        ctl.sendmsg([frame(0x07, struct.pack("<QII", conn_id + 1000, slot, 1))], rights)
+        for tag in range(12):
+            ctl.sendmsg([frame(0x07, struct.pack("<QII", conn_id, slot, tag))], rights)
+        ctl.send(frame(0x08, struct.pack("<QII", conn_id + 1000, slot, 1)))  # unhold, not ours
     ctl.send(frame(0x83, struct.pack("<H", 0)))                        # wrong direction
     bad = bytearray(frame(0x02, b"")); bad[-1] ^= 0xFF
     ctl.send(bytes(bad))                                               # bad checksum
@@ -157,6 +166,9 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     assert!(text.contains("malformed control message"), "log:\n{text}");
     assert!(text.contains("does not own"), "log:\n{text}");
     assert!(text.contains("journal record"), "log:\n{text}");
+    assert!(text.contains("channel for a connection the worker does not own"), "log:\n{text}");
+    assert!(text.contains("too many held channels"), "log:\n{text}");
+    assert!(text.contains("unhold for a connection the worker does not own"), "log:\n{text}");
 
     hf_tests::term(keeper.0.id());
     let st = hf_tests::wait_exit(&mut keeper.0, Duration::from_secs(10))
