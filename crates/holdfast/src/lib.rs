@@ -88,6 +88,8 @@
 #![forbid(unsafe_code)]
 
 mod blocking;
+#[doc = include_str!("../../../docs/guide.md")]
+pub mod guide {}
 pub mod held;
 mod core;
 #[cfg(feature = "tokio")]

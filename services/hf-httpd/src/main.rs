@@ -72,7 +72,14 @@ struct Args {
     /// yet (it is created first).
     #[arg(long, value_name = "POINT:FILE", hide = true)]
     fault: Option<String>,
+    /// For measurements: no commits inside a file answer, so a crash
+    /// replays it from its first byte instead of resuming it.
+    #[arg(long, hide = true)]
+    no_resume: bool,
 }
+
+/// `--no-resume` (see [`Args`]).
+static NO_RESUME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 static FAULT: std::sync::OnceLock<(String, PathBuf)> = std::sync::OnceLock::new();
 
@@ -119,6 +126,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let _ = http::SERVER_NAME.set(args.server_name.clone());
+    NO_RESUME.store(args.no_resume, std::sync::atomic::Ordering::Relaxed);
     if let Some(f) = &args.fault {
         let (point, file) = f
             .split_once(':')
@@ -504,7 +512,8 @@ async fn send_pieces(c: &mut Conn, mut consumed: usize, mut r: Resume) -> std::i
         r.offset += n as u64;
         // A path too long for the state blob gets no intermediate commits:
         // a crash then regenerates the file from the start.
-        if let Some(state) = r.encode().filter(|_| r.offset < r.size) {
+        let resume = !NO_RESUME.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(state) = r.encode().filter(|_| r.offset < r.size && resume) {
             c.commit_versioned(consumed, STATE_V1, &state).await?;
             consumed = 0;
         }
