@@ -76,6 +76,12 @@ impl HeldTcp {
     /// Output bytes the socket has taken so far (acknowledged by the peer
     /// or still queued), from the kernel: exact even after a crash in the
     /// middle of a send.
+    ///
+    /// Counted as the kernel counts: for a connection this side opened
+    /// (`connect`), Linux counts the SYN it sent as one acknowledged byte,
+    /// so the count starts at 1 there and at 0 on an accepted one. Take
+    /// differences: record `written()` before the first byte of a transfer
+    /// goes out (in a state blob) and subtract it after a crash.
     pub fn written(&self) -> io::Result<u64> {
         Ok(hf_sys::tcp::stream_positions(&self.fd)?.written)
     }
