@@ -760,3 +760,32 @@ fn abor_stops_a_download_and_the_session_goes_on() {
     c.cmd("QUIT", 221);
     assert_eq!(k.status().unwrap().restarts, 0);
 }
+
+/// An FTP session with a download in progress survives an upgrade to a new
+/// version (the session moves at its next commit point, with its state
+/// blob and data connection), then a kill of the new version.
+#[test]
+fn download_survives_an_upgrade_then_a_kill() {
+    let site = Site::new("ftp-upgrade");
+    const LEN: usize = 64 << 20;
+    site.make_file("big.bin", LEN);
+    let mut k = site.keeper();
+    let path = site.root().join("big.bin").display().to_string();
+    let d = site.driver(&["retr_slow", &port(k.addr), "big.bin", "25e6", &path]);
+    eventually(Duration::from_secs(15), "transfer progress", || {
+        (d.progress() >= 8 << 20).then_some(())
+    });
+    let mut cmd = vec![bin("hf-ftpd").display().to_string()];
+    cmd.extend(site.ftpd_args());
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (code, out, err) = k.upgrade(&["--drain-timeout", "300"], &cmd);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    // The transfer outlived the drain timeout: it was taken over mid-RETR
+    // like after a crash, and the old version is gone.
+    let s = k.wait_for("the old version gone", |s| s.workers.iter().all(|w| w.generation == 2));
+    assert!(d.progress() < LEN - (8 << 20), "the download ended before the upgrade finished");
+    assert_eq!(s.upgrades, 1);
+    kill_at(&mut k, &d, &[d.progress() + (8 << 20)], LEN);
+    d.success(Duration::from_secs(15), || k.log());
+    assert!(k.status().unwrap().restarts >= 1);
+}
