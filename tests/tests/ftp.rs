@@ -173,9 +173,10 @@ def chaos(port, secs, sessions):
             d = f'c{i}'
             assert f.mkd(d) == '/' + d
             f.cwd(d)
-            # Active mode: a passive data connection is lost if a kill lands
-            # between its accept and its hold (see hf-ftpd's data module).
-            use(f, 'port')
+            # Half the sessions passive, half active: the keeper accepts a
+            # passive data connection and holds it in one step, an active
+            # one is held before it connects; no kill instant loses either.
+            use(f, 'pasv' if i % 2 else 'port')
             while time.time() < deadline:
                 name = f'f{n}'
                 data = rnd.randbytes(rnd.randint(0, 300_000))
@@ -491,10 +492,9 @@ fn upload_survives_kills() {
 
 /// Eight ftplib sessions run command sequences (uploads, downloads,
 /// listings, renames, deletes) while the active worker is killed every
-/// 150–250 ms: every session completes without a single error. Data
-/// connections are active (`PORT`): the worker holds the socket before it
-/// connects, so no kill instant loses one; a passive one exists only in the
-/// worker between its accept and its hold, which a kill can hit.
+/// 150–250 ms: every session completes without a single error. Half the
+/// sessions use passive data connections (the keeper accepts and holds
+/// them in one step), half active ones (held before they connect).
 #[test]
 fn concurrent_sessions_survive_kills_between_and_during_commands() {
     let site = Site::new("ftp-chaos");

@@ -59,6 +59,9 @@ if n == 1:
         for tag in range(12):
             ctl.sendmsg([frame(0x07, struct.pack("<QII", conn_id, slot, tag))], rights)
         ctl.send(frame(0x08, struct.pack("<QII", conn_id + 1000, slot, 1)))  # unhold, not ours
+        ctl.send(frame(0x09, struct.pack("<QIII", conn_id + 1000, slot, 1, 2)))  # accept, not ours
+        os.write(w, b"x")                                              # readable...
+        ctl.send(frame(0x09, struct.pack("<QIII", conn_id, slot, 1, 2)))  # ...accept on a pipe
     ctl.send(frame(0x83, struct.pack("<H", 0)))                        # wrong direction
     bad = bytearray(frame(0x02, b"")); bad[-1] ^= 0xFF
     ctl.send(bytes(bad))                                               # bad checksum
@@ -169,6 +172,8 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     assert!(text.contains("channel for a connection the worker does not own"), "log:\n{text}");
     assert!(text.contains("too many held channels"), "log:\n{text}");
     assert!(text.contains("unhold for a connection the worker does not own"), "log:\n{text}");
+    assert!(text.contains("accept for a connection the worker does not own"), "log:\n{text}");
+    assert!(text.contains("cannot accept on a held channel"), "log:\n{text}");
 
     hf_tests::term(keeper.0.id());
     let st = hf_tests::wait_exit(&mut keeper.0, Duration::from_secs(10))

@@ -59,12 +59,14 @@ const KIND_POISONED: u8 = 0x05;
 const KIND_RELEASED: u8 = 0x06;
 const KIND_HOLD: u8 = 0x07;
 const KIND_UNHOLD: u8 = 0x08;
+const KIND_ACCEPT_ON: u8 = 0x09;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
 const KIND_SHUTDOWN: u8 = 0x84;
 const KIND_DRAIN: u8 = 0x85;
 const KIND_CHANNEL: u8 = 0x86;
+const KIND_ACCEPT_FAILED: u8 = 0x87;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Msg {
@@ -97,6 +99,15 @@ pub enum Msg {
     Hold { conn_id: u64, slot: u32, tag: u32 },
     /// The keeper drops its copy of that channel.
     Unhold { conn_id: u64, slot: u32, tag: u32 },
+    /// The keeper accepts a connection on the held listening socket
+    /// `listener` and holds it under `tag` before the worker has it, so no
+    /// crash can lose it; it answers with `Channel` (or `AcceptFailed`).
+    AcceptOn {
+        conn_id: u64,
+        slot: u32,
+        listener: u32,
+        tag: u32,
+    },
     // keeper -> worker
     /// Answer to Hello; `slots` = number of records in the journal.
     Welcome {
@@ -115,8 +126,11 @@ pub enum Msg {
     /// A new version takes over: let go of every connection at its next
     /// commit point (`Released`), take no new ones.
     Drain,
-    /// A held channel of a connection (one fd) the next `Conns` hands over.
+    /// A held channel of a connection (one fd) the next `Conns` hands over,
+    /// or the connection an `AcceptOn` accepted.
     Channel { conn_id: u64, tag: u32 },
+    /// Nothing to accept (or no such listener) for that `AcceptOn`.
+    AcceptFailed { conn_id: u64, tag: u32 },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -201,8 +215,19 @@ impl Msg {
                 out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&tag.to_le_bytes());
             }
-            Msg::Channel { conn_id, tag } => {
+            Msg::Channel { conn_id, tag } | Msg::AcceptFailed { conn_id, tag } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
+            }
+            Msg::AcceptOn {
+                conn_id,
+                slot,
+                listener,
+                tag,
+            } => {
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&listener.to_le_bytes());
                 out.extend_from_slice(&tag.to_le_bytes());
             }
             Msg::Welcome {
@@ -311,6 +336,16 @@ impl Msg {
                 conn_id: r.u64()?,
                 tag: r.u32()?,
             },
+            KIND_ACCEPT_FAILED => Msg::AcceptFailed {
+                conn_id: r.u64()?,
+                tag: r.u32()?,
+            },
+            KIND_ACCEPT_ON => Msg::AcceptOn {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+                listener: r.u32()?,
+                tag: r.u32()?,
+            },
             KIND_WELCOME => Msg::Welcome {
                 worker_id: r.u32()?,
                 generation: r.u32()?,
@@ -389,6 +424,8 @@ impl Msg {
             Msg::Hold { .. } => KIND_HOLD,
             Msg::Unhold { .. } => KIND_UNHOLD,
             Msg::Channel { .. } => KIND_CHANNEL,
+            Msg::AcceptOn { .. } => KIND_ACCEPT_ON,
+            Msg::AcceptFailed { .. } => KIND_ACCEPT_FAILED,
         }
     }
 }

@@ -122,6 +122,15 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         (any::<u64>(), any::<u32>(), any::<u32>())
             .prop_map(|(conn_id, slot, tag)| Msg::Unhold { conn_id, slot, tag }),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, tag)| Msg::Channel { conn_id, tag }),
+        (any::<u64>(), any::<u32>()).prop_map(|(conn_id, tag)| Msg::AcceptFailed { conn_id, tag }),
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(conn_id, slot, listener, tag)| Msg::AcceptOn {
+                conn_id,
+                slot,
+                listener,
+                tag
+            }
+        ),
     ]
 }
 

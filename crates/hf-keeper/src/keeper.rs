@@ -722,6 +722,12 @@ impl Keeper {
                 tracing::debug!(worker = id, conn = conn_id, tag, "channel held");
                 h.channels.push((tag, fd));
             }
+            Msg::AcceptOn {
+                conn_id,
+                slot,
+                listener,
+                tag,
+            } => self.accept_on(id, conn_id, slot, listener, tag),
             Msg::Unhold { conn_id, slot, tag } => {
                 match self.conns.get_mut(&conn_id) {
                     Some(h) if h.owner == Some(id) && h.slot == slot => {
@@ -768,6 +774,60 @@ impl Keeper {
                 );
             }
         }
+    }
+
+    /// Accepts a connection on a held listening socket for a worker and
+    /// holds it before the worker has it (`AcceptOn`): a crash of the
+    /// worker at any instant cannot lose it. Never blocks: with nothing to
+    /// accept, the worker is told so and waits again.
+    fn accept_on(&mut self, id: u32, conn_id: u64, slot: u32, listener: u32, tag: u32) {
+        let Some(control) = self.workers.get(&id).map(|w| w.control.clone()) else {
+            return;
+        };
+        let h = match self.conns.get_mut(&conn_id) {
+            Some(h) if h.owner == Some(id) && h.slot == slot => h,
+            _ => {
+                tracing::warn!(worker = id, conn = conn_id, "accept for a connection the worker does not own; ignored");
+                return;
+            }
+        };
+        let accepted = h
+            .channels
+            .iter()
+            .find(|(t, _)| *t == listener)
+            .ok_or(Errno::BADF)
+            .and_then(|(_, l)| {
+                let mut p = [rustix::event::PollFd::new(l, rustix::event::PollFlags::IN)];
+                let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+                match rustix::event::poll(&mut p, Some(&zero))? {
+                    0 => Err(Errno::AGAIN),
+                    _ => rustix::net::accept_with(l, SocketFlags::CLOEXEC),
+                }
+            });
+        let fd = match accepted {
+            Ok(fd) => fd,
+            Err(e) => {
+                if e != Errno::AGAIN {
+                    tracing::warn!(worker = id, conn = conn_id, listener, error = %e, "cannot accept on a held channel");
+                }
+                send_msg(&control, &Msg::AcceptFailed { conn_id, tag });
+                return;
+            }
+        };
+        h.channels.retain(|(t, _)| *t != tag);
+        if h.channels.len() >= MAX_CHANNELS {
+            tracing::warn!(worker = id, conn = conn_id, tag, "too many held channels for one connection; refused");
+            send_msg(&control, &Msg::AcceptFailed { conn_id, tag });
+            return;
+        }
+        let mut msg = Vec::with_capacity(64);
+        Msg::Channel { conn_id, tag }.encode(&mut msg);
+        if let Err(e) = fdpass::send(&*control, &msg, &[fd.as_fd()], true) {
+            // Held all the same: the worker's successor finds it.
+            tracing::warn!(worker = id, conn = conn_id, error = %e, "cannot pass an accepted channel to its worker");
+        }
+        tracing::debug!(worker = id, conn = conn_id, tag, "accepted and held a channel");
+        h.channels.push((tag, fd));
     }
 
     fn drop_conn(&mut self, conn_id: u64) {

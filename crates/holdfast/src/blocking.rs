@@ -307,6 +307,26 @@ impl Conn {
         self.core.take_held(tag)
     }
 
+    /// Accepts a connection on the held listening socket `listener` and
+    /// holds it under `tag` in one step: the keeper accepts it and holds it
+    /// before this worker has it, so a crash at any instant cannot lose it
+    /// (an `accept` followed by [`Conn::hold`] leaves a window between the
+    /// two). Wait until the listener is readable first: with nothing to
+    /// accept this fails with `WouldBlock`. `Ok(None)` in pass-through mode:
+    /// accept on the listener yourself.
+    ///
+    /// The keeper's answer arrives on the control socket, which
+    /// [`Listener::accept`] reads: call this from a connection's thread
+    /// while the main thread is in `accept`.
+    pub fn accept_held(
+        &mut self,
+        listener: u32,
+        tag: u32,
+        timeout: std::time::Duration,
+    ) -> io::Result<Option<OwnedFd>> {
+        self.core.accept_held(listener, tag, timeout)
+    }
+
     /// The keeper drops its copy of channel `tag`: call it when done with
     /// the channel.
     pub fn unhold(&mut self, tag: u32) -> io::Result<()> {

@@ -257,6 +257,26 @@ impl Core {
         Some(k.channels.swap_remove(i).1)
     }
 
+    /// The keeper accepts on held listener `listener` and holds the new
+    /// connection under `tag`; `Ok(None)` in pass-through mode.
+    pub(crate) fn accept_held(
+        &mut self,
+        listener: u32,
+        tag: u32,
+        timeout: std::time::Duration,
+    ) -> io::Result<Option<OwnedFd>> {
+        if self.released {
+            return Err(moved());
+        }
+        let Some(k) = &mut self.kept else {
+            return Ok(None);
+        };
+        k.channels.retain(|(t, _)| *t != tag);
+        k.link
+            .accept_on(k.rec.conn_id, k.slot, listener, tag, timeout)
+            .map(Some)
+    }
+
     /// The keeper drops its copy of channel `tag`.
     pub(crate) fn unhold(&mut self, tag: u32) -> io::Result<()> {
         if self.released {

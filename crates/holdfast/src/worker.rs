@@ -44,9 +44,18 @@ pub(crate) struct Link {
     /// Tasks of the tokio flavour waiting on a connection, woken when
     /// draining starts.
     wakers: Mutex<Vec<Weak<WakeCell>>>,
-    /// Held channels the keeper sent ahead of their connections, by
-    /// connection id, until the connection is taken.
-    channels: Mutex<HashMap<u64, Vec<(u32, OwnedFd)>>>,
+    /// Held channels the keeper sent ahead of their connections (or
+    /// accepted for them), by connection id, until taken.
+    channels: Mutex<Stash>,
+    /// Signalled when a channel or a refused accept arrives.
+    arrived: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Stash {
+    channels: HashMap<u64, Vec<(u32, OwnedFd)>>,
+    /// `AcceptOn` requests the keeper could not serve: (connection, tag).
+    refused: Vec<(u64, u32)>,
 }
 
 /// Where tokio tasks waiting on one connection leave their wakers (one
@@ -186,7 +195,8 @@ impl Link {
             requests: std::sync::atomic::AtomicU64::new(0),
             draining: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Stash::default()),
+            arrived: std::sync::Condvar::new(),
         })))
     }
 
@@ -239,13 +249,21 @@ impl Link {
                 let Some(fd) = fds.into_iter().next() else {
                     return Err(Error::Protocol("channel without its fd".into()));
                 };
-                if let Ok(mut all) = self.channels.lock() {
-                    let v = all.entry(conn_id).or_default();
+                if let Ok(mut stash) = self.channels.lock() {
+                    let v = stash.channels.entry(conn_id).or_default();
                     v.retain(|(t, _)| *t != tag);
                     if v.len() < MAX_CHANNELS {
                         v.push((tag, fd));
                     }
                 }
+                self.arrived.notify_all();
+                Ok(None)
+            }
+            Msg::AcceptFailed { conn_id, tag } => {
+                if let Ok(mut stash) = self.channels.lock() {
+                    stash.refused.push((conn_id, tag));
+                }
+                self.arrived.notify_all();
                 Ok(None)
             }
             other => {
@@ -276,8 +294,67 @@ impl Link {
         self.channels
             .lock()
             .ok()
-            .and_then(|mut all| all.remove(&conn_id))
+            .and_then(|mut stash| stash.channels.remove(&conn_id))
             .unwrap_or_default()
+    }
+
+    /// Asks the keeper to accept on held listener `listener` and hold the
+    /// new connection under `tag`, and waits for it: `WouldBlock` when there
+    /// was nothing to accept, `TimedOut` without an answer. The thread that
+    /// reads the control socket (the listener's `accept`) must be running.
+    pub(crate) fn accept_on(
+        &self,
+        conn_id: u64,
+        slot: u32,
+        listener: u32,
+        tag: u32,
+        timeout: std::time::Duration,
+    ) -> io::Result<OwnedFd> {
+        fn poisoned<T>(_: T) -> io::Error {
+            io::Error::other("channel stash lock poisoned")
+        }
+        {
+            // A stale answer for the same tag must not be taken for this one.
+            let mut stash = self.channels.lock().map_err(poisoned)?;
+            stash.refused.retain(|r| *r != (conn_id, tag));
+            if let Some(v) = stash.channels.get_mut(&conn_id) {
+                v.retain(|(t, _)| *t != tag);
+            }
+        }
+        let mut out = Vec::with_capacity(64);
+        Msg::AcceptOn {
+            conn_id,
+            slot,
+            listener,
+            tag,
+        }
+        .encode(&mut out);
+        hf_sys::fdpass::send(&self.control, &out, &[], false)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut stash = self.channels.lock().map_err(poisoned)?;
+        loop {
+            if let Some(i) = stash.refused.iter().position(|r| *r == (conn_id, tag)) {
+                stash.refused.swap_remove(i);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if let Some(v) = stash.channels.get_mut(&conn_id) {
+                if let Some(i) = v.iter().position(|(t, _)| *t == tag) {
+                    let (_, fd) = v.swap_remove(i);
+                    if v.is_empty() {
+                        stash.channels.remove(&conn_id);
+                    }
+                    return Ok(fd);
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the keeper did not answer an accept",
+                ));
+            }
+            stash = self.arrived.wait_timeout(stash, left).map_err(poisoned)?.0;
+        }
     }
 
     pub(crate) fn hold(&self, conn_id: u64, slot: u32, tag: u32, fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -171,12 +171,9 @@ impl DataChannel {
                         "passive listener gone",
                     ));
                 };
-                // Between the accept and the hold the connection exists in
-                // this process only: a crash in that window (microseconds)
-                // loses it. Closing it needs the keeper to accept on the
-                // held listener itself.
-                let fd = accept(l, peer)?;
-                conn.hold(TAG_DATA, fd.as_fd())?;
+                // The keeper accepts and holds it before this process has
+                // it: no crash instant loses it.
+                let fd = accept(conn, l, peer)?;
                 self.drop_listener(conn);
                 fd
             }
@@ -266,28 +263,36 @@ fn adopt(fd: OwnedFd) -> io::Result<HeldTcp> {
     HeldTcp::new(fd)
 }
 
-/// Waits for the client's data connection on the passive listener.
-fn accept(l: &TcpListener, peer: IpAddr) -> io::Result<OwnedFd> {
+/// Waits for the client's data connection on the passive listener; under
+/// the keeper it is accepted and held by the keeper in one step
+/// (`Conn::accept_held`), alone it is accepted here.
+fn accept(conn: &mut Conn, l: &TcpListener, peer: IpAddr) -> io::Result<OwnedFd> {
     let deadline = Instant::now() + OPEN_TIMEOUT;
     loop {
-        match l.accept() {
-            Ok((s, from)) if from.ip().to_canonical() == peer => return Ok(s.into()),
-            Ok((_, from)) => {
-                tracing::warn!(%from, %peer, "refused a data connection from another address");
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no data connection",
-                    ));
-                }
-                wait(l, PollFlags::IN, left)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no data connection"));
         }
+        wait(l, PollFlags::IN, left)?;
+        let fd = match conn.accept_held(TAG_LISTENER, TAG_DATA, Duration::from_secs(5)) {
+            Ok(Some(fd)) => fd,
+            Ok(None) => match l.accept() {
+                Ok((s, _)) => s.into(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let from = rustix::net::getpeername(&fd)?
+            .and_then(|a| SocketAddr::try_from(a).ok())
+            .map(|a| a.ip().to_canonical());
+        if from == Some(peer) {
+            return Ok(fd);
+        }
+        tracing::warn!(?from, %peer, "refused a data connection from another address");
+        let _ = conn.unhold(TAG_DATA);
     }
 }
 

@@ -31,7 +31,9 @@
 //!   ([`control`]).
 //! - **Data channels.** The passive listener and the data connection are
 //!   *held channels*: the keeper holds a dup of each from the moment it
-//!   exists, and the next worker takes them back ([`data`]).
+//!   exists (it accepts a passive data connection itself, with
+//!   `Conn::accept_held`, and an active one is held before it connects), and
+//!   the next worker takes them back ([`data`]).
 //! - **Transfers.** `RETR` commits its `150` with `{RETR, path, start}` in
 //!   the session; a new worker continues the file at `start` plus the data
 //!   connection's written count, which the kernel keeps exactly. `STOR`
@@ -41,11 +43,6 @@
 //!
 //! Limits:
 //!
-//! - A passive data connection exists only in the worker between its
-//!   `accept` and its `hold` (microseconds): a crash in that window loses it
-//!   and the client's transfer fails. Active mode (`PORT`/`EPRT`) has no
-//!   such window — the socket is held before it connects. Closing it for
-//!   passive mode needs the keeper to accept on the held listener itself.
 //! - `ABOR` during a transfer is noticed on a best-effort basis.
 //! - A file changed while a transfer of it is continued after a crash is
 //!   sent as it now is; a listing regenerated after a crash likewise.
