@@ -91,6 +91,9 @@ pub struct Control<'a> {
 /// Serves one control connection, new or taken over from a dead worker,
 /// until the client leaves.
 pub fn serve(mut conn: Conn, cfg: &Config) -> io::Result<()> {
+    // Replies are small and often two in a row (150, then 226): without
+    // NODELAY the second waits for the client's delayed ACK (~40 ms).
+    conn.set_nodelay(true)?;
     let peer = canonical(conn.peer_addr()?);
     let local = rustix::net::getsockname(conn.as_fd())
         .ok()

@@ -401,8 +401,11 @@ fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
         }
         c.replay_policy(policy)?;
         side_effect(id)?;
-        while hold {
-            std::thread::sleep(Duration::from_secs(3600));
+        if hold {
+            // Until the worker is killed.
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         return c.write_all(format!("DONE {id}\n").as_bytes());
     }
