@@ -9,6 +9,7 @@
 //! target/release/hf-bench hang       [--timeout-ms 200] [--rounds 30]
 //! target/release/hf-bench storm      [--secs 10] [--conns 64] [--every-ms 50]
 //! target/release/hf-bench upgrade    [--idle 1000,10000] [--rounds 3] [--secs 8] [--every-ms 1000]
+//! target/release/hf-bench services   [--only cgi,resume,proxy,ftp,memory] [--rounds 5] [--downloads 4]
 //! target/release/hf-bench all
 //! target/release/hf-bench faults
 //! target/release/hf-bench report     [--quick] --out results/DIR   (or bench/run [--quick])
@@ -25,6 +26,7 @@ mod hang;
 mod memory;
 mod recovery;
 mod report;
+mod services;
 mod storm;
 mod throughput;
 mod upgrade;
@@ -62,6 +64,10 @@ enum Cmd {
     /// `holdfast upgrade`: idle connections moved, and an upgrade storm
     /// side by side with nginx reload and binary upgrade.
     Upgrade(upgrade::Args),
+    /// The services side by side, alone vs under the keeper: hf-httpd's CGI,
+    /// hf-proxy and hf-ftpd throughput; kill → next byte of a download,
+    /// resumed vs replayed in full; keeper memory at idle connections.
+    Services(services::Args),
     /// All of them with their defaults, and one summary table.
     All,
     /// Figures for faults beyond crashes, one summary table: what watching
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         Cmd::Hang(a) => step("hang", hang::run(&a)),
         Cmd::Storm(a) => step("storm", storm::run(&a)),
         Cmd::Upgrade(a) => step("upgrade", upgrade::run(&a)),
+        Cmd::Services(a) => step("services", services::run(&a)),
         Cmd::Report(a) => step("report", report::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
                 Ok(Cmd::Hang(ha)),
                 Ok(Cmd::Storm(sa)),
                 Ok(Cmd::Upgrade(ua)),
+                Ok(Cmd::Services(sva)),
             ) = (
                 defaults("recovery"),
                 defaults("throughput"),
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
                 defaults("hang"),
                 defaults("storm"),
                 defaults("upgrade"),
+                defaults("services"),
             )
             else {
                 unreachable!("subcommand defaults parse")
@@ -128,6 +137,8 @@ fn main() -> ExitCode {
             step("storm", storm::run(&sa));
             println!();
             step("upgrade", upgrade::run(&ua));
+            println!();
+            step("services", services::run(&sva));
         }
         Cmd::Faults => {
             let parse = |args: &[&str]| {

@@ -22,14 +22,16 @@ pub struct Args {
     pub conns: Vec<usize>,
 }
 
+/// A process's memory, from /proc (bytes).
 #[derive(Clone, Copy, Default, Debug)]
-struct Mem {
+pub(crate) struct Mem {
     vm_rss: u64,
     rss: u64,
     pss: u64,
     private: u64,
-    private_dirty: u64,
-    journal_rss: u64,
+    pub(crate) private_dirty: u64,
+    /// Resident part of the journal mapping (a keeper's).
+    pub(crate) journal_rss: u64,
     journal_size: u64,
 }
 
@@ -44,7 +46,8 @@ fn kb_field(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-fn read_mem(pid: u32) -> anyhow::Result<Mem> {
+/// `pid`'s memory; an error if it has no journal mapping (not a keeper).
+pub(crate) fn read_mem(pid: u32) -> anyhow::Result<Mem> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;

@@ -7,7 +7,8 @@
 //! It runs the other subcommands' `run` functions with arguments chosen
 //! here, plus what they do not measure alone: overhead with 64 KiB files
 //! and with a connection per request, recovery at several held-connection
-//! counts, and throughput as client connections grow. Nothing here is
+//! counts, throughput as client connections grow, and the services'
+//! figures (`hf-bench services`). Nothing here is
 //! measured differently from the subcommands: their own rows, with the
 //! numbers they attach ([`Row::nums`]), are what the report is made of.
 //!
@@ -22,7 +23,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::common::Row;
-use crate::{hang, memory, recovery, storm, throughput, upgrade};
+use crate::{hang, memory, recovery, services, storm, throughput, upgrade};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -74,6 +75,7 @@ struct Plan {
     upgrade: Vec<&'static str>,
     scaling: Vec<usize>,
     scaling_rounds: usize,
+    services: Vec<&'static str>,
 }
 
 impl Plan {
@@ -98,6 +100,8 @@ impl Plan {
                 ],
                 scaling: vec![1, 8, 64, 256],
                 scaling_rounds: 1,
+                // About 40 s.
+                services: vec!["--rounds", "3", "--downloads", "4"],
             }
         } else {
             Plan {
@@ -110,6 +114,7 @@ impl Plan {
                 upgrade: vec![],
                 scaling: vec![1, 4, 16, 64, 256, 1024],
                 scaling_rounds: 3,
+                services: vec!["--rounds", "8", "--downloads", "20"],
             }
         }
     }
@@ -233,6 +238,13 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             throughput::run,
         );
     }
+    step::<services::Args>(
+        &mut sections,
+        "services",
+        "services",
+        strs(&p.services),
+        services::run,
+    );
     let total = t0.elapsed().as_secs_f64();
 
     let machine = Machine::now();
@@ -551,6 +563,18 @@ fn markdown(a: &Args, m: &Machine, total: f64, sections: &[Section], plots: &Plo
             verdict(f == 0.0 && r.get("action_errors") == Some(0.0))
         );
     }
+    if let Some(s) = section(sections, "services") {
+        let checked = find(s, |m| m.starts_with("downloads killed mid-answer"));
+        let corrupt = s.error.as_deref().is_some_and(|e| e.contains("CORRUPT"));
+        if checked.is_some() || corrupt {
+            let _ = writeln!(
+                w,
+                "| every byte of downloads killed mid-answer correct (resume and full replay) | {} | {} |",
+                checked.map_or("corrupt bytes: see the section's error".into(), |r| r.value.clone()),
+                verdict(!corrupt)
+            );
+        }
+    }
     let _ = writeln!(w);
 
     // Plots.
@@ -716,6 +740,8 @@ fn markdown(a: &Args, m: &Machine, total: f64, sections: &[Section], plots: &Plo
     }
     let _ = writeln!(w);
 
+    services_md(w, sections);
+
     // Everything.
     let _ = writeln!(w, "## Every figure\n");
     let _ = writeln!(w, "| section | metric | value |\n|---|---|---|");
@@ -749,6 +775,62 @@ fn markdown(a: &Args, m: &Machine, total: f64, sections: &[Section], plots: &Plo
         );
     }
     o
+}
+
+/// Section 7: the services' rows, as tables.
+fn services_md(w: &mut String, sections: &[Section]) {
+    let _ = writeln!(w, "## 7. Services\n");
+    let Some(s) = section(sections, "services") else {
+        let _ = writeln!(w, "Not measured.\n");
+        return;
+    };
+    if let Some(e) = &s.error {
+        let _ = writeln!(w, "**Failed:** {}\n", e.replace('\n', " "));
+    }
+    let _ = writeln!(w, "Each service alone (plain, `--listen`) and under the keeper (kept, one standby), the two sides interleaved in 250 ms slices, every answer checked; ratio = kept/plain per round.\n");
+    let _ = writeln!(
+        w,
+        "| service, load | plain / kept (medians) | kept/plain median (min–max) | overhead | server CPU per unit, plain → kept (keeper's part), µs |\n|---|---|---|---|---|"
+    );
+    const RATIO: &str = ": kept/plain per round, median (min–max)";
+    for r in &s.rows {
+        let Some(what) = r.metric.strip_suffix(RATIO) else {
+            continue;
+        };
+        let rates = find(s, |m| {
+            m.starts_with(&format!("{what}: median plain / kept "))
+        });
+        let cpu = find(s, |m| m.starts_with(&format!("{what}: server CPU")));
+        let _ = writeln!(
+            w,
+            "| {what} | {} | {} | {} | {} |",
+            rates.map_or("-", |x| x.value.as_str()),
+            r.value,
+            r.get("median")
+                .map_or("-".into(), |v| format!("{:.1} %", (1.0 - v) * 100.0)),
+            cpu.map_or("-", |x| x.value.as_str())
+        );
+    }
+    let _ = writeln!(w, "\nA download killed mid-answer (hf-httpd under the keeper; the client stops the worker, reads all it wrote, then SIGKILLs it): kill → the next byte, which only the successor can send.\n");
+    let _ = writeln!(w, "| what | figure |\n|---|---|");
+    for r in s
+        .rows
+        .iter()
+        .filter(|r| r.metric.starts_with("download") || r.metric.contains("skipped"))
+    {
+        let _ = writeln!(w, "| {} | {} |", r.metric, r.value);
+    }
+    let _ = writeln!(w, "\n| keeper memory, idle connections | keeper private dirty + journal resident (at 0 connections) | per connection |\n|---|---|---|");
+    for r in s.rows.iter().filter(|r| r.get("per_conn").is_some()) {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {:.0} B |",
+            r.metric,
+            r.value,
+            r.get("per_conn").unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(w);
 }
 
 // ---------------------------------------------------------------------------

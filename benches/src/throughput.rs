@@ -28,6 +28,7 @@
 //! same code can differ by a few per cent for as long as they live, which
 //! one pair for the whole run would report as an effect.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -84,19 +85,21 @@ pub struct Args {
 const IDLE: Duration = Duration::from_secs(2);
 
 /// One side of the comparison.
-struct Server {
+pub(crate) struct Server {
     /// "plain" / "kept", or "A" / "B" for `--hang-timeout`.
-    name: &'static str,
-    addr: SocketAddr,
+    pub(crate) name: &'static str,
+    pub(crate) addr: SocketAddr,
     /// Processes whose CPU time counts for this side; with a keeper, the
     /// keeper first, then its active worker.
-    pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
+    /// The service's file name, for messages.
+    prog: String,
     host: Host,
 }
 
 /// What serves one side; stopped on drop.
 enum Host {
-    /// hf-httpd on its own listener (pass-through).
+    /// The service on its own listener (pass-through).
     Alone(Proc),
     Kept(Keeper),
 }
@@ -104,26 +107,11 @@ enum Host {
 impl Server {
     /// hf-httpd alone, the same binary, its own listener.
     fn alone(httpd: &Path, root: &Path) -> anyhow::Result<Server> {
-        let addr = free_port()?;
-        let mut c = Command::new(httpd);
-        c.arg("--root")
-            .arg(root)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .env("HOLDFAST_LOG", LOG_FILTER);
-        let mut p = Proc::spawn(&mut c, &root.join("plain.log"))?;
-        wait_listening(
-            addr,
-            &mut p,
-            "hf-httpd (pass-through)",
-            Duration::from_secs(10),
-        )?;
-        Ok(Server {
-            name: "plain",
-            addr,
-            pids: vec![p.pid()],
-            host: Host::Alone(p),
-        })
+        Server::spawn_alone(
+            "plain",
+            &[httpd.as_os_str(), "--root".as_ref(), root.as_os_str()],
+            &root.join("plain.log"),
+        )
     }
 
     /// hf-httpd under a keeper (one standby) with `extra` options.
@@ -133,26 +121,69 @@ impl Server {
         root: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Server> {
-        let keeper = Keeper::start_with(
-            1,
+        Server::spawn_kept(
+            name,
             extra,
             &[httpd.as_os_str(), "--root".as_ref(), root.as_os_str()],
+        )
+    }
+
+    /// `cmd` (a service on the holdfast library) run alone, in pass-through
+    /// mode, with `--listen` on a free loopback port; its output to `log`.
+    pub(crate) fn spawn_alone(
+        name: &'static str,
+        cmd: &[&OsStr],
+        log: &Path,
+    ) -> anyhow::Result<Server> {
+        let (prog, args) = cmd.split_first().context("empty command")?;
+        let prog_name = file_name(prog);
+        let addr = free_port()?;
+        let mut c = Command::new(prog);
+        c.args(args)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("HOLDFAST_LOG", LOG_FILTER);
+        let mut p = Proc::spawn(&mut c, log)?;
+        wait_listening(
+            addr,
+            &mut p,
+            &format!("{prog_name} (pass-through)"),
+            Duration::from_secs(10),
         )?;
+        Ok(Server {
+            name,
+            addr,
+            pids: vec![p.pid()],
+            prog: prog_name,
+            host: Host::Alone(p),
+        })
+    }
+
+    /// `cmd` under a keeper (one standby) with `extra` `holdfast run` options.
+    pub(crate) fn spawn_kept(
+        name: &'static str,
+        extra: &[&str],
+        cmd: &[&OsStr],
+    ) -> anyhow::Result<Server> {
+        let prog = cmd.first().map(|p| file_name(p)).context("empty command")?;
+        let keeper = Keeper::start_with(1, extra, cmd)?;
         let worker = active_pid(&keeper.status()?).context("no active worker")?;
         Ok(Server {
             name,
             addr: keeper.addr,
             pids: vec![keeper.pid(), worker],
+            prog,
             host: Host::Kept(keeper),
         })
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.host {
-            Host::Alone(p) => format!("hf-httpd pid {} on {}", p.pid(), self.addr),
+            Host::Alone(p) => format!("{} pid {} on {}", self.prog, p.pid(), self.addr),
             Host::Kept(k) => format!(
-                "keeper pid {} + worker pid {} on {} (1 standby)",
+                "keeper pid {} + {} worker pid {} on {} (1 standby)",
                 k.pid(),
+                self.prog,
                 self.pids[1],
                 self.addr
             ),
@@ -161,9 +192,9 @@ impl Server {
 
     /// Err if the server died; a warning if its worker was replaced (its
     /// CPU time is then no longer counted).
-    fn check(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check(&mut self) -> anyhow::Result<()> {
         match &mut self.host {
-            Host::Alone(p) => p.check_alive("hf-httpd (pass-through)"),
+            Host::Alone(p) => p.check_alive(&format!("{} (pass-through)", self.prog)),
             Host::Kept(k) => {
                 let snap = k.status().context("keeper status")?;
                 if snap.restarts != 0 {
@@ -176,6 +207,14 @@ impl Server {
             }
         }
     }
+}
+
+fn file_name(p: &OsStr) -> String {
+    Path::new(p)
+        .file_name()
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// CPU time and wake-ups of a process, all threads: nanoseconds on a CPU
@@ -239,11 +278,16 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
-fn cpu_of(pids: &[u32]) -> f64 {
+pub(crate) fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| cpu_secs(*p)).sum()
 }
 
-fn write_site(dir: &Path, sizes_kib: &[usize]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+/// Files of `sizes_kib` KiB of pseudo-random bytes in `dir`, named `{k}k.bin`:
+/// their URL paths and contents.
+pub(crate) fn write_site(
+    dir: &Path,
+    sizes_kib: &[usize],
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     let mut x: u64 = 0x1234_5678_9abc_def1;
     for &k in sizes_kib {
@@ -268,7 +312,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads one full response; checks the status and the body.
+    /// Reads one full response; checks the status and the body (framed by
+    /// Content-Length, or chunked: a CGI program's answer).
     fn read_response(&mut self, scratch: &mut [u8], body: &[u8]) -> anyhow::Result<()> {
         let mut head_end = None;
         let mut searched = 0;
@@ -289,21 +334,28 @@ impl Conn {
                 if !head.starts_with("HTTP/1.1 200") {
                     bail!("unexpected response: {}", head.lines().next().unwrap_or(""));
                 }
-                let cl: usize = head
-                    .lines()
-                    .find_map(|l| {
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())
-                            .flatten()
+                        k.eq_ignore_ascii_case(name).then(|| v.trim())
                     })
-                    .context("no Content-Length")?;
-                if self.buf.len() >= h + cl {
-                    if cl != body.len() || self.buf[h..h + cl] != *body {
-                        bail!("body differs from the file ({cl} bytes)");
+                };
+                if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                    if let Some(end) = dechunk_check(&self.buf[h..], body)? {
+                        self.buf.drain(..h + end);
+                        return Ok(());
                     }
-                    self.buf.drain(..h + cl);
-                    return Ok(());
+                } else {
+                    let cl: usize = header("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .context("no Content-Length")?;
+                    if self.buf.len() >= h + cl {
+                        if cl != body.len() || self.buf[h..h + cl] != *body {
+                            bail!("body differs from the file ({cl} bytes)");
+                        }
+                        self.buf.drain(..h + cl);
+                        return Ok(());
+                    }
                 }
             }
             let n = self.s.read(scratch)?;
@@ -315,9 +367,42 @@ impl Conn {
     }
 }
 
+/// A complete chunked body (no trailers) at the start of `buf`, checked
+/// against `body`: the bytes it takes, or `None` if more must be read.
+fn dechunk_check(buf: &[u8], body: &[u8]) -> anyhow::Result<Option<usize>> {
+    let (mut at, mut got) = (0, 0);
+    loop {
+        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size = std::str::from_utf8(&buf[at..at + eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+            .context("bad chunk size line")?;
+        let data = at + eol + 2;
+        if buf.len() < data + size + 2 {
+            return Ok(None);
+        }
+        if &buf[data + size..data + size + 2] != b"\r\n" {
+            bail!("chunk not followed by CRLF");
+        }
+        if body.get(got..got + size) != Some(&buf[data..data + size]) {
+            bail!("chunked body differs from the expected one");
+        }
+        got += size;
+        at = data + size + 2;
+        if size == 0 {
+            if got != body.len() {
+                bail!("chunked body of {got} bytes, {} expected", body.len());
+            }
+            return Ok(Some(at));
+        }
+    }
+}
+
 /// Keep-alive connections to one server, split among load threads, kept
 /// open across measurement slices.
-struct Pool {
+pub(crate) struct Pool {
     addr: SocketAddr,
     groups: Vec<Vec<Conn>>,
     req: Vec<u8>,
@@ -326,7 +411,14 @@ struct Pool {
 }
 
 impl Pool {
-    fn connect(addr: SocketAddr, path: &str, conns: usize, threads: usize) -> anyhow::Result<Pool> {
+    /// `conns` connections to `addr`, each asking for `path` (an absolute
+    /// URL for a proxy), over `threads` threads.
+    pub(crate) fn connect(
+        addr: SocketAddr,
+        path: &str,
+        conns: usize,
+        threads: usize,
+    ) -> anyhow::Result<Pool> {
         Pool::connect_with(addr, path, conns, threads, false)
     }
 
@@ -370,7 +462,7 @@ impl Pool {
 
     /// Drives every connection for `dur` (one request in flight on each,
     /// always); returns (responses, seconds). Nothing is left in flight.
-    fn run(&mut self, body: &[u8], dur: Duration) -> anyhow::Result<(u64, f64)> {
+    pub(crate) fn run(&mut self, body: &[u8], dur: Duration) -> anyhow::Result<(u64, f64)> {
         let barrier = Barrier::new(self.groups.len() + 1);
         let req = &self.req;
         let addr = self.addr;
@@ -509,16 +601,131 @@ fn start_pair(
 struct Series {
     file: String,
     tool: &'static str,
-    /// Requests per second of side A (plain) and side B (kept), per round.
-    plain: Vec<f64>,
-    kept: Vec<f64>,
-    /// CPU seconds of the server side per request.
-    plain_cpu: Vec<f64>,
-    kept_cpu: Vec<f64>,
-    /// The keepers' part of `plain_cpu` (with `--hang-timeout` only) and of
+    r: Rounds,
+}
+
+/// One side's totals over a round: units done (responses, transfers),
+/// seconds, CPU seconds of the side's processes, and of its first process
+/// (the keeper, when there is one).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Tally {
+    pub(crate) n: u64,
+    pub(crate) secs: f64,
+    pub(crate) cpu: f64,
+    pub(crate) keeper_cpu: f64,
+}
+
+/// The interleaved A/B method: `slices` turns for each side, in the order
+/// A B B A A B ..., so a burst of outside noise hits both alike;
+/// `turn(side)` loads side 0 or 1 for one slice and returns (units done,
+/// seconds). The sides' CPU time is counted around each turn.
+pub(crate) fn interleave(
+    sides: [&Server; 2],
+    slices: u64,
+    mut turn: impl FnMut(usize) -> anyhow::Result<(u64, f64)>,
+) -> anyhow::Result<[Tally; 2]> {
+    let mut acc = [Tally::default(); 2];
+    for i in 0..slices {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let pids = &sides[side].pids;
+            let (c0, k0) = (cpu_of(pids), cpu_of(&pids[..1]));
+            let (n, t) = turn(side)?;
+            let e = &mut acc[side];
+            e.n += n;
+            e.secs += t;
+            e.cpu += cpu_of(pids) - c0;
+            e.keeper_cpu += cpu_of(&pids[..1]) - k0;
+        }
+    }
+    Ok(acc)
+}
+
+/// Per-round figures of an A/B comparison.
+#[derive(Default)]
+pub(crate) struct Rounds {
+    /// Units per second of side A (plain) and side B (kept), per round.
+    pub(crate) plain: Vec<f64>,
+    pub(crate) kept: Vec<f64>,
+    /// CPU seconds of each side per unit.
+    pub(crate) plain_cpu: Vec<f64>,
+    pub(crate) kept_cpu: Vec<f64>,
+    /// The keepers' part of `plain_cpu` (when side A has one too) and of
     /// `kept_cpu`.
-    plain_keeper_cpu: Vec<f64>,
-    keeper_cpu: Vec<f64>,
+    pub(crate) plain_keeper_cpu: Vec<f64>,
+    pub(crate) keeper_cpu: Vec<f64>,
+}
+
+impl Rounds {
+    pub(crate) fn push(&mut self, t: [Tally; 2]) {
+        for (side, x) in t.into_iter().enumerate() {
+            let n = x.n.max(1) as f64;
+            let (rate, cpu, kcpu) = if side == 0 {
+                (
+                    &mut self.plain,
+                    &mut self.plain_cpu,
+                    &mut self.plain_keeper_cpu,
+                )
+            } else {
+                (&mut self.kept, &mut self.kept_cpu, &mut self.keeper_cpu)
+            };
+            rate.push(n / x.secs);
+            cpu.push(x.cpu / n);
+            kcpu.push(x.keeper_cpu / n);
+        }
+    }
+
+    /// B/A per round, with its median and range.
+    pub(crate) fn ratio(&self) -> Ratio {
+        let per_round: Vec<f64> = self
+            .plain
+            .iter()
+            .zip(&self.kept)
+            .map(|(p, k)| k / p)
+            .collect();
+        let (min, max) = per_round
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+        Ratio {
+            median: median_f(&per_round),
+            min,
+            max,
+            per_round,
+        }
+    }
+}
+
+/// A ratio measured once per round: its median and spread.
+pub(crate) struct Ratio {
+    pub(crate) per_round: Vec<f64>,
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+}
+
+impl Ratio {
+    /// "median (min–max)".
+    pub(crate) fn text(&self) -> String {
+        format!("{:.3} ({:.3}–{:.3})", self.median, self.min, self.max)
+    }
+
+    /// The per-round values, space separated.
+    pub(crate) fn rounds_text(&self) -> String {
+        self.per_round
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A summary row with `median`, `min`, `max` and `round1`.. attached.
+    pub(crate) fn row(&self, bench: &'static str, metric: String) -> Row {
+        Row::new(bench, metric, self.text())
+            .num("median", self.median)
+            .num("min", self.min)
+            .num("max", self.max)
+            .nums_list("round", &self.per_round)
+    }
 }
 
 pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
@@ -602,12 +809,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             series.push(Series {
                 file: path.clone(),
                 tool,
-                plain: vec![],
-                kept: vec![],
-                plain_cpu: vec![],
-                kept_cpu: vec![],
-                plain_keeper_cpu: vec![],
-                keeper_cpu: vec![],
+                r: Rounds::default(),
             });
         }
     }
@@ -628,10 +830,9 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         let (plain, kept) = (&pair.0, &pair.1);
         for s in series.iter_mut() {
             let body = &files.iter().find(|f| f.0 == s.file).expect("file").1;
-            // Per side: responses, seconds, server CPU seconds, keeper CPU seconds.
-            let mut acc = [(0u64, 0f64, 0f64, 0f64); 2];
-            if s.tool == "wrk" {
+            let acc = if s.tool == "wrk" {
                 // wrk runs whole seconds: one run per side, A first.
+                let mut acc = [Tally::default(); 2];
                 for (mi, srv) in [plain, kept].into_iter().enumerate() {
                     let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
                     let rps = run_wrk(
@@ -642,56 +843,34 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
                         2,
                         a.secs,
                     )?;
-                    let n = (rps * a.secs as f64) as u64;
-                    acc[mi] = (
-                        n,
-                        a.secs as f64,
-                        cpu_of(&srv.pids) - c0,
-                        cpu_of(&srv.pids[..1]) - k0,
-                    );
+                    acc[mi] = Tally {
+                        n: (rps * a.secs as f64) as u64,
+                        secs: a.secs as f64,
+                        cpu: cpu_of(&srv.pids) - c0,
+                        keeper_cpu: cpu_of(&srv.pids[..1]) - k0,
+                    };
                 }
+                acc
             } else {
                 let mut pools = [
                     Pool::connect_with(plain.addr, &s.file, a.conns, a.client_threads, a.close)?,
                     Pool::connect_with(kept.addr, &s.file, a.conns, a.client_threads, a.close)?,
                 ];
-                for i in 0..slices {
-                    // A, B, B, A, A, B, ...
-                    let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
-                    for mi in order {
-                        let srv = if mi == 0 { plain } else { kept };
-                        let (c0, k0) = (cpu_of(&srv.pids), cpu_of(&srv.pids[..1]));
-                        let (n, t) = pools[mi]
-                            .run(body, slice)
-                            .with_context(|| format!("{} round {}", srv.name, r + 1))?;
-                        let e = &mut acc[mi];
-                        e.0 += n;
-                        e.1 += t;
-                        e.2 += cpu_of(&srv.pids) - c0;
-                        e.3 += cpu_of(&srv.pids[..1]) - k0;
-                    }
-                }
-            }
-            for (mi, (n, t, cpu, kcpu)) in acc.into_iter().enumerate() {
-                let n = n.max(1) as f64;
-                if mi == 0 {
-                    s.plain.push(n / t);
-                    s.plain_cpu.push(cpu / n);
-                    s.plain_keeper_cpu.push(kcpu / n);
-                } else {
-                    s.kept.push(n / t);
-                    s.kept_cpu.push(cpu / n);
-                    s.keeper_cpu.push(kcpu / n);
-                }
-            }
+                interleave([plain, kept], slices, |mi| {
+                    pools[mi]
+                        .run(body, slice)
+                        .with_context(|| format!("{} round {}", [na, nb][mi], r + 1))
+                })?
+            };
+            s.r.push(acc);
             println!(
                 "  round {} {:<8} {:<9} {na} {:>9.0} req/s   {nb} {:>9.0} req/s   {nb}/{na} {:.3}",
                 r + 1,
                 s.tool,
                 s.file,
-                s.plain[r],
-                s.kept[r],
-                s.kept[r] / s.plain[r]
+                s.r.plain[r],
+                s.r.kept[r],
+                s.r.kept[r] / s.r.plain[r]
             );
         }
     }
@@ -720,40 +899,34 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         }
     );
     for s in &series {
-        let mp = median_f(&s.plain);
-        let mk = median_f(&s.kept);
+        let mp = median_f(&s.r.plain);
+        let mk = median_f(&s.r.kept);
         let overhead = (mp - mk) / mp * 100.0;
-        let ratios: Vec<f64> = s.plain.iter().zip(&s.kept).map(|(p, k)| k / p).collect();
-        let mr = median_f(&ratios);
-        let (rmin, rmax) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+        let ratio = s.r.ratio();
         let keepers = if both_kept {
             format!(
                 "{:.2} → {:.2}",
-                median_f(&s.plain_keeper_cpu) * 1e6,
-                median_f(&s.keeper_cpu) * 1e6
+                median_f(&s.r.plain_keeper_cpu) * 1e6,
+                median_f(&s.r.keeper_cpu) * 1e6
             )
         } else {
-            format!("{:.2}", median_f(&s.keeper_cpu) * 1e6)
+            format!("{:.2}", median_f(&s.r.keeper_cpu) * 1e6)
         };
         let cpu = format!(
             "{:.1} → {:.1} ({keepers})",
-            median_f(&s.plain_cpu) * 1e6,
-            median_f(&s.kept_cpu) * 1e6,
+            median_f(&s.r.plain_cpu) * 1e6,
+            median_f(&s.r.kept_cpu) * 1e6,
         );
         println!(
             "{:<9} {:<9} {:>12.0} {:>12.0} {:>9.2}% {:>14.3} {:>26}",
-            s.tool, s.file, mp, mk, overhead, mr, cpu
+            s.tool, s.file, mp, mk, overhead, ratio.median, cpu
         );
         println!(
-            "{:<19} per-round {nb}/{na}: {}  (min {rmin:.3}, max {rmax:.3})",
+            "{:<19} per-round {nb}/{na}: {}  (min {:.3}, max {:.3})",
             "",
-            ratios
-                .iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            ratio.rounds_text(),
+            ratio.min,
+            ratio.max
         );
         rows.push(
             Row::new(
@@ -775,24 +948,17 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             ),
             cpu,
         ));
-        rows.push(
-            Row::new(
-                bench,
-                format!(
-                    "{} {} {nb}/{na} per round: median (min–max)",
-                    s.tool, s.file
-                ),
-                format!("{mr:.3} ({rmin:.3}–{rmax:.3})"),
-            )
-            .num("median", mr)
-            .num("min", rmin)
-            .num("max", rmax)
-            .nums_list("round", &ratios),
-        );
+        rows.push(ratio.row(
+            bench,
+            format!(
+                "{} {} {nb}/{na} per round: median (min–max)",
+                s.tool, s.file
+            ),
+        ));
         rows.push(Row::new(
             bench,
             format!("{} {} overhead (medians; paired)", s.tool, s.file),
-            format!("{overhead:.2} % ; {:.2} %", (1.0 - mr) * 100.0),
+            format!("{overhead:.2} % ; {:.2} %", (1.0 - ratio.median) * 100.0),
         ));
     }
     println!("overhead = (median {na} − median {nb}) / median {na}; paired = 1 − median of per-round {nb}/{na}");
