@@ -113,3 +113,52 @@ fn http10_download_across_a_kill_then_close() {
     assert!(rs[0].body == *want);
     k.wait_for("the connection released", |s| s.connections == 0);
 }
+
+/// hf-httpd's file answers are not checksummed (`skip_output_check`): the
+/// file's identity is recorded instead. A file changed between a crash and
+/// the replay of an answer to it must end that connection cleanly after the
+/// bytes of the first version, never splice the two versions.
+#[test]
+fn file_changed_before_a_replay_closes_instead_of_splicing() {
+    let dir = TempDir::new("changed");
+    // One write each (under the 256 KiB piece size): no commit inside it.
+    let files = make_site(dir.path(), &[200_000]);
+    let (name, old) = &files[0];
+    let mut k = start(dir.path());
+    let mut s = connect_small_rcvbuf(k.addr, 4096).unwrap();
+    // Pipelined until the worker blocks in the middle of one of them.
+    let req = format!("GET {name} HTTP/1.1\r\nHost: t\r\n\r\n");
+    s.write_all(req.repeat(40).as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The file changes: same size, new bytes, new mtime.
+    let path = dir.path().join(name.trim_start_matches('/'));
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0x55).collect();
+    std::fs::write(&path, &new).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    k.kill_and_wait();
+    let got = paced_read_to_end(s, 50e6, Arc::new(AtomicUsize::new(0)))
+        .expect("a clean close, not a reset");
+    // Whole answers of the old file, then a prefix of one, then the end.
+    let mut rest = &got[..];
+    let mut whole = 0;
+    loop {
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            break;
+        };
+        let body = &rest[end + 4..];
+        let n = body.len().min(old.len());
+        assert!(body[..n] == old[..n], "bytes of the new file after {whole} whole answers");
+        if n < old.len() {
+            break;
+        }
+        whole += 1;
+        rest = &body[n..];
+    }
+    assert!(whole < 40, "the answers must be cut short");
+    assert_eq!(k.status().unwrap().restarts, 1);
+}

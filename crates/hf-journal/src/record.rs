@@ -33,8 +33,11 @@ pub const FLAG_NO_REPLAY_ERROR: u16 = 2;
 /// The request in flight must not run again after a crash: the next worker
 /// closes the connection cleanly.
 pub const FLAG_NO_REPLAY_CLOSE: u16 = 4;
+/// The output since the commit is not covered by `out_crc`: the service
+/// regenerates it byte for byte by construction (`skip_output_check`).
+pub const FLAG_UNCHECKED: u16 = 8;
 /// Every flag a record may carry.
-pub const FLAGS: u16 = FLAG_CLOSING | FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE;
+pub const FLAGS: u16 = FLAG_CLOSING | FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE | FLAG_UNCHECKED;
 /// Largest accepted `out_rec - out_commit`. Far beyond any real output
 /// window; a larger value can only come from a writer bug, and acting on it
 /// would mean reasoning about terabytes of output that never existed.
@@ -109,7 +112,8 @@ pub struct PickError {
 pub struct Record {
     /// Bit 0 [`FLAG_CLOSING`]: the service closed the connection; bits 1
     /// and 2 [`FLAG_NO_REPLAY_ERROR`], [`FLAG_NO_REPLAY_CLOSE`]: the replay
-    /// policy of the request in flight. Other bits are rejected.
+    /// policy of the request in flight; bit 3 [`FLAG_UNCHECKED`]. Other bits
+    /// are rejected.
     pub flags: u16,
     /// Version number, >= 1 once written; decides the slot (see [`slot_of`]).
     pub seq: u64,
@@ -425,8 +429,8 @@ mod tests {
     #[test]
     fn semantic_checks_behind_a_valid_crc() {
         assert_eq!(
-            resealed(|s| s[OFF_FLAGS] = 8),
-            Err(RecordError::BadFlags(8))
+            resealed(|s| s[OFF_FLAGS] = 16),
+            Err(RecordError::BadFlags(16))
         );
         assert_eq!(
             resealed(|s| s[OFF_DEATHS + 1] = 1).map(|r| r.deaths),

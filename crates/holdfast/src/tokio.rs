@@ -293,6 +293,11 @@ impl Conn {
         ))
     }
 
+    /// See [`crate::Conn::skip_output_check`].
+    pub fn skip_output_check(&mut self) {
+        self.core.skip_output_check();
+    }
+
     /// See [`crate::Conn::replay_policy`].
     pub fn replay_policy(&mut self, policy: crate::ReplayPolicy) -> io::Result<()> {
         self.core.set_replay(policy)
