@@ -146,10 +146,7 @@ fn file_changed_before_a_replay_closes_instead_of_splicing() {
     // Whole answers of the old file, then a prefix of one, then the end.
     let mut rest = &got[..];
     let mut whole = 0;
-    loop {
-        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
-            break;
-        };
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
         let body = &rest[end + 4..];
         let n = body.len().min(old.len());
         assert!(body[..n] == old[..n], "bytes of the new file after {whole} whole answers");
