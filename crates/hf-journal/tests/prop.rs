@@ -117,10 +117,16 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::Shutdown),
         Just(Msg::Drain),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Released { conn_id, slot }),
-        (any::<u64>(), any::<u32>(), any::<u32>())
-            .prop_map(|(conn_id, slot, tag)| Msg::Hold { conn_id, slot, tag }),
-        (any::<u64>(), any::<u32>(), any::<u32>())
-            .prop_map(|(conn_id, slot, tag)| Msg::Unhold { conn_id, slot, tag }),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(conn_id, slot, tag)| Msg::Hold {
+            conn_id,
+            slot,
+            tag
+        }),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(conn_id, slot, tag)| Msg::Unhold {
+            conn_id,
+            slot,
+            tag
+        }),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, tag)| Msg::Channel { conn_id, tag }),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, tag)| Msg::AcceptFailed { conn_id, tag }),
         (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use hf_journal::record::{slot_of, Record, RECORD_SIZE, SLOT_SIZE};
 use hf_journal::wire::{
-    ConnEntry, Msg, CONN_CRASHED, CONN_MOVED, CONN_RECOVERED, CONN_SPOOL, MAX_CHANNELS, MAX_FDS_PER_MSG, MAX_MSG,
-    PROTO_VERSION,
+    ConnEntry, Msg, CONN_CRASHED, CONN_MOVED, CONN_RECOVERED, CONN_SPOOL, MAX_CHANNELS,
+    MAX_FDS_PER_MSG, MAX_MSG, PROTO_VERSION,
 };
 use hf_sys::fdpass;
 use hf_sys::shm::SharedMem;
@@ -728,19 +728,17 @@ impl Keeper {
                 listener,
                 tag,
             } => self.accept_on(id, conn_id, slot, listener, tag),
-            Msg::Unhold { conn_id, slot, tag } => {
-                match self.conns.get_mut(&conn_id) {
-                    Some(h) if h.owner == Some(id) && h.slot == slot => {
-                        h.channels.retain(|(t, _)| *t != tag);
-                        tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
-                    }
-                    _ => tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "unhold for a connection the worker does not own; ignored"
-                    ),
+            Msg::Unhold { conn_id, slot, tag } => match self.conns.get_mut(&conn_id) {
+                Some(h) if h.owner == Some(id) && h.slot == slot => {
+                    h.channels.retain(|(t, _)| *t != tag);
+                    tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
                 }
-            }
+                _ => tracing::warn!(
+                    worker = id,
+                    conn = conn_id,
+                    "unhold for a connection the worker does not own; ignored"
+                ),
+            },
             Msg::Poisoned { conn_id, slot } => {
                 if self
                     .conns
@@ -787,7 +785,11 @@ impl Keeper {
         let h = match self.conns.get_mut(&conn_id) {
             Some(h) if h.owner == Some(id) && h.slot == slot => h,
             _ => {
-                tracing::warn!(worker = id, conn = conn_id, "accept for a connection the worker does not own; ignored");
+                tracing::warn!(
+                    worker = id,
+                    conn = conn_id,
+                    "accept for a connection the worker does not own; ignored"
+                );
                 return;
             }
         };
@@ -798,7 +800,10 @@ impl Keeper {
             .ok_or(Errno::BADF)
             .and_then(|(_, l)| {
                 let mut p = [rustix::event::PollFd::new(l, rustix::event::PollFlags::IN)];
-                let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
                 match rustix::event::poll(&mut p, Some(&zero))? {
                     0 => Err(Errno::AGAIN),
                     _ => rustix::net::accept_with(l, SocketFlags::CLOEXEC),
@@ -816,7 +821,12 @@ impl Keeper {
         };
         h.channels.retain(|(t, _)| *t != tag);
         if h.channels.len() >= MAX_CHANNELS {
-            tracing::warn!(worker = id, conn = conn_id, tag, "too many held channels for one connection; refused");
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                tag,
+                "too many held channels for one connection; refused"
+            );
             send_msg(&control, &Msg::AcceptFailed { conn_id, tag });
             return;
         }
@@ -826,7 +836,12 @@ impl Keeper {
             // Held all the same: the worker's successor finds it.
             tracing::warn!(worker = id, conn = conn_id, error = %e, "cannot pass an accepted channel to its worker");
         }
-        tracing::debug!(worker = id, conn = conn_id, tag, "accepted and held a channel");
+        tracing::debug!(
+            worker = id,
+            conn = conn_id,
+            tag,
+            "accepted and held a channel"
+        );
         h.channels.push((tag, fd));
     }
 

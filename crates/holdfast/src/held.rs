@@ -159,7 +159,10 @@ impl HeldTcp {
 
     /// Sends a FIN.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        Ok(rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write)?)
+        Ok(rustix::net::shutdown(
+            &self.fd,
+            rustix::net::Shutdown::Write,
+        )?)
     }
 
     /// The socket, to hold it or to wait on it.
@@ -193,7 +196,8 @@ impl PipeSpool {
     /// spool sees the end of the output when every writer is gone.
     pub fn new() -> io::Result<(PipeSpool, OwnedFd)> {
         let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let spool = rustix::fs::memfd_create("holdfast-pipe-spool", rustix::fs::MemfdFlags::CLOEXEC)?;
+        let spool =
+            rustix::fs::memfd_create("holdfast-pipe-spool", rustix::fs::MemfdFlags::CLOEXEC)?;
         Ok((
             PipeSpool {
                 pipe: r,

@@ -87,11 +87,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blob;
 mod blocking;
 #[doc = include_str!("../../../docs/guide.md")]
 pub mod guide {}
-pub mod held;
 mod core;
+pub mod held;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 mod worker;

@@ -357,7 +357,13 @@ impl Link {
         }
     }
 
-    pub(crate) fn hold(&self, conn_id: u64, slot: u32, tag: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn hold(
+        &self,
+        conn_id: u64,
+        slot: u32,
+        tag: u32,
+        fd: BorrowedFd<'_>,
+    ) -> io::Result<()> {
         let mut out = Vec::with_capacity(64);
         Msg::Hold { conn_id, slot, tag }.encode(&mut out);
         hf_sys::fdpass::send(&self.control, &out, &[fd], false)

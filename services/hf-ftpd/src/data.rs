@@ -271,7 +271,10 @@ fn accept(conn: &mut Conn, l: &TcpListener, peer: IpAddr) -> io::Result<OwnedFd>
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no data connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no data connection",
+            ));
         }
         wait(l, PollFlags::IN, left)?;
         let fd = match conn.accept_held(TAG_LISTENER, TAG_DATA, Duration::from_secs(5)) {

@@ -30,6 +30,7 @@
 //! Decoding never panics: any input either decodes to a session or is
 //! refused.
 
+use holdfast::blob::{put_str16, put_str8, Reader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Schema version of the blob (holdfast's state version).
@@ -204,7 +205,7 @@ impl Session {
         if version != STATE_VERSION {
             return None;
         }
-        let mut r = Reader(blob);
+        let mut r = Reader::new(blob);
         let flags = r.u8()?;
         if flags & !0b1111 != 0 {
             return None;
@@ -249,7 +250,7 @@ impl Session {
             }),
             _ => return None,
         };
-        if !r.0.is_empty() || !cwd.starts_with('/') {
+        if !r.is_empty() || !cwd.starts_with('/') {
             return None;
         }
         Some(Session {
@@ -264,50 +265,6 @@ impl Session {
             effect_started: flags & 4 != 0,
             data_open: flags & 8 != 0,
         })
-    }
-}
-
-/// Strings longer than their length field are cut (callers keep them far
-/// shorter: [`MAX_USER`], and [`Session::fits`] for paths).
-fn put_str8(b: &mut Vec<u8>, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u8::MAX.into())];
-    b.push(s.len() as u8);
-    b.extend_from_slice(s);
-}
-
-fn put_str16(b: &mut Vec<u8>, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u16::MAX.into())];
-    b.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    b.extend_from_slice(s);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str8(&mut self) -> Option<String> {
-        let n = self.u8()?.into();
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-    fn str16(&mut self) -> Option<String> {
-        let n = self.u16()?.into();
-        String::from_utf8(self.take(n)?.to_vec()).ok()
     }
 }
 

@@ -88,8 +88,9 @@ pub fn locate(dir: &Path, target: &str) -> Result<Script, Status> {
     if name.is_empty() || name.starts_with('.') || name.contains('/') {
         return Err(Status::NotFound);
     }
-    let path_info = String::from_utf8(http::percent_decode(info.as_bytes()).ok_or(Status::BadRequest)?)
-        .map_err(|_| Status::BadRequest)?;
+    let path_info =
+        String::from_utf8(http::percent_decode(info.as_bytes()).ok_or(Status::BadRequest)?)
+            .map_err(|_| Status::BadRequest)?;
     let real = http::contained(dir, &dir.join(&name))?;
     let meta = std::fs::metadata(&real).map_err(|_| Status::NotFound)?;
     if !meta.is_file() {
@@ -325,7 +326,9 @@ impl Stage {
                 };
                 v.push(kind);
                 v.extend_from_slice(&left.to_le_bytes());
-                v.push(u8::from(r.keep_alive) | u8::from(r.http10) << 1 | u8::from(r.head_only) << 2);
+                v.push(
+                    u8::from(r.keep_alive) | u8::from(r.http10) << 1 | u8::from(r.head_only) << 2,
+                );
                 v
             }
         }
@@ -422,14 +425,16 @@ pub async fn respond(
         }
         if !spool.is_empty() {
             tracing::info!(script = %script.script_name, "CGI program already running; taking over its output");
-            c.commit_versioned(consumed, STATE_CGI, &Stage::Running(run).encode()).await?;
+            c.commit_versioned(consumed, STATE_CGI, &Stage::Running(run).encode())
+                .await?;
             return relay(c, spool, run).await;
         }
         tracing::info!(script = %script.script_name, "CGI program was never started; starting it");
     }
     let (spool, out) = PipeSpool::new()?;
     hold(c, &spool)?;
-    c.commit_versioned(0, STATE_CGI, &Stage::Launching.encode()).await?;
+    c.commit_versioned(0, STATE_CGI, &Stage::Launching.encode())
+        .await?;
     crate::fault("cgi-before-spawn");
     match start(cgi, script, req, head, body, c.peer_addr().ok(), out) {
         Ok(()) => {}
@@ -442,7 +447,8 @@ pub async fn respond(
         }
     }
     crate::fault("cgi-after-spawn");
-    c.commit_versioned(consumed, STATE_CGI, &Stage::Running(run).encode()).await?;
+    c.commit_versioned(consumed, STATE_CGI, &Stage::Running(run).encode())
+        .await?;
     relay(c, spool, run).await
 }
 
@@ -482,7 +488,9 @@ fn start(
     let mut child = cmd.spawn()?;
     let name = script.script_name.clone();
     std::thread::spawn(move || match child.wait() {
-        Ok(st) if !st.success() => tracing::info!(script = %name, status = %st, "CGI program ended"),
+        Ok(st) if !st.success() => {
+            tracing::info!(script = %name, status = %st, "CGI program ended")
+        }
         _ => {}
     });
     Ok(())
@@ -539,7 +547,8 @@ async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<b
                     c.write_all(&out).await?;
                     run.pos += len as u64;
                     run.framing = Some(framing);
-                    c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode()).await?;
+                    c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode())
+                        .await?;
                 }
             }
             continue;
@@ -558,7 +567,8 @@ async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<b
         if run.head_only {
             // Nothing of the body goes out; take it off the pipe anyway.
             run.pos = spool.len();
-            c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode()).await?;
+            c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode())
+                .await?;
             spool.forget_before(run.pos)?;
             continue;
         }
@@ -571,11 +581,18 @@ async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<b
             .map(u64::from_le_bytes)
             .ok()
             .filter(|&n| n > 0 && n <= avail)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "recorded CGI piece size out of range"))?
-            as usize;
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "recorded CGI piece size out of range",
+                )
+            })? as usize;
         let got = spool.read_at(run.pos, &mut buf[..n])?;
         if got != n {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "CGI spool shorter than its size"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "CGI spool shorter than its size",
+            ));
         }
         if framing == Framing::Chunked {
             let mut out = Vec::with_capacity(n + 16);
@@ -590,7 +607,8 @@ async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<b
         if let Framing::Length(l) = framing {
             run.framing = Some(Framing::Length(l - n as u64));
         }
-        c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode()).await?;
+        c.commit_versioned(0, STATE_CGI, &Stage::Running(run).encode())
+            .await?;
         spool.forget_before(run.pos)?;
     }
 }
@@ -605,7 +623,10 @@ async fn finish(c: &mut Conn, run: Run, framing: Framing, left: u64) -> io::Resu
         // The program wrote less than it announced: the client must not
         // wait for the rest.
         Framing::Length(_) if left > 0 && !run.head_only => {
-            tracing::warn!(missing = left, "CGI program's output ended short of its Content-Length");
+            tracing::warn!(
+                missing = left,
+                "CGI program's output ended short of its Content-Length"
+            );
             false
         }
         Framing::Close => false,
@@ -628,7 +649,11 @@ async fn bad_gateway(c: &mut Conn, run: Run, why: &str) -> io::Result<bool> {
     let _ = c.unhold(TAG_PIPE);
     let _ = c.unhold(TAG_SPOOL);
     let req = Request {
-        method: if run.head_only { Method::Head } else { Method::Get },
+        method: if run.head_only {
+            Method::Head
+        } else {
+            Method::Get
+        },
         target: String::new(),
         keep_alive: run.keep_alive,
         http10: run.http10,
@@ -700,18 +725,36 @@ mod tests {
                 content_length,
                 len,
                 ..
-            } => assert_eq!((status, reason.as_str(), content_length, len), (404, "Nope", Some(3), 36)),
+            } => assert_eq!(
+                (status, reason.as_str(), content_length, len),
+                (404, "Nope", Some(3), 36)
+            ),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
             parse_head(b"Location: /x\r\n\r\n"),
             CgiHead::Complete { status: 302, .. }
         ));
-        assert_eq!(parse_head(b"Content-Type: text/plain\r\n"), CgiHead::Incomplete);
-        assert!(matches!(parse_head(b"X-Only: 1\r\n\r\n"), CgiHead::Invalid(_)));
-        assert!(matches!(parse_head(b"Status: abc\r\n\r\n"), CgiHead::Invalid(_)));
-        assert!(matches!(parse_head(b"\x00\x01\r\n\r\n"), CgiHead::Invalid(_)));
-        assert!(matches!(parse_head(&vec![b'a'; MAX_CGI_HEAD]), CgiHead::Invalid(_)));
+        assert_eq!(
+            parse_head(b"Content-Type: text/plain\r\n"),
+            CgiHead::Incomplete
+        );
+        assert!(matches!(
+            parse_head(b"X-Only: 1\r\n\r\n"),
+            CgiHead::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_head(b"Status: abc\r\n\r\n"),
+            CgiHead::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_head(b"\x00\x01\r\n\r\n"),
+            CgiHead::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_head(&vec![b'a'; MAX_CGI_HEAD]),
+            CgiHead::Invalid(_)
+        ));
     }
 
     #[test]

@@ -568,14 +568,24 @@ mod tests {
         let b = b"POST /cgi-bin/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(
             parse_with(b, cgi),
-            Parse::Error { status: Status::LengthRequired, close: true, .. }
+            Parse::Error {
+                status: Status::LengthRequired,
+                close: true,
+                ..
+            }
         ));
         // Outside the CGI directory nothing changes.
         let b = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
         assert_eq!(parse_with(b, cgi), parse(b));
         // Without CGI, a POST to /cgi-bin/ is refused like any other.
         let b = b"POST /cgi-bin/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
-        assert!(matches!(parse(b), Parse::Error { status: Status::MethodNotAllowed, .. }));
+        assert!(matches!(
+            parse(b),
+            Parse::Error {
+                status: Status::MethodNotAllowed,
+                ..
+            }
+        ));
     }
 
     #[test]

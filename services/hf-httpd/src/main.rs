@@ -128,9 +128,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let _ = http::SERVER_NAME.set(args.server_name.clone());
     NO_RESUME.store(args.no_resume, std::sync::atomic::Ordering::Relaxed);
     if let Some(f) = &args.fault {
-        let (point, file) = f
-            .split_once(':')
-            .context("--fault takes POINT:FILE")?;
+        let (point, file) = f.split_once(':').context("--fault takes POINT:FILE")?;
         let _ = FAULT.set((point.to_owned(), PathBuf::from(file)));
     }
     let root = match (&args.root, &args.demo_site) {

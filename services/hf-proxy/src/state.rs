@@ -17,6 +17,7 @@
 //! ```
 
 use crate::http::{Authority, Body, Chunked, Status};
+use holdfast::blob::Reader;
 
 /// Schema version of the blob.
 pub const VERSION: u16 = 1;
@@ -120,7 +121,7 @@ impl State {
         if b.is_empty() {
             return Some(State::new());
         }
-        let mut r = Reader(b);
+        let mut r = Reader::new(b);
         let tag = r.u8()?;
         let client_in = r.u64()?;
         let origin_len = usize::from(r.u8()?);
@@ -148,7 +149,7 @@ impl State {
             _ => return None,
         };
         let needs_upstream = matches!(phase, Phase::Request { .. } | Phase::Tunnel { .. });
-        if !r.0.is_empty() || (needs_upstream && upstream.is_none()) {
+        if !r.is_empty() || (needs_upstream && upstream.is_none()) {
             return None;
         }
         Some(State {
@@ -221,29 +222,6 @@ fn decode_body(r: &mut Reader<'_>) -> Option<Option<Body>> {
         3 => Some(Body::Close),
         _ => return None,
     })
-}
-
-/// Reads fields off the front of a blob; `None` past its end.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
 }
 
 #[cfg(test)]
