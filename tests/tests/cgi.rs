@@ -70,7 +70,11 @@ fn ledger(cgi: &Path) -> BTreeMap<String, usize> {
 }
 
 fn curl(args: &[&str]) -> String {
-    let (code, out, err) = run_cmd(Command::new("curl").args(["-s", "-S", "--max-time", "20"]).args(args));
+    let (code, out, err) = run_cmd(
+        Command::new("curl")
+            .args(["-s", "-S", "--max-time", "20"])
+            .args(args),
+    );
     assert_eq!(code, 0, "curl {args:?}: {err}");
     out
 }
@@ -98,7 +102,11 @@ fn curl_gets_cgi_and_static_answers() {
 
     assert_eq!(curl(&[&url(a, "/index.html")]), "<p>index</p>\n");
 
-    let env = curl(&["-H", "X-Test: yes", &url(a, "/cgi-bin/env.py/x/y%20z?a=1&b=2")]);
+    let env = curl(&[
+        "-H",
+        "X-Test: yes",
+        &url(a, "/cgi-bin/env.py/x/y%20z?a=1&b=2"),
+    ]);
     for want in [
         "GATEWAY_INTERFACE=CGI/1.1",
         "REQUEST_METHOD=GET",
@@ -110,11 +118,16 @@ fn curl_gets_cgi_and_static_answers() {
         "HTTP_X_TEST=yes",
         &format!("SERVER_PORT={}", a.port()),
     ] {
-        assert!(env.lines().any(|l| l == want), "{want} missing from:\n{env}");
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want} missing from:\n{env}"
+        );
     }
 
     // The body reaches the program on standard input.
-    let body: String = (0..20_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let body: String = (0..20_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let echoed = curl(&[
         "-H",
         "Content-Type: text/plain",
@@ -142,15 +155,29 @@ fn curl_gets_cgi_and_static_answers() {
     let mut want = ledger_body("c1", 70_000);
     want.extend(ledger_body("c2", 500));
     assert!(both.as_bytes() == want, "two keep-alive answers differ");
-    let old = curl(&["-0", "-i", &url(a, "/cgi-bin/ledger.py?id=c3&size=3000&pieces=3")]);
-    assert!(old.contains("Connection: close\r\n") && !old.contains("chunked"), "{old}");
+    let old = curl(&[
+        "-0",
+        "-i",
+        &url(a, "/cgi-bin/ledger.py?id=c3&size=3000&pieces=3"),
+    ]);
+    assert!(
+        old.contains("Connection: close\r\n") && !old.contains("chunked"),
+        "{old}"
+    );
     assert!(old.ends_with(std::str::from_utf8(&ledger_body("c3", 3000)).unwrap()));
     let l = ledger(&cgi);
     assert_eq!(l.values().sum::<usize>(), 3);
-    assert!(["c1", "c2", "c3"].iter().all(|id| l.get(*id) == Some(&1)), "{l:?}");
+    assert!(
+        ["c1", "c2", "c3"].iter().all(|id| l.get(*id) == Some(&1)),
+        "{l:?}"
+    );
     // The keeper let go of every connection and every program's channels.
     k.wait_for("every connection closed", |s| s.connections == 0);
-    assert_eq!(channels(), channels_before, "the keeper holds channels of finished programs");
+    assert_eq!(
+        channels(),
+        channels_before,
+        "the keeper holds channels of finished programs"
+    );
 }
 
 #[test]
@@ -161,16 +188,38 @@ fn bad_cgi_requests_get_clear_errors() {
     let code = |args: &[&str]| curl(&[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
     assert_eq!(code(&[&url(a, "/cgi-bin/nope")]), "404");
     assert_eq!(code(&[&url(a, "/cgi-bin/not-executable")]), "403");
-    assert_eq!(code(&["--path-as-is", &url(a, "/cgi-bin/../../../etc/passwd")]), "404");
-    assert_eq!(code(&[&url(a, "/cgi-bin/..%2F..%2Fetc%2Fpasswd")]), "404");
-    assert_eq!(code(&["--data-binary", &"x".repeat(2000), &url(a, "/cgi-bin/echo.py")]), "413");
     assert_eq!(
-        code(&["-H", "Transfer-Encoding: chunked", "--data-binary", "abc", &url(a, "/cgi-bin/echo.py")]),
+        code(&["--path-as-is", &url(a, "/cgi-bin/../../../etc/passwd")]),
+        "404"
+    );
+    assert_eq!(code(&[&url(a, "/cgi-bin/..%2F..%2Fetc%2Fpasswd")]), "404");
+    assert_eq!(
+        code(&[
+            "--data-binary",
+            &"x".repeat(2000),
+            &url(a, "/cgi-bin/echo.py")
+        ]),
+        "413"
+    );
+    assert_eq!(
+        code(&[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "abc",
+            &url(a, "/cgi-bin/echo.py")
+        ]),
         "411"
     );
-    assert_eq!(code(&["--data-binary", "abc", &url(a, "/index.html")]), "405");
+    assert_eq!(
+        code(&["--data-binary", "abc", &url(a, "/index.html")]),
+        "405"
+    );
     // Still serving, nothing ran.
-    assert_eq!(curl(&["--data-binary", "ok", &url(a, "/cgi-bin/echo.py")]), "ok");
+    assert_eq!(
+        curl(&["--data-binary", "ok", &url(a, "/cgi-bin/echo.py")]),
+        "ok"
+    );
     assert!(ledger(&cgi).is_empty());
     assert_eq!(k.status().unwrap().restarts, 0);
 }
@@ -181,15 +230,21 @@ fn bad_cgi_requests_get_clear_errors() {
 /// start it again); and while the program has started but written nothing.
 #[test]
 fn program_starts_once_whenever_the_worker_dies() {
-    for (point, wait_ms) in [("cgi-before-spawn", 0), ("cgi-after-spawn", 0), ("none", 400)] {
+    for (point, wait_ms) in [
+        ("cgi-before-spawn", 0),
+        ("cgi-after-spawn", 0),
+        ("none", 400),
+    ] {
         let (tmp, www, cgi) = site();
         let flag = tmp.path().join("fault-fired");
         let fault = format!("{point}:{}", flag.display());
         let mut k = keeper(&www, &cgi, &["--fault", &fault]);
         let mut c = Client::connect(k.addr).unwrap();
         let id = format!("start-{point}");
-        let path = format!("/cgi-bin/ledger.py?id={id}&size=50000&pieces=5&delay_ms=20&wait_ms={wait_ms}");
-        c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        let path =
+            format!("/cgi-bin/ledger.py?id={id}&size=50000&pieces=5&delay_ms=20&wait_ms={wait_ms}");
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
         if point == "none" {
             // The program appends to its ledger, then waits: kill then.
             hf_tests::eventually(Duration::from_secs(10), "the program to start", || {
@@ -200,7 +255,12 @@ fn program_starts_once_whenever_the_worker_dies() {
         let r = c.read_response(false).unwrap();
         assert_eq!(r.status, 200, "{point}");
         assert!(r.body == ledger_body(&id, 50_000), "{point}: body differs");
-        assert_eq!(ledger(&cgi).get(&id), Some(&1), "{point}: ran {:?} times", ledger(&cgi));
+        assert_eq!(
+            ledger(&cgi).get(&id),
+            Some(&1),
+            "{point}: ran {:?} times",
+            ledger(&cgi)
+        );
         // The connection goes on.
         assert_eq!(c.get("/index.html").unwrap().body, b"<p>index</p>\n");
         let s = k.status().unwrap();
@@ -228,7 +288,8 @@ fn programs_run_once_and_answers_arrive_whole_under_kills() {
                 for r in 0..4 {
                     let id = format!("k{t}-{r}");
                     let size = 20_000 + t * 7_919 + r * 1_013;
-                    let path = format!("/cgi-bin/ledger.py?id={id}&size={size}&pieces=8&delay_ms=25");
+                    let path =
+                        format!("/cgi-bin/ledger.py?id={id}&size={size}&pieces=8&delay_ms=25");
                     let resp = c.get(&path).unwrap_or_else(|e| panic!("{id}: {e}"));
                     assert_eq!(resp.status, 200, "{id}");
                     assert!(resp.body == ledger_body(&id, size), "{id}: body differs");
@@ -251,16 +312,25 @@ fn programs_run_once_and_answers_arrive_whole_under_kills() {
             (k, kills)
         })
     };
-    let mut ids: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let mut ids: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
     done.store(true, Ordering::Relaxed);
     let (k, kills) = killer.join().unwrap();
     ids.sort();
     let l = ledger(&cgi);
     let twice: Vec<_> = l.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "programs that ran more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "programs that ran more than once: {twice:?}"
+    );
     assert_eq!(l.keys().cloned().collect::<Vec<_>>(), ids);
     let s = k.status().unwrap();
-    assert!(kills >= 5 && s.recovered_connections >= 5, "{kills} kills, {s:?}");
+    assert!(
+        kills >= 5 && s.recovered_connections >= 5,
+        "{kills} kills, {s:?}"
+    );
 }
 
 /// A slow reader of a long program answer: the worker is often blocked in
@@ -294,7 +364,10 @@ fn slow_reader_of_a_long_program_answer_survives_kills() {
         });
         k.kill_and_wait();
     }
-    let raw = reader.join().unwrap().expect("the whole answer, then a clean close");
+    let raw = reader
+        .join()
+        .unwrap()
+        .expect("the whole answer, then a clean close");
     let r = hf_tests::http::parse_all(&raw, &[false]).expect("one well-formed answer");
     assert!(r[0].body == ledger_body("slow", size), "body differs");
     assert_eq!(ledger(&cgi).get("slow"), Some(&1));
@@ -339,7 +412,11 @@ fn program_answer_survives_upgrade_and_keeper_reexec() {
     let s = k.wait_for("the old version to hand over and exit", |s| {
         s.workers.iter().all(|w| w.generation == 2)
     });
-    assert!(t0.elapsed() < Duration::from_millis(500), "{:?} {s:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?} {s:?}",
+        t0.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(150));
     let (code, out, err) = k.upgrade(&["--keeper"], &[]);
     assert_eq!(code, 0, "keeper re-exec: {out}{err}");
@@ -353,5 +430,8 @@ fn program_answer_survives_upgrade_and_keeper_reexec() {
     let r = c.get("/index.html").unwrap();
     assert_eq!(r.header("Server"), Some("v2"));
     let s = k.status().unwrap();
-    assert!(s.upgrades == 1 && s.keeper_execs == 1 && s.restarts >= 1, "{s:?}");
+    assert!(
+        s.upgrades == 1 && s.keeper_execs == 1 && s.restarts >= 1,
+        "{s:?}"
+    );
 }

@@ -782,8 +782,13 @@ fn download_survives_an_upgrade_then_a_kill() {
     assert_eq!(code, 0, "upgrade: {out}{err}");
     // The transfer outlived the drain timeout: it was taken over mid-RETR
     // like after a crash, and the old version is gone.
-    let s = k.wait_for("the old version gone", |s| s.workers.iter().all(|w| w.generation == 2));
-    assert!(d.progress() < LEN - (8 << 20), "the download ended before the upgrade finished");
+    let s = k.wait_for("the old version gone", |s| {
+        s.workers.iter().all(|w| w.generation == 2)
+    });
+    assert!(
+        d.progress() < LEN - (8 << 20),
+        "the download ended before the upgrade finished"
+    );
     assert_eq!(s.upgrades, 1);
     kill_at(&mut k, &d, &[d.progress() + (8 << 20)], LEN);
     d.success(Duration::from_secs(15), || k.log());

@@ -149,7 +149,10 @@ fn file_changed_before_a_replay_closes_instead_of_splicing() {
     while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
         let body = &rest[end + 4..];
         let n = body.len().min(old.len());
-        assert!(body[..n] == old[..n], "bytes of the new file after {whole} whole answers");
+        assert!(
+            body[..n] == old[..n],
+            "bytes of the new file after {whole} whole answers"
+        );
         if n < old.len() {
             break;
         }

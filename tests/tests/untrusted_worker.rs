@@ -169,11 +169,23 @@ fn rogue_workers_cannot_take_the_keeper_down() {
     assert!(text.contains("malformed control message"), "log:\n{text}");
     assert!(text.contains("does not own"), "log:\n{text}");
     assert!(text.contains("journal record"), "log:\n{text}");
-    assert!(text.contains("channel for a connection the worker does not own"), "log:\n{text}");
+    assert!(
+        text.contains("channel for a connection the worker does not own"),
+        "log:\n{text}"
+    );
     assert!(text.contains("too many held channels"), "log:\n{text}");
-    assert!(text.contains("unhold for a connection the worker does not own"), "log:\n{text}");
-    assert!(text.contains("accept for a connection the worker does not own"), "log:\n{text}");
-    assert!(text.contains("cannot accept on a held channel"), "log:\n{text}");
+    assert!(
+        text.contains("unhold for a connection the worker does not own"),
+        "log:\n{text}"
+    );
+    assert!(
+        text.contains("accept for a connection the worker does not own"),
+        "log:\n{text}"
+    );
+    assert!(
+        text.contains("cannot accept on a held channel"),
+        "log:\n{text}"
+    );
 
     hf_tests::term(keeper.0.id());
     let st = hf_tests::wait_exit(&mut keeper.0, Duration::from_secs(10))
