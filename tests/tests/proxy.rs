@@ -785,3 +785,77 @@ fn upstream_failures_and_bad_requests_get_error_answers() {
 
     assert_eq!(status(&origin.url("/n/ok")), "200", "still serving");
 }
+
+/// Connections through the proxy survive upgrades of the proxy: a keep-alive
+/// client fetching files over and over, and a CONNECT tunnel carrying an
+/// echo conversation, through two `holdfast upgrade`s; every byte exact,
+/// and the old versions gone while both go on (they moved at commit points
+/// with their upstream connections).
+#[test]
+fn keepalive_and_tunnel_survive_upgrades() {
+    let site = TempDir::new("proxy-up-site");
+    let (_httpd, web, files) = start_httpd(site.path(), &[200_000, 3000]);
+    let echo = start_echo(4e6);
+    let mut k = start_proxy(&[]);
+    let p = k.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let fetcher = {
+        let (stop, files) = (stop.clone(), files.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(p).expect("connect proxy");
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (path, want) = &files[n % files.len()];
+                let r = c
+                    .get(&format!("http://{web}{path}"))
+                    .unwrap_or_else(|e| panic!("GET {n}: {e}"));
+                assert_eq!(r.status, 200, "GET {n}");
+                assert!(r.body == *want, "GET {n}: body differs");
+                n += 1;
+            }
+            n
+        })
+    };
+    let talker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = connect_tunnel(p, echo);
+            let mut back = s.try_clone().expect("clone");
+            let (mut sent, mut got) = (0usize, 0usize);
+            let mut buf = vec![0u8; 16 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let piece = content(8 * 1024, sent as u64);
+                s.write_all(&piece).expect("tunnel write");
+                sent += piece.len();
+                let mut echoed = Vec::new();
+                while echoed.len() < piece.len() {
+                    let n = back.read(&mut buf).expect("tunnel read");
+                    assert!(n > 0, "tunnel closed after {got} bytes");
+                    echoed.extend_from_slice(&buf[..n]);
+                }
+                assert!(echoed == piece, "echo differs after {got} bytes");
+                got += echoed.len();
+            }
+            got
+        })
+    };
+    let proxy = bin("hf-proxy").display().to_string();
+    for gen in 2..=3u32 {
+        std::thread::sleep(Duration::from_millis(300));
+        let (code, out, err) = k.upgrade(&[], &[&proxy]);
+        assert_eq!(code, 0, "upgrade to generation {gen}: {out}{err}");
+        k.wait_for("the older versions to hand over and exit", |s| {
+            s.workers.iter().all(|w| w.generation == gen)
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let gets = fetcher.join().expect("fetcher");
+    let echoed = talker.join().expect("talker");
+    assert!(
+        gets > 10 && echoed > 64 * 1024,
+        "{gets} GETs, {echoed} bytes echoed"
+    );
+    let s = k.status().unwrap();
+    assert_eq!((s.upgrades, s.restarts), (2, 0), "{s:?}");
+}
