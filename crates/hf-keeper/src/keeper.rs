@@ -88,6 +88,27 @@ struct Held {
     moved: bool,
 }
 
+impl Held {
+    /// Holds `fd` as channel `tag` (replacing one with that tag), within
+    /// [`MAX_CHANNELS`]; returns whether it did.
+    fn hold(&mut self, worker: u32, conn_id: u64, tag: u32, fd: OwnedFd) -> bool {
+        self.channels.retain(|(t, _)| *t != tag);
+        if self.channels.len() >= MAX_CHANNELS {
+            tracing::warn!(
+                worker,
+                conn = conn_id,
+                tag,
+                max = MAX_CHANNELS,
+                "too many held channels for one connection; refused"
+            );
+            return false;
+        }
+        tracing::debug!(worker, conn = conn_id, tag, "channel held");
+        self.channels.push((tag, fd));
+        true
+    }
+}
+
 struct Worker {
     pid: u32,
     generation: u32,
@@ -705,22 +726,9 @@ impl Keeper {
                     );
                     return;
                 };
-                let Some(h) = self.conns.get_mut(&conn_id) else {
-                    return;
-                };
-                h.channels.retain(|(t, _)| *t != tag);
-                if h.channels.len() >= MAX_CHANNELS {
-                    tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        tag,
-                        max = MAX_CHANNELS,
-                        "too many held channels for one connection; refused"
-                    );
-                    return;
+                if let Some(h) = self.conns.get_mut(&conn_id) {
+                    h.hold(id, conn_id, tag, fd);
                 }
-                tracing::debug!(worker = id, conn = conn_id, tag, "channel held");
-                h.channels.push((tag, fd));
             }
             Msg::AcceptOn {
                 conn_id,
@@ -819,12 +827,12 @@ impl Keeper {
                 return;
             }
         };
-        h.channels.retain(|(t, _)| *t != tag);
-        if h.channels.len() >= MAX_CHANNELS {
+        if h.channels.iter().filter(|(t, _)| *t != tag).count() >= MAX_CHANNELS {
             tracing::warn!(
                 worker = id,
                 conn = conn_id,
                 tag,
+                max = MAX_CHANNELS,
                 "too many held channels for one connection; refused"
             );
             send_msg(&control, &Msg::AcceptFailed { conn_id, tag });
@@ -836,13 +844,7 @@ impl Keeper {
             // Held all the same: the worker's successor finds it.
             tracing::warn!(worker = id, conn = conn_id, error = %e, "cannot pass an accepted channel to its worker");
         }
-        tracing::debug!(
-            worker = id,
-            conn = conn_id,
-            tag,
-            "accepted and held a channel"
-        );
-        h.channels.push((tag, fd));
+        h.hold(id, conn_id, tag, fd);
     }
 
     fn drop_conn(&mut self, conn_id: u64) {
