@@ -77,3 +77,48 @@ fn large_upload_survives_kills_blocking() {
 fn large_upload_survives_kills_tokio() {
     upload_through_kills(&["--tokio"]);
 }
+
+/// Issue: the tokio flavour never served input that sat in the spool when
+/// its worker died, until the client sent more. Here the request that
+/// follows a large body is spooled with it; its worker is killed halfway
+/// through its answer, and the client sends nothing more. The next worker
+/// must find the request in the spool (its socket has nothing to read, so
+/// waiting for readiness would wait forever) and finish the answer.
+fn spooled_request_served_after_kill(svc: &[&str]) {
+    use hf_tests::testsvc::{answer, half, LineClient};
+    let mut k = keeper(&[], svc);
+    let body = content(200_000, 7);
+    let mut c = LineClient::connect(k.addr, "spooled");
+    let mut req = format!("BODY 1 {}\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    // HOLD answers its first half, then waits to be killed.
+    req.extend_from_slice(b"HOLD 2 1000\n");
+    c.stream().write_all(&req).unwrap();
+    c.expect(
+        format!("SUM 1 {} {:016x}\n", body.len(), fnv(&body)).as_bytes(),
+        "the body's sum",
+    );
+    let full = answer(2, 1000, 0);
+    let first = half(2, 1000);
+    c.expect(&full[..first], "the first half of the held answer");
+    assert!(
+        k.log().contains("input spool held"),
+        "the request after the body was spooled"
+    );
+    k.kill_and_wait();
+    // Waiting for more input would wait forever: fail in bounded time.
+    c.stream()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    c.expect(&full[first..], "the rest of the answer, from the spool");
+}
+
+#[test]
+fn spooled_request_served_after_kill_blocking() {
+    spooled_request_served_after_kill(&[]);
+}
+
+#[test]
+fn spooled_request_served_after_kill_tokio() {
+    spooled_request_served_after_kill(&["--tokio"]);
+}

@@ -531,6 +531,17 @@ impl Core {
         Ok(())
     }
 
+    /// Input is waiting in the spool: a read returns it without the socket
+    /// becoming readable. After a crash the whole uncommitted request may be
+    /// in the spool and nothing more may ever arrive on the socket, so a
+    /// reader must not wait for readiness first.
+    pub(crate) fn spooled_unread(&self) -> bool {
+        self.kept
+            .as_ref()
+            .is_some_and(|k| k.spool.as_ref().is_some_and(|sp| k.in_read < sp.end))
+            && !self.released
+    }
+
     pub(crate) fn has_pending(&self) -> bool {
         self.kept.as_ref().is_some_and(|k| !k.pending.is_empty())
     }

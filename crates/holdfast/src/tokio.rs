@@ -372,6 +372,13 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.core.spooled_unread() {
+            // Served from the spool: no readiness to wait for.
+            let unfilled = buf.initialize_unfilled();
+            let n = this.core.read(this.io.get_ref().as_fd(), unfilled)?;
+            buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         loop {
             let mut guard = match this.io.poll_read_ready(cx) {
                 Poll::Ready(g) => g?,
