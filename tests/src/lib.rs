@@ -434,3 +434,52 @@ pub fn paced_read_to_end(
         }
     }
 }
+
+/// A network namespace of the test's own (`ip netns add`), removed when
+/// dropped: for tests that need TCP settings of their own (a small send
+/// buffer, say) without touching the machine's.
+pub struct NetNs(String);
+
+impl NetNs {
+    /// A new namespace with loopback up and `sysctls` (`name=value`) set.
+    pub fn new(tag: &str, sysctls: &[&str]) -> NetNs {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "hf-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ok = |c: &mut Command| {
+            let (code, out, err) = run_cmd(c);
+            assert_eq!(code, 0, "{c:?}: {out}{err}");
+        };
+        ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs(name);
+        ok(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
+        for s in sysctls {
+            ok(Command::new("ip").args(["netns", "exec", &ns.0, "sysctl", "-qw", s]));
+        }
+        ns
+    }
+
+    /// Moves the calling thread into the namespace: sockets it opens and
+    /// processes it starts from now on live there.
+    pub fn enter(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("netns file");
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns");
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -268,6 +268,13 @@ impl Conn {
     /// checked against what the client already has. Only for output the
     /// service can vouch for: a replay that differs would reach the client
     /// spliced onto the first run's bytes.
+    ///
+    /// The vouching holds within one version of the service: the worker's
+    /// generation is recorded with the output (one recorded value, 5 bytes
+    /// of the record's room), and a replay by a worker of another generation
+    /// — a rollback, or a new version taking over a request an old one left
+    /// half-answered — closes the connection cleanly instead of sending
+    /// bytes it cannot check.
     pub fn skip_output_check(&mut self) {
         self.core.skip_output_check();
     }
