@@ -109,3 +109,85 @@ fn poison_threshold_is_configurable() {
     assert_eq!(line, "ERR POISON 9\n");
     assert_eq!(k.status().unwrap().restarts, 3);
 }
+
+/// Issue: innocent requests were poisoned. A request that was merely
+/// running beside a poison request through its two crashes was flagged as
+/// poison too. Now a request counts a crash only if the dead worker was
+/// running it (had read it or begun its answer), and the suspects of a
+/// crash run one at a time, so the second crash singles out the request
+/// that caused it.
+fn bystander_is_not_poisoned(svc: &[&str]) {
+    use hf_tests::testsvc::{half, LineClient};
+    let mut k = keeper(&[], svc);
+    let mut b = LineClient::connect(k.addr, "bystander");
+    b.send("REQ 1 1000 1500\n");
+    let want = answer(1, 1000, 0);
+    b.expect(&want[..half(1, 1000)], "the bystander's first half");
+    let mut p = LineClient::connect(k.addr, "poison");
+    p.send("CRASH 2\n");
+    p.expect(b"ERR POISON 2\n", "the poison request refused");
+    b.expect(&want[half(1, 1000)..], "the rest of the bystander's answer");
+    b.request(3, 10, 0);
+    let st = k.wait_for("the poison request counted", |s| s.poisoned >= 1);
+    assert_eq!(st.restarts, 2, "{:?}", st.last_exits);
+    std::thread::sleep(Duration::from_millis(100));
+    let st = k.status().unwrap();
+    assert_eq!(
+        st.poisoned,
+        1,
+        "only the request that crashed the workers is poison\n{}",
+        k.log()
+    );
+}
+
+#[test]
+fn bystander_is_not_poisoned_blocking() {
+    bystander_is_not_poisoned(&[]);
+}
+
+#[test]
+fn bystander_is_not_poisoned_tokio() {
+    bystander_is_not_poisoned(&["--tokio"]);
+}
+
+/// Issue: a poison request whose answer had begun got the service's error
+/// reply after the first part of its answer (a `200` head, then the tail of
+/// a `500` page). An error cannot follow part of an answer: such a request
+/// is closed cleanly instead. The answer is unchecked output
+/// (`skip_output_check`, as hf-httpd sends files) and shorter than the
+/// error, so no checksum or length catches the splice.
+fn poison_with_answer_begun_is_closed(svc: &[&str]) {
+    use hf_tests::testsvc::{half, LineClient};
+    use rustix::process::{kill_process, Pid, Signal};
+    let mut args = vec!["--unchecked"];
+    args.extend_from_slice(svc);
+    let mut k = keeper(&[], &args);
+    let mut c = LineClient::connect(k.addr, "begun");
+    c.send("REQ 1 4 20000\n");
+    c.expect(&answer(1, 4, 0)[..half(1, 4)], "the first half");
+    // Two crashes of its own making (SIGABRT) while it runs.
+    let abort = |pid: u32| kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::ABORT).unwrap();
+    let pid = k.active_pid();
+    abort(pid);
+    k.wait_for("the next worker holds the request", |s| {
+        s.restarts == 1
+            && s.workers
+                .iter()
+                .any(|w| w.pid != pid && w.role == hf_tests::Role::Active && w.connections == 1)
+    });
+    // Let the replay start running before the next crash.
+    std::thread::sleep(Duration::from_millis(300));
+    abort(k.active_pid());
+    c.expect_eof(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", k.log()));
+}
+
+#[test]
+fn poison_with_answer_begun_is_closed_blocking() {
+    poison_with_answer_begun_is_closed(&[]);
+}
+
+#[test]
+fn poison_with_answer_begun_is_closed_tokio() {
+    poison_with_answer_begun_is_closed(&["--tokio"]);
+}

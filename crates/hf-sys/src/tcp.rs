@@ -190,6 +190,31 @@ pub fn set_peek_off(fd: impl AsFd, off: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads `SO_PEEK_OFF`: how far past the consumed input the socket's
+/// owners have peeked (-1 when peeking does not advance). It belongs to the
+/// socket, so it still tells after a worker's death how much input that
+/// worker had looked at.
+pub fn peek_off(fd: impl AsFd) -> io::Result<i32> {
+    let fd = fd.as_fd();
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes (one `int`) into the
+    // local `v` and updates `len`; `fd` is borrowed and so open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEEK_OFF,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +283,7 @@ mod tests {
             .0;
         assert_eq!(&buf[..n], b"gh");
         assert_eq!(inq(&s).unwrap(), 4);
+        // "efgh" are left and all four were peeked.
+        assert_eq!(peek_off(&s).unwrap(), 4);
     }
 }

@@ -100,6 +100,12 @@ struct Kept {
     spool: Option<Spool>,
     /// The request in flight is poison (see [`POISON_AFTER`]).
     poisoned: bool,
+    /// The request in flight was running when a worker crashed by itself:
+    /// it reads only while it holds the worker's suspect gate
+    /// ([`crate::worker::SuspectGate`]), until its commit.
+    suspect: bool,
+    /// Holds the suspect gate.
+    gated: bool,
     /// Since when the request in flight runs, for a per-request deadline.
     busy: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Held channels handed back with this connection, not yet taken.
@@ -196,6 +202,8 @@ impl Core {
             slot_buf: Box::new([0u8; SLOT_SIZE]),
             spool: None,
             poisoned: false,
+            suspect: false,
+            gated: false,
             busy: None,
             channels: Vec::new(),
         };
@@ -391,6 +399,20 @@ impl Core {
             let Some(k) = &mut self.kept else {
                 return Ok(0);
             };
+            if k.suspect && !k.gated {
+                let conn = k.rec.conn_id;
+                k.gated = if self.nonblocking {
+                    k.link.suspects.try_take(conn)
+                } else {
+                    k.link.suspects.take_within(conn, BLOCKING_DRAIN_CHECK)
+                };
+                if !k.gated {
+                    if self.nonblocking {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    continue;
+                }
+            }
             if k.spool.is_none() && k.in_read - k.in_discarded >= SPOOL_AT {
                 k.start_spool(fd)?;
             }
@@ -411,8 +433,12 @@ impl Core {
                 }
                 // Blocking flavour: the receive timeout expired; look at
                 // the drain flag and wait again.
-                Err(e) if would_block(&e) && !self.nonblocking => {}
-                Err(e) => return Err(e),
+                Err(e) if would_block(&e) && !self.nonblocking => k.ungate(),
+                Err(e) => {
+                    // Waiting for the client: other suspects may run.
+                    k.ungate();
+                    return Err(e);
+                }
             }
         }
     }
@@ -458,6 +484,7 @@ impl Core {
         let Some(k) = &mut self.kept else {
             return;
         };
+        k.ungate();
         if let Some(b) = &k.busy {
             b.store(0, std::sync::atomic::Ordering::Relaxed);
         }
@@ -572,6 +599,27 @@ impl Core {
         Ok(())
     }
 
+    /// Tokio flavour: whether this connection may read now. A suspect (see
+    /// [`crate::worker::SuspectGate`]) takes the gate first, or has `waker`
+    /// woken when it frees.
+    pub(crate) fn poll_gate(&mut self, waker: &std::task::Waker) -> bool {
+        match &mut self.kept {
+            Some(k) if k.suspect && !k.gated && !self.released => {
+                k.gated = k.link.suspects.poll_take(k.rec.conn_id, waker);
+                k.gated
+            }
+            _ => true,
+        }
+    }
+
+    /// Tokio flavour: the connection waits for its client; a suspect lets
+    /// others run meanwhile.
+    pub(crate) fn ungate(&mut self) {
+        if let Some(k) = &mut self.kept {
+            k.ungate();
+        }
+    }
+
     /// Input is waiting in the spool: a read returns it without the socket
     /// becoming readable. After a crash the whole uncommitted request may be
     /// in the spool and nothing more may ever arrive on the socket, so a
@@ -661,6 +709,8 @@ impl Core {
         k.rec.deaths = 0;
         k.rec.flags &= !(FLAG_NO_REPLAY_ERROR | FLAG_NO_REPLAY_CLOSE | FLAG_UNCHECKED);
         k.poisoned = false;
+        k.suspect = false;
+        k.ungate();
         k.nondet_cursor = 0;
         k.push_until_commit = false;
         k.unchecked_window = false;
@@ -753,6 +803,7 @@ impl Core {
         self.closed = true;
         let _ = self.flush_pending(fd);
         if let Some(k) = &mut self.kept {
+            k.ungate();
             if let Some(b) = &k.busy {
                 b.store(0, std::sync::atomic::Ordering::Relaxed);
             }
@@ -809,6 +860,14 @@ fn discard_exact(fd: BorrowedFd<'_>, mut n: u64) -> io::Result<()> {
 }
 
 impl Kept {
+    /// Lets go of the suspect gate if this connection holds it.
+    fn ungate(&mut self) {
+        if self.gated {
+            self.gated = false;
+            self.link.suspects.release(self.rec.conn_id);
+        }
+    }
+
     /// A request is in flight once input past the commit has been read.
     fn mark_busy(&self) {
         if let Some(b) = &self.busy {
@@ -961,6 +1020,10 @@ impl Kept {
             ));
         }
         let pos = hf_sys::tcp::stream_positions(fd)?;
+        // How far past the consumed input the dead worker had peeked: the
+        // offset belongs to the socket, so it outlives the worker. Read
+        // before anything here consumes input (which moves it back).
+        let peeked = hf_sys::tcp::peek_off(fd).map_or(0, |o| u64::try_from(o).unwrap_or(0));
         // The service said the request in flight must not run again: close
         // the connection if it asked so, or if part of the answer is out
         // (an error cannot follow it).
@@ -1032,18 +1095,55 @@ impl Kept {
             });
         }
         self.state_version = rec.state_version;
-        // A request was in flight if input past the commit had arrived or
-        // output past it had been started. If its worker crashed by itself,
-        // that counts against the request; the count is stored before the
-        // request runs again, so a crash during the replay counts too.
-        let in_flight = pos.received > rec.in_commit || rec.out_rec > rec.out_commit;
+        // The request was running if the dead worker had read input past
+        // the commit (peeked it, or received it into the spool) or had
+        // started its answer; input that merely arrived does not count. If
+        // its worker crashed by itself, that counts against the request;
+        // the count is stored before the request runs again, so a crash
+        // during the replay counts too.
+        let spooled_past = self.spool.as_ref().is_some_and(|sp| sp.end > rec.in_commit);
+        let running = pos.consumed.saturating_add(peeked) > rec.in_commit
+            || spooled_past
+            || rec.out_rec > rec.out_commit;
         let mut rec = rec;
-        let count = crashed && in_flight;
+        let count = crashed && running;
         if count {
             rec.deaths = rec.deaths.saturating_add(1);
         }
         let after = self.link.poison_after;
+        if after > 0 && rec.deaths > after {
+            // Flagged as poison, and it crashed the worker all the same
+            // (the service fails before it looks at the flag): running it
+            // again can only crash the next one.
+            tracing::warn!(
+                conn = conn_id,
+                input_offset = rec.in_commit,
+                crashes = rec.deaths,
+                "poison request crashed its worker although it was flagged: closing the connection"
+            );
+            fin(fd);
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "poison request; connection closed",
+            ));
+        }
         self.poisoned = after > 0 && rec.deaths >= after;
+        if self.poisoned && !no_replay && pos.written > rec.out_commit {
+            // Part of its answer is out: an error cannot follow it.
+            tracing::warn!(
+                conn = conn_id,
+                input_offset = rec.in_commit,
+                crashes = rec.deaths,
+                "poison request whose answer had begun: closing the connection"
+            );
+            fin(fd);
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "poison request with its answer begun; connection closed",
+            ));
+        }
+        // Still a suspect of an earlier crash: it runs alone.
+        self.suspect = crashed && rec.deaths > 0 && !self.poisoned;
         if no_replay {
             tracing::warn!(
                 conn = conn_id,

@@ -372,6 +372,12 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.core.poll_gate(cx.waker()) {
+            // A suspect waiting its turn; woken when the gate frees.
+            return this
+                .pending_unless_moved(cx, true)
+                .map(|()| this.core.read_after_release().map(|_| ()));
+        }
         if this.core.spooled_unread() {
             // Served from the spool: no readiness to wait for.
             let unfilled = buf.initialize_unfilled();
@@ -383,9 +389,11 @@ impl AsyncRead for Conn {
             let mut guard = match this.io.poll_read_ready(cx) {
                 Poll::Ready(g) => g?,
                 Poll::Pending => {
+                    // Waiting for the client: other suspects may run.
+                    this.core.ungate();
                     return this
                         .pending_unless_moved(cx, true)
-                        .map(|()| this.core.read_after_release().map(|_| ()))
+                        .map(|()| this.core.read_after_release().map(|_| ()));
                 }
             };
             let unfilled = buf.initialize_unfilled();

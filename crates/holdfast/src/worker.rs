@@ -49,6 +49,93 @@ pub(crate) struct Link {
     channels: Mutex<Stash>,
     /// Signalled when a channel or a refused accept arrives.
     arrived: std::sync::Condvar,
+    /// Suspects run one at a time (see [`SuspectGate`]).
+    pub(crate) suspects: SuspectGate,
+}
+
+/// Requests that were running when a worker crashed by itself are
+/// *suspects*: one of them may be what crashed it. Replayed all at once, a
+/// real poison request crashes the next worker while the innocent ones are
+/// running beside it, and they are all blamed again. So suspects run one at
+/// a time: a suspect reads its input only while it holds this gate, and
+/// lets go at its commit, its close, or when it waits for the client. A
+/// suspect waiting here has not read its request, so a crash meanwhile is
+/// not counted against it.
+#[derive(Default)]
+pub(crate) struct SuspectGate {
+    /// The connection holding the gate.
+    holder: Mutex<Option<u64>>,
+    /// Blocking-flavour waiters.
+    freed: std::sync::Condvar,
+    /// Tokio-flavour waiters, woken when the gate frees.
+    wakers: Mutex<Vec<std::task::Waker>>,
+}
+
+impl SuspectGate {
+    /// Takes the gate for `conn`, or says it is held by another.
+    pub(crate) fn try_take(&self, conn: u64) -> bool {
+        let Ok(mut h) = self.holder.lock() else {
+            return true;
+        };
+        match *h {
+            Some(c) if c != conn => false,
+            _ => {
+                *h = Some(conn);
+                true
+            }
+        }
+    }
+
+    /// Waits up to `max` for the gate (blocking flavour); true if taken.
+    pub(crate) fn take_within(&self, conn: u64, max: std::time::Duration) -> bool {
+        let Ok(mut h) = self.holder.lock() else {
+            return true;
+        };
+        if h.is_some_and(|c| c != conn) {
+            h = match self.freed.wait_timeout(h, max) {
+                Ok((h, _)) => h,
+                Err(_) => return true,
+            };
+        }
+        match *h {
+            Some(c) if c != conn => false,
+            _ => {
+                *h = Some(conn);
+                true
+            }
+        }
+    }
+
+    /// Takes the gate for `conn`, or registers `waker` to be woken when it frees.
+    pub(crate) fn poll_take(&self, conn: u64, waker: &std::task::Waker) -> bool {
+        if self.try_take(conn) {
+            return true;
+        }
+        if let Ok(mut w) = self.wakers.lock() {
+            if !w.iter().any(|x| x.will_wake(waker)) {
+                w.push(waker.clone());
+            }
+        }
+        // Freed between the first look and the registration?
+        self.try_take(conn)
+    }
+
+    /// Lets go of the gate if `conn` holds it.
+    pub(crate) fn release(&self, conn: u64) {
+        let Ok(mut h) = self.holder.lock() else {
+            return;
+        };
+        if *h != Some(conn) {
+            return;
+        }
+        *h = None;
+        drop(h);
+        self.freed.notify_all();
+        let wakers = self.wakers.lock().map(|mut w| std::mem::take(&mut *w));
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -197,6 +284,7 @@ impl Link {
             wakers: Mutex::new(Vec::new()),
             channels: Mutex::new(Stash::default()),
             arrived: std::sync::Condvar::new(),
+            suspects: SuspectGate::default(),
         })))
     }
 
