@@ -160,3 +160,77 @@ fn held_input_is_bounded_by_bytes_oldest_first() {
     let _ = keeper.0.kill();
     let _ = keeper.0.wait();
 }
+
+/// Issue: a crash loop after "ready" never let go. A version that reports
+/// ready and then aborts on every request used to be restarted ~500 times
+/// a second with no back-off, and `--hold-timeout` started over at each
+/// recovery, so clients waited forever. Now active workers that crash
+/// before serving anything back off like failed start-ups, the hold time
+/// counts from the first loss, and a request that still crashes its worker
+/// after it was flagged as poison is closed: every client sees a clean end
+/// (the unavailable reply or a FIN), in bounded time.
+#[test]
+fn crash_loop_after_ready_backs_off_and_lets_go() {
+    let dir = TempDir::new("crashloop-ready");
+    let control = dir.path().join("control.sock");
+    let reply = dir.path().join("503.http");
+    std::fs::write(&reply, REPLY).unwrap();
+    let port = free_port();
+    let mut keeper = hf_tests::Proc(
+        Command::new(bin("holdfast"))
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--hold-timeout", "1500", "--unavailable"])
+            .arg(&reply)
+            .arg("--control")
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-testsvc"))
+            .arg("--abort-on-request")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_status(&control, "serving", Duration::from_secs(20), |s| {
+        s.phase == Phase::Serving
+    });
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                c.write_all(format!("REQ {i} 10 0\n").as_bytes()).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got)
+                    .map(|_| got)
+                    .map_err(|e| format!("client {i}: {e} ({:?})", e.kind()))
+            })
+        })
+        .collect();
+    for c in clients {
+        let got = c
+            .join()
+            .unwrap()
+            .expect("a clean end, not a reset or a hang");
+        assert!(
+            got.is_empty() || got == REPLY,
+            "the unavailable reply or nothing: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    let took = t0.elapsed();
+    let s = hf_tests::status_of(&control);
+    assert!(
+        s.restarts <= 40,
+        "{} restarts in {took:?}: no back-off",
+        s.restarts
+    );
+    assert!(s.start_failures > 0, "the crash loop is reported");
+    // Back-off makes the loop slow enough for the hold timeout, counted
+    // from the first loss, to turn clients away with the reply.
+    assert!(s.turned_away >= 1, "{s:?}");
+    let _ = keeper.0.kill();
+    let _ = keeper.0.wait();
+}

@@ -86,6 +86,10 @@ struct Held {
     /// Handed back by a draining worker: its next hand-out is a move to a
     /// new version, not a recovery.
     moved: bool,
+    /// Since when it has been waiting for a worker that makes progress: a
+    /// crash loop hands it from one dying worker to the next, and the hold
+    /// timeout counts from the first of them, not from each.
+    lost_since: Option<Instant>,
 }
 
 impl Held {
@@ -182,6 +186,12 @@ struct Keeper {
     room: Arc<Notify>,
     start_failures: u32,
     spawn_after: Option<Instant>,
+    /// Active workers in a row that crashed by themselves before they
+    /// committed a single request: a version that fails on every request
+    /// after it reported ready. From the second, promotions back off.
+    crash_streak: u32,
+    /// No standby is promoted before then (a crash loop's back-off).
+    promote_after: Option<Instant>,
     retry_armed: bool,
     upgrade: Option<Upgrade>,
     next_generation: u32,
@@ -400,6 +410,8 @@ impl Keeper {
             room,
             start_failures: 0,
             spawn_after: None,
+            crash_streak: 0,
+            promote_after: None,
             retry_armed: false,
             upgrade: None,
             next_generation: 2,
@@ -451,6 +463,7 @@ impl Keeper {
             }
             Event::Retry => {
                 self.retry_armed = false;
+                self.promote_after_backoff();
                 self.hand_out();
                 self.ensure_workers();
             }
@@ -512,6 +525,7 @@ impl Keeper {
                     channels: Vec::new(),
                     crashed: false,
                     moved: false,
+                    lost_since: None,
                 },
             );
             self.waiting.push_back(conn_id);
@@ -676,8 +690,10 @@ impl Keeper {
                     "worker ready"
                 );
                 w.role = Role::Standby;
-                self.start_failures = 0;
-                if self.active.is_none() {
+                if self.crash_streak == 0 {
+                    self.start_failures = 0;
+                }
+                if self.active.is_none() && !self.backing_off() {
                     self.promote(id);
                     self.ensure_workers();
                 }
@@ -1085,13 +1101,39 @@ impl Keeper {
         // requests in flight count towards poison detection.
         let status = reap(&mut w);
         let crashed = w.hung.is_some() || matches!(&status, Ok(Some(st)) if crashed_by_itself(*st));
+        // Requests it committed (its own count: a lie only changes when a
+        // crash loop is declared).
+        let served = self
+            .journal
+            .load_u64(hf_journal::requests_offset(id))
+            .unwrap_or(0);
         // Connections next: everything else (logging, starting a new
         // standby) waits until they are on their way to the successor.
         if was_active {
             self.active = None;
             self.restarts += 1;
+            if crashed && served == 0 {
+                self.crash_streak += 1;
+            } else {
+                self.crash_streak = 0;
+            }
             self.recover_from(id, crashed);
+            // A worker that served nothing leaves its connections waiting
+            // since they were first lost; any other loss starts afresh.
+            let loop_death = crashed && served == 0;
+            for h in self.conns.values_mut().filter(|h| h.owner.is_none()) {
+                if let (Some(first), Some(since)) = (h.lost_since, &mut h.since) {
+                    if loop_death {
+                        *since = first.min(*since);
+                    } else {
+                        h.lost_since = Some(*since);
+                    }
+                }
+            }
             self.recovery_started = Some(t0);
+            if self.crash_streak >= 2 {
+                self.back_off_crash_loop();
+            }
             // A standby of the version in force: during an upgrade that can
             // still roll back, that is the old version.
             let standby = self
@@ -1100,12 +1142,12 @@ impl Keeper {
                 .find(|(_, w)| w.role == Role::Standby && w.generation == self.generation)
                 .map(|(id, _)| *id);
             match standby {
-                Some(sid) => {
+                Some(sid) if !self.backing_off() => {
                     self.promote(sid);
                     let later = Instant::now() + RESPAWN_DELAY;
                     self.spawn_after = Some(self.spawn_after.map_or(later, |t| t.max(later)));
                 }
-                None => self.phase = Phase::Recovering,
+                _ => self.phase = Phase::Recovering,
             }
         } else {
             self.stragglers(id, &w, crashed);
@@ -1187,8 +1229,64 @@ impl Keeper {
                 h.owner = None;
                 h.crashed = crashed;
                 h.since = Some(t0);
+                h.lost_since.get_or_insert(t0);
             }
             self.waiting.push_front(*cid);
+        }
+    }
+
+    /// True while a crash loop's back-off keeps standbys from taking over.
+    fn backing_off(&self) -> bool {
+        self.promote_after.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Active workers keep crashing before they serve anything: the next
+    /// one takes over only after a pause that doubles each time (up to
+    /// [`MAX_BACKOFF`]). Connections wait meanwhile, within the hold limits
+    /// (`--hold-timeout` counts from when they were first lost), and a
+    /// request that crashes every worker is closed by the library once it
+    /// has been flagged as poison and crashed one more.
+    fn back_off_crash_loop(&mut self) {
+        let pause = FIRST_BACKOFF
+            .saturating_mul(1 << (self.crash_streak - 1).min(10))
+            .min(MAX_BACKOFF);
+        self.start_failures += 1;
+        let until = Instant::now() + pause;
+        self.promote_after = Some(until);
+        self.spawn_after = Some(self.spawn_after.map_or(until, |t| t.max(until)));
+        tracing::warn!(
+            crashes = self.crash_streak,
+            pause_ms = pause.as_millis() as u64,
+            "workers keep crashing before they serve a request; pausing before the next takes over"
+        );
+        self.arm_retry(pause);
+    }
+
+    /// After a crash loop's pause: a ready standby of the version in force
+    /// takes over.
+    fn promote_after_backoff(&mut self) {
+        if self.active.is_some()
+            || self.phase == Phase::ShuttingDown
+            || self.promote_after.is_none()
+        {
+            return;
+        }
+        if self.backing_off() {
+            let left = self
+                .promote_after
+                .and_then(|t| t.checked_duration_since(Instant::now()))
+                .unwrap_or_default();
+            self.arm_retry(left);
+            return;
+        }
+        self.promote_after = None;
+        let standby = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.role == Role::Standby && w.generation == self.generation)
+            .map(|(id, _)| *id);
+        if let Some(sid) = standby {
+            self.promote(sid);
         }
     }
 

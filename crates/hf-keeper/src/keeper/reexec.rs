@@ -370,6 +370,9 @@ impl Keeper {
                     channels,
                     crashed: c.crashed,
                     moved: c.moved,
+                    // Not carried across a re-exec: a crash loop's hold
+                    // time counts afresh from here.
+                    lost_since: None,
                 },
             );
         }
