@@ -72,6 +72,43 @@ pub fn recv(
     fds: &mut Vec<OwnedFd>,
     nonblocking: bool,
 ) -> io::Result<usize> {
+    let got = recv_fds_may_drop(sock, buf, fds, nonblocking)?;
+    if got.fds_dropped {
+        // Ours were appended last: close them, leave what the caller had.
+        fds.truncate(fds.len() - got.fds);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control message truncated",
+        ));
+    }
+    Ok(got.len)
+}
+
+/// What [`recv_fds_may_drop`] received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The message length; 0 means the peer closed.
+    pub len: usize,
+    /// Descriptors appended to the caller's list.
+    pub fds: usize,
+    /// The kernel dropped descriptors the message carried (`MSG_CTRUNC`):
+    /// the receiver hit its open-files limit. The ones that did arrive are
+    /// the first of the message's, in order; the rest are gone from this
+    /// process (the sender still has its own).
+    pub fds_dropped: bool,
+}
+
+/// Receives one message like [`recv`], but a message whose descriptors did
+/// not all fit in this process (`MSG_CTRUNC`, under `RLIMIT_NOFILE`) is
+/// not an error: it arrives with the descriptors that fit, and says so, so
+/// the receiver can give back what it did not get. A message longer than
+/// `buf` is still an error.
+pub fn recv_fds_may_drop(
+    sock: impl AsFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    nonblocking: bool,
+) -> io::Result<Received> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut flags = RecvFlags::CMSG_CLOEXEC;
@@ -85,17 +122,19 @@ pub fn recv(
             got.extend(rights);
         }
     }
-    if msg
-        .flags
-        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
-    {
+    if msg.flags.contains(ReturnFlags::TRUNC) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "control message truncated",
+            "message longer than the receive buffer",
         ));
     }
+    let n = got.len();
     fds.extend(got);
-    Ok(msg.bytes)
+    Ok(Received {
+        len: msg.bytes,
+        fds: n,
+        fds_dropped: msg.flags.contains(ReturnFlags::CTRUNC),
+    })
 }
 
 #[cfg(test)]

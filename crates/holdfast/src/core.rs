@@ -28,7 +28,7 @@ use hf_journal::record::{
 };
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
-use crate::worker::Link;
+use crate::worker::{Link, Place};
 use hf_journal::wire::{ConnEntry, CONN_CRASHED, CONN_MOVED};
 use hf_sys::shm::SharedMem;
 
@@ -98,6 +98,8 @@ struct Kept {
     busy: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Held channels handed back with this connection, not yet taken.
     channels: Vec<(u32, OwnedFd)>,
+    /// Its place in the worker's connection budget, given back on drop.
+    _place: Place,
 }
 
 /// Uncommitted input moved out of the kernel into a memfd the keeper holds.
@@ -164,6 +166,7 @@ impl Core {
         link: Arc<Link>,
         entry: ConnEntry,
         spool: Option<OwnedFd>,
+        place: Place,
         nonblocking: bool,
     ) -> io::Result<Core> {
         let (conn_id, slot, recovered) = (entry.conn_id, entry.slot, entry.recovered());
@@ -190,6 +193,7 @@ impl Core {
             poisoned: false,
             busy: None,
             channels: Vec::new(),
+            _place: place,
         };
         kept.busy = kept.link.busy_cell();
         // Channels sent ahead of a connection a worker had before; a fresh
