@@ -597,6 +597,14 @@ impl Keeper {
                             self.arm_retry(Duration::from_millis(2));
                             return;
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                            // Dying: see the connections' batch below.
+                            tracing::debug!(
+                                worker = wid,
+                                "worker gone before a hand-over; connections stay queued"
+                            );
+                            return;
+                        }
                         Err(e) => {
                             tracing::warn!(worker = wid, error = %e, "cannot hand channels to worker");
                             return;

@@ -44,10 +44,9 @@ pub(crate) fn adopt(
         Ok(core) => Some((fd, core)),
         Err(e) => {
             if e.kind() == std::io::ErrorKind::NotConnected {
-                tracing::debug!(
-                    conn = entry.conn_id,
-                    "connection was closed before the crash"
-                );
+                // Closed by the service, or by the client (a reset
+                // included) while no worker had it: nothing is lost.
+                tracing::debug!(conn = entry.conn_id, error = %e, "connection already over; dropped");
             } else {
                 tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
             }

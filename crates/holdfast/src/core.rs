@@ -912,6 +912,16 @@ impl Kept {
             ));
         }
         let pos = hf_sys::tcp::stream_positions(fd)?;
+        if pos.closed {
+            // The client reset it (or both FINs went through) while no
+            // worker had it: nothing can reach the client any more, and
+            // after a reset the kernel's counts cannot be told from a FIN's,
+            // so they are not compared with the journal.
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection reset or closed while no worker had it",
+            ));
+        }
         // The service said the request in flight must not run again: close
         // the connection if it asked so, or if part of the answer is out
         // (an error cannot follow it).
