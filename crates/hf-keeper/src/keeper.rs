@@ -1147,10 +1147,7 @@ impl Keeper {
 
     fn kill(&mut self, id: u32) {
         if let Some(w) = self.workers.get(&id) {
-            let _ = rustix::process::kill_process(
-                Pid::from_raw(w.pid as i32).expect("child pid"),
-                Signal::KILL,
-            );
+            signal_worker(w.pid, Signal::KILL);
         }
     }
 
@@ -1351,6 +1348,11 @@ impl Keeper {
             );
         }
         hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
+        // A process group of its own: what the worker's command starts
+        // (a `sh -c` wrapper's child) is stopped with it (`signal_worker`).
+        // Signals from the terminal (Ctrl-C) then reach only the keeper,
+        // which stops its workers itself.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
             .map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
@@ -1361,7 +1363,7 @@ impl Keeper {
         let control = Arc::new(mine);
         if let Err(e) = self.watch_worker(id, pid, &control) {
             let mut child = child;
-            let _ = child.kill();
+            signal_worker(pid, Signal::KILL);
             let _ = child.wait();
             return Err(KeeperError::Spawn(prog.clone(), e));
         }
@@ -1442,10 +1444,7 @@ impl Keeper {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
-            let _ = rustix::process::kill_process(
-                Pid::from_raw(w.pid as i32).expect("child pid"),
-                Signal::TERM,
-            );
+            signal_worker(w.pid, Signal::TERM);
             tracing::debug!(worker = id, "asked to stop");
         }
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -1456,12 +1455,26 @@ impl Keeper {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            if let Some(pid) = Pid::from_raw(w.pid as i32) {
-                let _ = rustix::process::kill_process(pid, Signal::KILL);
-            }
+            signal_worker(w.pid, Signal::KILL);
             let _ = reap_blocking(w);
         }
         let _ = std::fs::remove_file(&self.cfg.control);
+    }
+}
+
+/// Sends `sig` to the worker `pid` and everything in its process group
+/// (each worker leads one, see `spawn_worker`), so that what its command
+/// started does not outlive it as an orphan. A worker that leads no group
+/// (started by an older keeper before a re-exec) gets it alone. The
+/// worker's own exit is still seen, and reaped, through its pidfd.
+fn signal_worker(pid: u32, sig: Signal) {
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    if rustix::process::getpgid(Some(pid)) == Ok(pid) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    } else {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
