@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use hf_tests::{bin, eventually, Keeper, TempDir};
 
-/// A `sh -c` snippet that starts `sleep 30` in the background and writes
-/// its pid to `pidfile` — a stand-in for whatever a worker's command starts
-/// besides the service itself.
+/// A `sh -c` snippet that starts `sleep 30` in the background, deaf to
+/// SIGTERM, and writes its pid to `pidfile` — a stand-in for whatever a
+/// worker's command starts besides the service itself.
 fn with_sleeper(pidfile: &Path, then: &str) -> String {
-    format!("sleep 30 & echo $! > {}; {then}", pidfile.display())
+    format!(
+        "(trap '' TERM; exec sleep 30) & echo $! > {}; {then}",
+        pidfile.display()
+    )
 }
 
 /// The pid written to `pidfile`, once it is there.
@@ -48,8 +51,9 @@ fn a_rolled_back_candidate_leaves_no_orphan() {
 }
 
 /// Issue 15, item 8c. Stopping the keeper stops what its workers started:
-/// the worker's command forks a child and then execs the service; after a
-/// SIGTERM to the keeper, that child is gone too. (Workers have process
+/// the worker's command forks a child (one that ignores SIGTERM) and then
+/// execs the service; after a SIGTERM to the keeper, that child is gone
+/// too. (Workers have process
 /// groups of their own, so Ctrl-C at a terminal reaches only the keeper,
 /// which stops them like this.)
 #[test]

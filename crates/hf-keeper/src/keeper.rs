@@ -940,6 +940,11 @@ impl Keeper {
                 );
             }
             w.room = Some(w.owned);
+            if w.owned == 0 && w.role == Role::Draining {
+                // As in `drop_conn`: its last connection left it here.
+                self.tell_exit(id);
+                self.check_upgrade();
+            }
         }
     }
 
@@ -1449,17 +1454,26 @@ impl Keeper {
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         for w in self.workers.values_mut() {
-            while Instant::now() < deadline {
-                if matches!(reap(w), Ok(Some(_))) {
-                    break;
-                }
+            while Instant::now() < deadline && !exited(w.pid) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            // Not reaped yet, so its group is still known: what it started
+            // and left behind goes too.
             signal_worker(w.pid, Signal::KILL);
             let _ = reap_blocking(w);
         }
         let _ = std::fs::remove_file(&self.cfg.control);
     }
+}
+
+/// True once process `pid` (a child) has exited; it is left to be reaped.
+fn exited(pid: u32) -> bool {
+    use rustix::process::{waitid, WaitId, WaitIdOptions};
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    let peek = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    !matches!(waitid(WaitId::Pid(pid), peek), Ok(None))
 }
 
 /// Sends `sig` to the worker `pid` and everything in its process group

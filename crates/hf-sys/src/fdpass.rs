@@ -159,4 +159,64 @@ mod tests {
         drop(a);
         assert_eq!(recv(&b, &mut buf, &mut fds, false).unwrap(), 0);
     }
+
+    /// Set in the child process [`fds_beyond_the_open_files_limit`] starts.
+    const CHILD: &str = "HF_SYS_FDPASS_LIMIT_CHILD";
+
+    /// Under a low open-files limit the kernel drops the fds of a message
+    /// that do not fit (`MSG_CTRUNC`): `recv_fds_may_drop` hands over the
+    /// first ones and says the rest were dropped; `recv` fails and keeps
+    /// none. The limit is per process and tests run side by side, so the
+    /// test runs again in a child process of its own.
+    #[test]
+    fn fds_beyond_the_open_files_limit() {
+        if std::env::var_os(CHILD).is_some() {
+            return under_a_low_limit();
+        }
+        let name = "fdpass::tests::fds_beyond_the_open_files_limit";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    }
+
+    fn under_a_low_limit() {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let (a, b) = seqpacket_pair().unwrap();
+        let (p, _q) = seqpacket_pair().unwrap();
+        let ten: Vec<BorrowedFd<'_>> = (0..10).map(|_| p.as_fd()).collect();
+        send(&a, b"one", &ten, false).unwrap();
+        send(&a, b"two", &ten, false).unwrap();
+        // A limit a little above the highest open descriptor, every free
+        // number below it taken, then three given back: room for three.
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        let mut lim = getrlimit(Resource::Nofile);
+        lim.current = Some(highest + 8);
+        setrlimit(Resource::Nofile, lim).unwrap();
+        let mut filler = Vec::new();
+        while let Ok(fd) = rustix::io::dup(&p) {
+            filler.push(fd);
+        }
+        filler.truncate(filler.len() - 3);
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        let got = recv_fds_may_drop(&b, &mut buf, &mut fds, false).unwrap();
+        assert_eq!(&buf[..got.len], b"one");
+        assert!(got.fds_dropped, "{got:?}");
+        assert_eq!((got.fds, fds.len()), (3, 3), "{got:?}");
+        // Strict: an error, and what arrived is closed again.
+        let before = fds.len();
+        let e = recv(&b, &mut buf, &mut fds, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(fds.len(), before);
+    }
 }

@@ -285,8 +285,8 @@ impl Link {
                 for entry in entries {
                     let fd = fds.next();
                     let spool = if entry.spooled() { fds.next() } else { None };
-                    let whole =
-                        entry.spooled() == spool.is_some() && !self.lost_channel(entry.conn_id);
+                    let lost = self.lost_channel(entry.conn_id);
+                    let whole = entry.spooled() == spool.is_some() && !lost;
                     match (fd, whole.then(|| self.take_place()).flatten()) {
                         (Some(fd), Some(place)) => out.push(Handed {
                             entry,
