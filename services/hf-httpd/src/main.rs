@@ -563,3 +563,26 @@ async fn send_pieces(
     finish(c, consumed, r.keep_alive).await?;
     Ok(r.keep_alive)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_opened_for_lack_of_resources_is_503_not_404() {
+        let err =
+            |errno: rustix::io::Errno| std::io::Error::from_raw_os_error(errno.raw_os_error());
+        for scarce in [
+            rustix::io::Errno::MFILE,
+            rustix::io::Errno::NFILE,
+            rustix::io::Errno::NOMEM,
+        ] {
+            assert_eq!(open_failed(&err(scarce)), Status::ServiceUnavailable);
+        }
+        assert_eq!(
+            open_failed(&err(rustix::io::Errno::NOENT)),
+            Status::NotFound
+        );
+        assert_eq!(Status::ServiceUnavailable.code(), 503);
+    }
+}
