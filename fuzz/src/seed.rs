@@ -32,6 +32,7 @@ fn main() -> std::io::Result<()> {
         Msg::Spool { conn_id: 7, slot: 3 },
         Msg::Poisoned { conn_id: 7, slot: 3 },
         Msg::Released { conn_id: 7, slot: 3 },
+        Msg::Refused { conn_id: 7, slot: 3 },
         Msg::Welcome {
             worker_id: 2,
             generation: 3,

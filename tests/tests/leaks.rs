@@ -255,3 +255,46 @@ fn max_conns_slots_are_reused() {
     }
     released(&mut k, "all released");
 }
+
+/// Issue 15, item 8a. Clients that reset their connections (SO_LINGER 0)
+/// while their worker is down — one in the middle of an answer, one idle
+/// after a complete answer, one waiting for an answer not yet started — are
+/// dropped quietly by the worker that takes over: a reset is not a FIN, so
+/// no warning about stream positions that do not match, and the keeper
+/// releases all three.
+#[test]
+fn clients_that_reset_during_a_recovery_are_dropped_quietly() {
+    let mut k = keeper(&[], &[]);
+    let mut mid = LineClient::connect(k.addr, "mid-answer");
+    mid.send("REQ 1 20000 300\n");
+    mid.expect(&answer(1, 20_000, 0)[..half(1, 20_000)], "first half");
+    let mut idle = LineClient::connect(k.addr, "idle");
+    idle.request(2, 100, 0);
+    let mut waiting = LineClient::connect(k.addr, "waiting");
+    waiting.send("REQ 3 100 2000\n");
+    k.wait_for("all three held", |s| s.connections == 3);
+    // Stopped, the worker cannot notice the resets: the one that takes
+    // over finds them.
+    let pid = k.active_pid();
+    let stop = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(stop, rustix::process::Signal::STOP).expect("SIGSTOP");
+    for c in [mid, idle, waiting] {
+        reset(c.into_stream());
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    hf_tests::kill9(pid);
+    k.wait_for("a new active worker", |s| {
+        s.workers
+            .iter()
+            .any(|w| w.role == hf_tests::Role::Active && w.pid != pid)
+    });
+    released(&mut k, "the reset connections released");
+    let log = k.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && l.contains("cannot resume connection")),
+        "a reset connection was taken for a damaged one; log:\n{log}"
+    );
+    let mut c = LineClient::connect(k.addr, "after");
+    c.request(4, 10, 0);
+}

@@ -34,6 +34,23 @@ pub const CONN_CRASHED: u8 = 4;
 /// The connection was handed over by a draining worker at a commit point
 /// (an upgrade), not taken from a dead one.
 pub const CONN_MOVED: u8 = 8;
+/// Descriptors a process under a keeper keeps free for everything but
+/// connections: listeners, the journal, control sockets, pidfds, spools,
+/// its runtime's own (epoll, eventfds, log files).
+pub const FD_RESERVE: u64 = 64;
+
+/// How many connections a process with the open-files limit `limit` may
+/// hold: what is left after [`FD_RESERVE`], halved, so that every
+/// connection a worker serves leaves room for one descriptor the service
+/// opens for it (the file it sends, an upstream connection). The keeper
+/// holds no more than this (workers inherit its limit), and a worker takes
+/// no more than this from its keeper. At least 1.
+pub fn conn_budget(limit: u64) -> u32 {
+    u32::try_from(limit.saturating_sub(FD_RESERVE) / 2)
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
 const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL | CONN_CRASHED | CONN_MOVED;
 /// Service protocol level a worker announces in [`Msg::Hello`]; the keeper
 /// decides what to do with a mismatch, the frame decoder does not.
@@ -60,6 +77,7 @@ const KIND_RELEASED: u8 = 0x06;
 const KIND_HOLD: u8 = 0x07;
 const KIND_UNHOLD: u8 = 0x08;
 const KIND_ACCEPT_ON: u8 = 0x09;
+const KIND_REFUSED: u8 = 0x0a;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACTIVATE: u8 = 0x82;
 const KIND_CONNS: u8 = 0x83;
@@ -92,6 +110,11 @@ pub enum Msg {
     /// A draining worker let go of this connection at a commit point: it
     /// will not touch it again, and its journal record says where it stands.
     Released { conn_id: u64, slot: u32 },
+    /// The worker did not take this connection from a `Conns` batch: it had
+    /// no room for its descriptors (its open-files budget, see
+    /// [`conn_budget`], or a hand-over the kernel truncated). It never
+    /// touched it; the keeper holds it until the worker has room.
+    Refused { conn_id: u64, slot: u32 },
     /// A held channel of this connection travels with this message (one fd):
     /// an fd the service opened that must outlive the worker (an upstream
     /// connection, a CGI program's output pipe, an FTP data connection). It
@@ -206,7 +229,8 @@ impl Msg {
             Msg::Closed { conn_id, slot }
             | Msg::Spool { conn_id, slot }
             | Msg::Poisoned { conn_id, slot }
-            | Msg::Released { conn_id, slot } => {
+            | Msg::Released { conn_id, slot }
+            | Msg::Refused { conn_id, slot } => {
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
             }
@@ -322,6 +346,10 @@ impl Msg {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
             },
+            KIND_REFUSED => Msg::Refused {
+                conn_id: r.u64()?,
+                slot: r.u32()?,
+            },
             KIND_HOLD => Msg::Hold {
                 conn_id: r.u64()?,
                 slot: r.u32()?,
@@ -416,6 +444,7 @@ impl Msg {
             Msg::Spool { .. } => KIND_SPOOL,
             Msg::Poisoned { .. } => KIND_POISONED,
             Msg::Released { .. } => KIND_RELEASED,
+            Msg::Refused { .. } => KIND_REFUSED,
             Msg::Welcome { .. } => KIND_WELCOME,
             Msg::Activate => KIND_ACTIVATE,
             Msg::Conns(_) => KIND_CONNS,

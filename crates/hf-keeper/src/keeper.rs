@@ -42,9 +42,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// so that its fork and exec do not compete for the CPU with the worker
 /// that is taking the connections over.
 const RESPAWN_DELAY: Duration = Duration::from_millis(5);
-/// Descriptors kept free for everything but connections (listeners, the
-/// journal, control sockets, pidfds, spools, a worker's own files).
-const FD_RESERVE: u64 = 64;
 /// How often the keeper looks at heartbeats and waiting connections.
 const TICK: Duration = Duration::from_millis(100);
 /// Exits remembered for `holdfast status`.
@@ -90,6 +87,8 @@ struct Held {
     /// crash loop hands it from one dying worker to the next, and the hold
     /// timeout counts from the first of them, not from each.
     lost_since: Option<Instant>,
+    /// The flags of its last hand-out, restored if the worker refuses it.
+    sent_flags: u8,
 }
 
 impl Held {
@@ -142,6 +141,9 @@ struct Worker {
     catcher: bool,
     /// Told to exit (it holds nothing); killed if still there by then.
     exit_by: Option<Instant>,
+    /// The most connections it can hold, learnt when it refused some for
+    /// lack of descriptors (`None`: it never did).
+    room: Option<usize>,
 }
 
 struct Keeper {
@@ -259,16 +261,15 @@ impl Keeper {
         if cfg.command.is_empty() {
             return Err(KeeperError::NoCommand);
         }
-        // Every held connection costs an fd here and in the worker that
-        // serves it (workers inherit the limit): hold no more than fit, and
-        // let the rest wait in the listen backlog.
+        // Every held connection costs an fd here and, with one more for what
+        // the service opens to serve it, in the worker (workers inherit the
+        // limit): hold no more than fit, and let the rest wait in the listen
+        // backlog.
         let limit = raise_fd_limit();
         if let Some(saved) = reexec::take_saved()? {
             return Keeper::resume(cfg, saved);
         }
-        let fit = u32::try_from(limit.saturating_sub(FD_RESERVE))
-            .unwrap_or(u32::MAX)
-            .max(1);
+        let fit = hf_journal::wire::conn_budget(limit);
         if cfg.max_conns > fit {
             tracing::warn!(
                 max_conns = cfg.max_conns,
@@ -526,6 +527,7 @@ impl Keeper {
                     crashed: false,
                     moved: false,
                     lost_since: None,
+                    sent_flags: 0,
                 },
             );
             self.waiting.push_back(conn_id);
@@ -556,10 +558,19 @@ impl Keeper {
         let control = w.control.clone();
         let mut msg = Vec::with_capacity(MAX_MSG);
         while !queue.is_empty() {
+            // A worker that refused connections for lack of descriptors gets
+            // no more than it showed it can hold; the rest wait here until
+            // it closes some (`drop_conn` hands them out then).
+            let room = self.workers.get(&wid).map_or(0, |w| {
+                w.room.map_or(usize::MAX, |r| r.saturating_sub(w.owned))
+            });
+            if room == 0 {
+                return;
+            }
             let mut ids: Vec<u64> = Vec::with_capacity(MAX_FDS_PER_MSG);
             let mut entries = Vec::with_capacity(MAX_FDS_PER_MSG);
             let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(MAX_FDS_PER_MSG);
-            for id in queue.iter() {
+            for id in queue.iter().take(room) {
                 let h = &self.conns[id];
                 let need = 1 + usize::from(h.spool.is_some());
                 if fds.len() + need > MAX_FDS_PER_MSG {
@@ -600,6 +611,14 @@ impl Keeper {
                             self.arm_retry(Duration::from_millis(2));
                             return;
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                            // Dying: see the connections' batch below.
+                            tracing::debug!(
+                                worker = wid,
+                                "worker gone before a hand-over; connections stay queued"
+                            );
+                            return;
+                        }
                         Err(e) => {
                             tracing::warn!(worker = wid, error = %e, "cannot hand channels to worker");
                             return;
@@ -607,12 +626,14 @@ impl Keeper {
                     }
                 }
             }
+            let sent_flags: Vec<u8> = entries.iter().map(|e| e.flags).collect();
             Msg::Conns(entries).encode(&mut msg);
             match fdpass::send(&*control, &msg, &fds, true) {
                 Ok(()) => {
                     drop(fds);
-                    for id in &ids {
+                    for (id, flags) in ids.iter().zip(sent_flags) {
                         if let Some(h) = self.conns.get_mut(id) {
+                            h.sent_flags = flags;
                             if h.handed && !h.moved {
                                 self.recovered_total += 1;
                             }
@@ -630,6 +651,16 @@ impl Keeper {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.arm_retry(Duration::from_millis(2));
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    // The worker is dying (killed, crashed) while its
+                    // connections were on their way: they stay queued, and
+                    // its pidfd's report hands them to its successor.
+                    tracing::debug!(
+                        worker = wid,
+                        "worker gone before a hand-over; connections stay queued"
+                    );
                     return;
                 }
                 Err(e) => {
@@ -700,6 +731,7 @@ impl Keeper {
             }
             Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
+            Msg::Refused { conn_id, slot } => self.refused(id, conn_id, slot),
             Msg::Spool { conn_id, slot } => {
                 let owned = self
                     .conns
@@ -876,6 +908,59 @@ impl Keeper {
             let _ = self.journal.zero(journal_offset(h.slot), RECORD_SIZE);
             self.free_slots.push(h.slot);
             self.release_live(1);
+            // Room in a worker that had none: what waits goes out now.
+            if !self.waiting.is_empty() {
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// A worker handed back a connection it had no room for (its
+    /// descriptor budget, or fds the kernel dropped on the way): it never
+    /// touched it, so it waits again, first in line, exactly as it was
+    /// before that hand-out, and that worker gets no more than it holds
+    /// now until it closes some.
+    fn refused(&mut self, id: u32, conn_id: u64, slot: u32) {
+        let owned = self
+            .conns
+            .get(&conn_id)
+            .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+        if !owned {
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "worker refused a connection it does not own; ignored"
+            );
+            return;
+        }
+        if let Some(h) = self.conns.get_mut(&conn_id) {
+            h.owner = None;
+            h.handed = h.sent_flags & CONN_RECOVERED != 0;
+            h.crashed = h.sent_flags & CONN_CRASHED != 0;
+            h.moved = h.sent_flags & CONN_MOVED != 0;
+            h.since = Some(Instant::now());
+            if h.handed && !h.moved {
+                // Counted when it was handed out; it was not recovered then.
+                self.recovered_total = self.recovered_total.saturating_sub(1);
+            }
+        }
+        self.waiting.push_front(conn_id);
+        self.dirty = true;
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.owned = w.owned.saturating_sub(1);
+            if w.room.is_none_or(|r| r > w.owned) {
+                tracing::info!(
+                    worker = id,
+                    holds = w.owned,
+                    "worker has no room for more connections (open-files limit); the rest wait"
+                );
+            }
+            w.room = Some(w.owned);
+            if w.owned == 0 && w.role == Role::Draining {
+                // As in `drop_conn`: its last connection left it here.
+                self.tell_exit(id);
+                self.check_upgrade();
+            }
         }
     }
 
@@ -1083,10 +1168,7 @@ impl Keeper {
 
     fn kill(&mut self, id: u32) {
         if let Some(w) = self.workers.get(&id) {
-            let _ = rustix::process::kill_process(
-                Pid::from_raw(w.pid as i32).expect("child pid"),
-                Signal::KILL,
-            );
+            signal_worker(w.pid, Signal::KILL);
         }
     }
 
@@ -1369,6 +1451,11 @@ impl Keeper {
             );
         }
         hf_sys::spawn::inherit_fds(&mut cmd, &[theirs.as_fd(), self.journal_fd.as_fd()], true);
+        // A process group of its own: what the worker's command starts
+        // (a `sh -c` wrapper's child) is stopped with it (`signal_worker`).
+        // Signals from the terminal (Ctrl-C) then reach only the keeper,
+        // which stops its workers itself.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
             .map_err(|e| KeeperError::Spawn(prog.clone(), e))?;
@@ -1379,7 +1466,7 @@ impl Keeper {
         let control = Arc::new(mine);
         if let Err(e) = self.watch_worker(id, pid, &control) {
             let mut child = child;
-            let _ = child.kill();
+            signal_worker(pid, Signal::KILL);
             let _ = child.wait();
             return Err(KeeperError::Spawn(prog.clone(), e));
         }
@@ -1404,6 +1491,7 @@ impl Keeper {
                 drain_sent: false,
                 catcher: false,
                 exit_by: None,
+                room: None,
             },
         );
         Ok(id)
@@ -1459,26 +1547,46 @@ impl Keeper {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
-            let _ = rustix::process::kill_process(
-                Pid::from_raw(w.pid as i32).expect("child pid"),
-                Signal::TERM,
-            );
+            signal_worker(w.pid, Signal::TERM);
             tracing::debug!(worker = id, "asked to stop");
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         for w in self.workers.values_mut() {
-            while Instant::now() < deadline {
-                if matches!(reap(w), Ok(Some(_))) {
-                    break;
-                }
+            while Instant::now() < deadline && !exited(w.pid) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            if let Some(pid) = Pid::from_raw(w.pid as i32) {
-                let _ = rustix::process::kill_process(pid, Signal::KILL);
-            }
+            // Not reaped yet, so its group is still known: what it started
+            // and left behind goes too.
+            signal_worker(w.pid, Signal::KILL);
             let _ = reap_blocking(w);
         }
         let _ = std::fs::remove_file(&self.cfg.control);
+    }
+}
+
+/// True once process `pid` (a child) has exited; it is left to be reaped.
+fn exited(pid: u32) -> bool {
+    use rustix::process::{waitid, WaitId, WaitIdOptions};
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    let peek = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    !matches!(waitid(WaitId::Pid(pid), peek), Ok(None))
+}
+
+/// Sends `sig` to the worker `pid` and everything in its process group
+/// (each worker leads one, see `spawn_worker`), so that what its command
+/// started does not outlive it as an orphan. A worker that leads no group
+/// (started by an older keeper before a re-exec) gets it alone. The
+/// worker's own exit is still seen, and reaped, through its pidfd.
+fn signal_worker(pid: u32, sig: Signal) {
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    if rustix::process::getpgid(Some(pid)) == Ok(pid) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    } else {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 

@@ -40,6 +40,11 @@ pub struct StreamPos {
     pub unacked: u64,
     /// Bytes received so far (consumed or queued), not counting a FIN.
     pub received: u64,
+    /// The connection is over (`TCP_CLOSE`): both FINs went through, or a
+    /// reset ended it. Nothing can be sent or received any more, and after
+    /// a reset the counts above may be one off, since the state does not
+    /// tell a reset from a FIN (a reset takes no sequence number).
+    pub closed: bool,
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
@@ -106,8 +111,9 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
         let st = info.tcpi_state;
         // A socket still held open that saw both FINs is in CLOSE, not
         // TIME_WAIT (the time-wait state moves to a separate mini-socket).
-        // CLOSE after a reset is also counted as "both FINs": the connection
-        // is over either way.
+        // CLOSE after a reset is counted as "both FINs" too, and flagged
+        // `closed`: the connection is over either way, and its owner drops
+        // it rather than compare positions.
         let fin_received = matches!(
             st,
             TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT | TCP_CLOSE
@@ -133,6 +139,7 @@ pub fn stream_positions(fd: impl AsFd) -> io::Result<StreamPos> {
             received: info
                 .tcpi_bytes_received
                 .saturating_sub(u64::from(fin_received)),
+            closed: st == TCP_CLOSE,
         });
     }
     Err(io::Error::new(

@@ -48,6 +48,7 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
         /// Connections held at once; more wait in the kernel's listen backlog.
+        /// Lowered to fit the open-files limit (see the README).
         #[arg(long, default_value_t = 65536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_conns: u32,
         /// Kill and replace a worker whose heartbeat stops for this many

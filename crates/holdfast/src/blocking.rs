@@ -7,10 +7,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use hf_journal::wire::{ConnEntry, MAX_MSG};
+use hf_journal::wire::MAX_MSG;
 
 use crate::core::Core;
-use crate::worker::{Incoming, Link};
+use crate::worker::{Handed, Incoming, Link};
 use crate::{Error, Mode, Options};
 
 /// Yields new and recovered connections.
@@ -22,27 +22,31 @@ enum Inner {
     Pass(Vec<TcpListener>),
     Kept {
         link: Arc<Link>,
-        queue: VecDeque<(ConnEntry, OwnedFd, Option<OwnedFd>)>,
+        queue: VecDeque<Handed>,
         buf: Vec<u8>,
     },
 }
 
-/// Turns a handed-over fd into a connection, or logs why it cannot be.
+/// Turns a handed-over connection into a [`Core`] (its fd stays with the
+/// caller), or logs why it cannot be.
 pub(crate) fn adopt(
     link: &Arc<Link>,
-    entry: ConnEntry,
-    fd: &OwnedFd,
-    spool: Option<OwnedFd>,
+    handed: Handed,
     nonblocking: bool,
-) -> Option<Core> {
-    match Core::kept(fd.as_fd(), link.clone(), entry, spool, nonblocking) {
-        Ok(core) => Some(core),
+) -> Option<(OwnedFd, Core)> {
+    let Handed {
+        entry,
+        fd,
+        spool,
+        place,
+    } = handed;
+    match Core::kept(fd.as_fd(), link.clone(), entry, spool, place, nonblocking) {
+        Ok(core) => Some((fd, core)),
         Err(e) => {
             if e.kind() == std::io::ErrorKind::NotConnected {
-                tracing::debug!(
-                    conn = entry.conn_id,
-                    "connection was closed before the crash"
-                );
+                // Closed by the service, or by the client (a reset
+                // included) while no worker had it: nothing is lost.
+                tracing::debug!(conn = entry.conn_id, error = %e, "connection already over; dropped");
             } else {
                 tracing::warn!(conn = entry.conn_id, error = %e, "cannot resume connection, closing it");
             }
@@ -131,15 +135,15 @@ impl Listener {
                 }))
             }
             Inner::Kept { link, queue, buf } => loop {
-                if let Some((entry, fd, spool)) = queue.pop_front() {
-                    if let Some(core) = adopt(link, entry, &fd, spool, false) {
+                if let Some(handed) = queue.pop_front() {
+                    if let Some((fd, core)) = adopt(link, handed, false) {
                         return Ok(Some(Conn { fd, core }));
                     }
                     continue;
                 }
                 let mut fds = Vec::new();
-                let n = hf_sys::fdpass::recv(link.control(), buf, &mut fds, false)?;
-                match link.decode(&buf[..n], fds)? {
+                let got = hf_sys::fdpass::recv_fds_may_drop(link.control(), buf, &mut fds, false)?;
+                match link.decode(&buf[..got.len], fds, got.fds_dropped)? {
                     Some(Incoming::Conns(list)) => queue.extend(list),
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),

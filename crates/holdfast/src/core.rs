@@ -28,7 +28,7 @@ use hf_journal::record::{
 };
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
-use crate::worker::Link;
+use crate::worker::{Link, Place};
 use hf_journal::wire::{ConnEntry, CONN_CRASHED, CONN_MOVED};
 use hf_sys::shm::SharedMem;
 
@@ -110,6 +110,8 @@ struct Kept {
     busy: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Held channels handed back with this connection, not yet taken.
     channels: Vec<(u32, OwnedFd)>,
+    /// Its place in the worker's connection budget, given back on drop.
+    _place: Place,
 }
 
 /// Uncommitted input moved out of the kernel into a memfd the keeper holds.
@@ -176,6 +178,7 @@ impl Core {
         link: Arc<Link>,
         entry: ConnEntry,
         spool: Option<OwnedFd>,
+        place: Place,
         nonblocking: bool,
     ) -> io::Result<Core> {
         let (conn_id, slot, recovered) = (entry.conn_id, entry.slot, entry.recovered());
@@ -206,6 +209,7 @@ impl Core {
             gated: false,
             busy: None,
             channels: Vec::new(),
+            _place: place,
         };
         kept.busy = kept.link.busy_cell();
         // Channels sent ahead of a connection a worker had before; a fresh
@@ -1020,6 +1024,16 @@ impl Kept {
             ));
         }
         let pos = hf_sys::tcp::stream_positions(fd)?;
+        if pos.closed {
+            // The client reset it (or both FINs went through) while no
+            // worker had it: nothing can reach the client any more, and
+            // after a reset the kernel's counts cannot be told from a FIN's,
+            // so they are not compared with the journal.
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection reset or closed while no worker had it",
+            ));
+        }
         // How far past the consumed input the dead worker had peeked: the
         // offset belongs to the socket, so it outlives the worker. Read
         // before anything here consumes input (which moves it back).

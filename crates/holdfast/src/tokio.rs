@@ -16,11 +16,11 @@ use std::task::{ready, Context, Poll};
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::net::TcpListener;
-use hf_journal::wire::{ConnEntry, MAX_MSG};
+use hf_journal::wire::MAX_MSG;
 
 use crate::blocking::adopt;
 use crate::core::Core;
-use crate::worker::{Incoming, Link, WakeCell};
+use crate::worker::{Handed, Incoming, Link, WakeCell};
 use crate::{Error, Mode, Options};
 
 /// How often the tokio flavour bumps the worker's heartbeat.
@@ -36,7 +36,7 @@ enum Inner {
     Kept {
         link: Arc<Link>,
         control: AsyncFd<OwnedFd>,
-        queue: VecDeque<(ConnEntry, OwnedFd, Option<OwnedFd>)>,
+        queue: VecDeque<Handed>,
         buf: Vec<u8>,
         yield_next: bool,
     },
@@ -155,7 +155,7 @@ impl Listener {
                 buf,
                 yield_next,
             } => loop {
-                if let Some((entry, fd, spool)) = queue.pop_front() {
+                if let Some(handed) = queue.pop_front() {
                     if *yield_next {
                         // Recovered connections come in batches: let the
                         // task of the one handed out before run first, so
@@ -164,7 +164,7 @@ impl Listener {
                         ::tokio::task::yield_now().await;
                     }
                     *yield_next = !queue.is_empty();
-                    if let Some(core) = adopt(link, entry, &fd, spool, true) {
+                    if let Some((fd, core)) = adopt(link, handed, true) {
                         let mut c = Conn::new(fd, core)?;
                         c.wake = Some(link.wake_cell());
                         return Ok(Some(c));
@@ -173,11 +173,13 @@ impl Listener {
                 }
                 let mut guard = control.readable().await?;
                 let mut fds = Vec::new();
-                let n = match guard.try_io(|c| hf_sys::fdpass::recv(c, buf, &mut fds, true)) {
+                let got = match guard
+                    .try_io(|c| hf_sys::fdpass::recv_fds_may_drop(c, buf, &mut fds, true))
+                {
                     Ok(r) => r?,
                     Err(_would_block) => continue,
                 };
-                match link.decode(&buf[..n], fds)? {
+                match link.decode(&buf[..got.len], fds, got.fds_dropped)? {
                     Some(Incoming::Conns(list)) => queue.extend(list),
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),

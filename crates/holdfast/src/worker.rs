@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
 
@@ -49,6 +49,12 @@ pub(crate) struct Link {
     channels: Mutex<Stash>,
     /// Signalled when a channel or a refused accept arrives.
     arrived: std::sync::Condvar,
+    /// Connections this worker may hold at once, from its open-files limit
+    /// ([`hf_journal::wire::conn_budget`]): one more would leave the service
+    /// without a descriptor to serve it with.
+    budget: usize,
+    /// Connections it holds now (taken from a `Conns` batch, not dropped).
+    held: Arc<AtomicUsize>,
     /// Suspects run one at a time (see [`SuspectGate`]).
     pub(crate) suspects: SuspectGate,
 }
@@ -138,11 +144,34 @@ impl SuspectGate {
     }
 }
 
+/// A connection's place in its worker's budget: taken when the connection
+/// arrives, given back when its last part (the `Core`) is dropped.
+pub(crate) struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection the keeper handed over, with its input spool if it has
+/// one.
+pub(crate) struct Handed {
+    pub(crate) entry: ConnEntry,
+    pub(crate) fd: OwnedFd,
+    pub(crate) spool: Option<OwnedFd>,
+    pub(crate) place: Place,
+}
+
 #[derive(Default)]
 struct Stash {
     channels: HashMap<u64, Vec<(u32, OwnedFd)>>,
     /// `AcceptOn` requests the keeper could not serve: (connection, tag).
     refused: Vec<(u64, u32)>,
+    /// Connections whose held channel the kernel dropped on its way here
+    /// (no room for the fd): they are refused when they arrive, so that a
+    /// worker with room gets them with all their channels.
+    lost: std::collections::HashSet<u64>,
 }
 
 /// Where tokio tasks waiting on one connection leave their wakers (one
@@ -172,8 +201,8 @@ impl WakeCell {
 
 /// A message from the keeper, with the fds that came with it.
 pub(crate) enum Incoming {
-    /// Connections, each with its input spool if it has one.
-    Conns(Vec<(ConnEntry, OwnedFd, Option<OwnedFd>)>),
+    /// Connections this worker took (the others went back to the keeper).
+    Conns(Vec<Handed>),
     Activate,
     Shutdown,
     /// Let go of every connection at its next commit point.
@@ -270,6 +299,12 @@ impl Link {
             )?)),
             Err(_) => None,
         };
+        let open_files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let budget =
+            usize::try_from(hf_journal::wire::conn_budget(open_files)).unwrap_or(usize::MAX);
+        tracing::debug!(open_files, budget, "connections this worker may hold");
         Ok(Some(Arc::new(Link {
             control,
             journal,
@@ -285,6 +320,8 @@ impl Link {
             channels: Mutex::new(Stash::default()),
             arrived: std::sync::Condvar::new(),
             suspects: SuspectGate::default(),
+            budget,
+            held: Arc::new(AtomicUsize::new(0)),
         })))
     }
 
@@ -301,14 +338,26 @@ impl Link {
     /// Decodes one message received from the keeper. Anything malformed is
     /// a protocol error: the keeper is trusted less than nothing by nobody,
     /// but a garbled control stream means this worker cannot go on safely.
-    pub(crate) fn decode(&self, buf: &[u8], fds: Vec<OwnedFd>) -> Result<Option<Incoming>, Error> {
+    ///
+    /// `fds_dropped`: the kernel delivered only the first of the message's
+    /// fds (this process hit its open-files limit). The connections that
+    /// did not arrive whole are handed back to the keeper (`Refused`), as
+    /// are those beyond this worker's budget: the keeper still holds them
+    /// and hands them out again when there is room, so none is lost.
+    pub(crate) fn decode(
+        &self,
+        buf: &[u8],
+        fds: Vec<OwnedFd>,
+        fds_dropped: bool,
+    ) -> Result<Option<Incoming>, Error> {
         if buf.is_empty() {
             return Err(Error::KeeperGone);
         }
         let msg = Msg::decode(buf).map_err(|e| Error::Protocol(e.to_string()))?;
         match msg {
             Msg::Conns(entries) => {
-                if msg_fds(&entries) != fds.len() {
+                let want = msg_fds(&entries);
+                if fds.len() > want || (fds.len() < want && !fds_dropped) {
                     return Err(Error::Protocol(format!(
                         "{} conns with {} fds",
                         entries.len(),
@@ -320,13 +369,40 @@ impl Link {
                 }
                 let mut fds = fds.into_iter();
                 let mut out = Vec::with_capacity(entries.len());
-                for e in entries {
-                    let (Some(fd), spool) =
-                        (fds.next(), if e.spooled() { fds.next() } else { None })
-                    else {
-                        return Err(Error::Protocol("fds missing".into()));
-                    };
-                    out.push((e, fd, spool));
+                let mut refused = Vec::new();
+                for entry in entries {
+                    let fd = fds.next();
+                    let spool = if entry.spooled() { fds.next() } else { None };
+                    let lost = self.lost_channel(entry.conn_id);
+                    let whole = entry.spooled() == spool.is_some() && !lost;
+                    match (fd, whole.then(|| self.take_place()).flatten()) {
+                        (Some(fd), Some(place)) => out.push(Handed {
+                            entry,
+                            fd,
+                            spool,
+                            place,
+                        }),
+                        // Its fds (if any came) are closed here, untouched:
+                        // the keeper's copy is the connection.
+                        _ => refused.push(entry),
+                    }
+                }
+                if !refused.is_empty() {
+                    tracing::info!(
+                        refused = refused.len(),
+                        taken = out.len(),
+                        budget = self.budget,
+                        fds_dropped,
+                        "no room for more connections (open-files limit): handing them back to the keeper"
+                    );
+                }
+                for e in refused {
+                    // Its channels come again with it when it is handed out again.
+                    drop(self.take_channels(e.conn_id));
+                    self.send(&Msg::Refused {
+                        conn_id: e.conn_id,
+                        slot: e.slot,
+                    })?;
                 }
                 Ok(Some(Incoming::Conns(out)))
             }
@@ -335,7 +411,18 @@ impl Link {
             Msg::Drain => Ok(Some(Incoming::Drain)),
             Msg::Channel { conn_id, tag } => {
                 let Some(fd) = fds.into_iter().next() else {
-                    return Err(Error::Protocol("channel without its fd".into()));
+                    if !fds_dropped {
+                        return Err(Error::Protocol("channel without its fd".into()));
+                    }
+                    tracing::info!(
+                        conn = conn_id,
+                        tag,
+                        "a held channel did not fit (open-files limit); its connection goes back to the keeper"
+                    );
+                    if let Ok(mut stash) = self.channels.lock() {
+                        stash.lost.insert(conn_id);
+                    }
+                    return Ok(None);
                 };
                 if let Ok(mut stash) = self.channels.lock() {
                     let v = stash.channels.entry(conn_id).or_default();
@@ -359,6 +446,24 @@ impl Link {
                 Ok(None)
             }
         }
+    }
+
+    /// A place in this worker's budget for one more connection, if it has
+    /// room.
+    fn take_place(&self) -> Option<Place> {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.budget).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(self.held.clone()))
+    }
+
+    /// True (once) if a held channel of `conn_id` was lost on its way here.
+    fn lost_channel(&self, conn_id: u64) -> bool {
+        self.channels
+            .lock()
+            .is_ok_and(|mut stash| stash.lost.remove(&conn_id))
     }
 
     /// Hands a connection's input spool to the keeper.

@@ -485,6 +485,10 @@ fn start(
         .stdout(Stdio::from(out))
         .stderr(Stdio::inherit());
     holdfast::held::mark_start(&mut cmd, MARKER);
+    // The program outlives this worker if it dies (its output pipe is a
+    // held channel): it must not be in the worker's process group, which
+    // the keeper kills with the worker.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn()?;
     let name = script.script_name.clone();
     std::thread::spawn(move || match child.wait() {

@@ -61,6 +61,8 @@ pub enum Status {
     BadGateway,
     HeaderTooLarge,
     InternalError,
+    /// The server lacks a resource for now (a descriptor to open the file).
+    ServiceUnavailable,
     VersionNotSupported,
 }
 
@@ -77,6 +79,7 @@ impl Status {
             Status::BadGateway => 502,
             Status::HeaderTooLarge => 431,
             Status::InternalError => 500,
+            Status::ServiceUnavailable => 503,
             Status::VersionNotSupported => 505,
         }
     }
@@ -93,6 +96,7 @@ impl Status {
             Status::BadGateway => "Bad Gateway",
             Status::HeaderTooLarge => "Request Header Fields Too Large",
             Status::InternalError => "Internal Server Error",
+            Status::ServiceUnavailable => "Service Unavailable",
             Status::VersionNotSupported => "HTTP Version Not Supported",
         }
     }

@@ -247,7 +247,7 @@ async fn handle(mut c: Conn, ctx: &Ctx) -> std::io::Result<()> {
     if !state.is_empty() {
         let keep = match version {
             STATE_V1 => match Resume::decode(state) {
-                Some(r) => Some(send_pieces(&mut c, 0, r).await?),
+                Some(r) => Some(send_pieces(&mut c, 0, r, None).await?),
                 None => None,
             },
             cgi::STATE_CGI => match cgi::resumed(state) {
@@ -429,7 +429,7 @@ async fn respond(
     len: usize,
 ) -> std::io::Result<bool> {
     let file = http::resolve(root, &req.target).and_then(|p| {
-        let f = std::fs::File::open(&p).map_err(|_| Status::NotFound)?;
+        let f = std::fs::File::open(&p).map_err(|e| open_failed(&e))?;
         let m = f.metadata().map_err(|_| Status::NotFound)?;
         Ok((p, f, m))
     });
@@ -497,15 +497,45 @@ async fn respond(
             keep_alive: req.keep_alive,
             path,
         },
+        Some(f),
     )
     .await
 }
 
+/// The answer to a file that resolved but could not be opened: a lack of
+/// resources (no free descriptor, no memory) passes, so it is 503 — the
+/// file is there, and a 404 would tell the client otherwise — and anything
+/// else is 404 as before.
+fn open_failed(e: &std::io::Error) -> Status {
+    let scarce = [
+        rustix::io::Errno::MFILE,
+        rustix::io::Errno::NFILE,
+        rustix::io::Errno::NOMEM,
+    ];
+    match rustix::io::Errno::from_io_error(e) {
+        Some(errno) if scarce.contains(&errno) => {
+            tracing::warn!(error = %e, "cannot open a file for lack of resources; answering 503");
+            Status::ServiceUnavailable
+        }
+        _ => Status::NotFound,
+    }
+}
+
 /// Sends a file from `r.offset` in pieces, committing after each with the
 /// new offset as state; `consumed` request bytes are committed with the
-/// first piece. Returns whether the connection stays open.
-async fn send_pieces(c: &mut Conn, mut consumed: usize, mut r: Resume) -> std::io::Result<bool> {
-    let f = std::fs::File::open(&r.path)?;
+/// first piece. `f` is the file if the caller has it open already (one
+/// descriptor per answer, not two). Returns whether the connection stays
+/// open.
+async fn send_pieces(
+    c: &mut Conn,
+    mut consumed: usize,
+    mut r: Resume,
+    f: Option<std::fs::File>,
+) -> std::io::Result<bool> {
+    let f = match f {
+        Some(f) => f,
+        None => std::fs::File::open(&r.path)?,
+    };
     let meta = f.metadata()?;
     if meta.len() != r.size || u64::try_from(meta.mtime()).unwrap_or(0) != r.mtime {
         // The file changed under an interrupted download: the bytes the
@@ -532,4 +562,27 @@ async fn send_pieces(c: &mut Conn, mut consumed: usize, mut r: Resume) -> std::i
     }
     finish(c, consumed, r.keep_alive).await?;
     Ok(r.keep_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_opened_for_lack_of_resources_is_503_not_404() {
+        let err =
+            |errno: rustix::io::Errno| std::io::Error::from_raw_os_error(errno.raw_os_error());
+        for scarce in [
+            rustix::io::Errno::MFILE,
+            rustix::io::Errno::NFILE,
+            rustix::io::Errno::NOMEM,
+        ] {
+            assert_eq!(open_failed(&err(scarce)), Status::ServiceUnavailable);
+        }
+        assert_eq!(
+            open_failed(&err(rustix::io::Errno::NOENT)),
+            Status::NotFound
+        );
+        assert_eq!(Status::ServiceUnavailable.code(), 503);
+    }
 }

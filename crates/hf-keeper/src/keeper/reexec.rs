@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use super::{Event, Held, Keeper, Worker};
 use crate::status::{Phase, Progress, Role};
 use crate::{Config, KeeperError};
+use hf_journal::wire::CONN_RECOVERED;
 
 /// Names the memfd with the saved state in the re-executed keeper's environment.
 const ENV_RESUME: &str = "HOLDFAST_KEEPER_STATE_FD";
@@ -373,6 +374,9 @@ impl Keeper {
                     // Not carried across a re-exec: a crash loop's hold
                     // time counts afresh from here.
                     lost_since: None,
+                    // What a refusal restores: a connection some worker
+                    // had resumes (a fresh one resumes from its first record).
+                    sent_flags: if c.handed { CONN_RECOVERED } else { 0 },
                 },
             );
         }
@@ -411,6 +415,7 @@ impl Keeper {
                     drain_sent: sw.drain_sent,
                     catcher: sw.catcher,
                     exit_by: sw.exit_left_ms.map(|ms| now + Duration::from_millis(ms)),
+                    room: None,
                 },
             );
         }
