@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use hf_tests::http::{make_site, parse_all, Client};
 use hf_tests::testsvc::{answer, keeper, LineClient};
-use hf_tests::{bin, start_pass_through, wait_exit, Keeper, Proc, TempDir};
+use hf_tests::{
+    bin, eventually, kill9, start_pass_through, wait_exit, Keeper, Phase, Proc, Role, Snapshot,
+    TempDir,
+};
 
 /// Sends `bytes` with `MSG_OOB`: the kernel sends them as one segment whose
 /// urgent pointer marks the last byte.
@@ -261,4 +264,83 @@ fn http_get_after_urgent_data_and_a_kill_gets_one_response() {
         )
     });
     assert_eq!((rs[0].status, &rs[0].body), (200, want));
+}
+
+/// Plays systemd: binds a listener, says its port, waits for the test to
+/// queue a connection on it, then execs the keeper with the listener at
+/// fd 3 (`LISTEN_FDS`). `python3 - DIR holdfast ARGS...`
+const ACTIVATE: &str = r#"
+import os, socket, sys, time
+d = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+with open(os.path.join(d, "port.tmp"), "w") as f:
+    f.write(str(s.getsockname()[1]))
+os.rename(os.path.join(d, "port.tmp"), os.path.join(d, "port"))
+deadline = time.time() + 30
+while not os.path.exists(os.path.join(d, "go")):
+    assert time.time() < deadline, "never told to go on"
+    time.sleep(0.01)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execve(sys.argv[2], sys.argv[2:], env)
+"#;
+
+/// A connection that completed its handshake on a socket-activated
+/// listener before the keeper started, so before the keeper could give the
+/// listener the flag, with an urgent byte already queued: the worker that
+/// adopts it still reads the byte inline, in place, and a kill after it
+/// repeats nothing.
+#[test]
+fn urgent_byte_queued_before_socket_activation_is_read_in_place() {
+    let dir = TempDir::new("urgent-activation");
+    let control = dir.path().join("control.sock");
+    let mut keeper = Proc(
+        Command::new("python3")
+            .arg("-c")
+            .arg(ACTIVATE)
+            .arg(dir.path())
+            .arg(bin("holdfast"))
+            .args(["run", "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-testsvc"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let port: u16 = eventually(Duration::from_secs(20), "the listener's port", || {
+        std::fs::read_to_string(dir.path().join("port"))
+            .ok()?
+            .parse()
+            .ok()
+    });
+    let mut c = LineClient::connect(([127, 0, 0, 1], port).into(), "queued");
+    let line = "REQ 1 10 0\n";
+    send_urgent(c.stream(), &line.as_bytes()[..8]);
+    c.send(&line[8..]);
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let active = |s: &Snapshot| {
+        (s.phase == Phase::Serving)
+            .then(|| s.workers.iter().find(|w| w.role == Role::Active))
+            .flatten()
+            .map(|w| w.pid)
+    };
+    let pid = eventually(Duration::from_secs(20), "an active worker", || {
+        active(&hf_keeper::status::query(&control).ok()?)
+    });
+    c.expect(&answer(1, 10, 0), "answer to the queued REQ 1");
+    c.request(2, 10, 0);
+    kill9(pid);
+    eventually(Duration::from_secs(20), "a new active worker", || {
+        active(&hf_keeper::status::query(&control).ok()?).filter(|p| *p != pid)
+    });
+    c.request(3, 10, 0);
+    quit_cleanly(&mut c, 4);
+    let _ = keeper.0.kill();
 }
