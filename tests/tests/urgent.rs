@@ -344,3 +344,92 @@ fn urgent_byte_queued_before_socket_activation_is_read_in_place() {
     quit_cleanly(&mut c, 4);
     let _ = keeper.0.kill();
 }
+
+/// An FTP control connection: commands and their replies' codes.
+struct Ftp(BufReader<TcpStream>);
+
+impl Ftp {
+    fn connect(addr: std::net::SocketAddr) -> Ftp {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Ftp(BufReader::new(s));
+        assert_eq!(c.reply().0, 220);
+        c
+    }
+
+    /// One reply: its code and its last line.
+    fn reply(&mut self) -> (u16, String) {
+        loop {
+            let mut line = String::new();
+            let n = self.0.read_line(&mut line).expect("FTP reply");
+            assert!(n > 0, "control connection closed");
+            let b = line.as_bytes();
+            if b.len() >= 4 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b' ' {
+                return (line[..3].parse().unwrap(), line);
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str, want: u16) -> String {
+        std::io::Write::write_all(self.0.get_mut(), format!("{line}\r\n").as_bytes()).unwrap();
+        let (code, text) = self.reply();
+        assert_eq!(code, want, "{line:?} → {text:?}");
+        text
+    }
+}
+
+/// hf-ftpd: uploads whose data connection carries urgent bytes, one still
+/// queued when the worker is killed, on an active (the service connects)
+/// and a passive (the keeper accepts) data connection: the stored file is
+/// exactly the bytes sent, urgent ones in place.
+#[test]
+fn upload_with_urgent_bytes_across_a_kill_is_stored_exactly() {
+    let dir = TempDir::new("ftp-urgent-stor");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(dir.path().join("users"), "alice:secret\n").unwrap();
+    let ftpd = bin("hf-ftpd").display().to_string();
+    let (root_s, users) = (
+        root.display().to_string(),
+        dir.path().join("users").display().to_string(),
+    );
+    let mut k = Keeper::start(&[], &[&ftpd, "--root", &root_s, "--users", &users]);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    for active in [true, false] {
+        let name = if active { "port.bin" } else { "pasv.bin" };
+        let mut c = Ftp::connect(k.addr);
+        c.cmd("USER alice", 331);
+        c.cmd("PASS secret", 230);
+        c.cmd("TYPE I", 200);
+        let mut d = if active {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            c.cmd(&format!("PORT 127,0,0,1,{},{}", p >> 8, p & 0xff), 200);
+            c.cmd(&format!("STOR {name}"), 150);
+            l.accept().unwrap().0
+        } else {
+            let text = c.cmd("PASV", 227);
+            let inner = &text[text.find('(').unwrap() + 1..text.find(')').unwrap()];
+            let n: Vec<u16> = inner
+                .split(',')
+                .map(|x| x.trim().parse().unwrap())
+                .collect();
+            let d = TcpStream::connect(("127.0.0.1", n[4] << 8 | n[5])).unwrap();
+            c.cmd(&format!("STOR {name}"), 150);
+            d
+        };
+        std::io::Write::write_all(&mut d, &data[..100_000]).unwrap();
+        send_urgent(&d, &data[100_000..100_010]);
+        std::io::Write::write_all(&mut d, &data[100_010..200_000]).unwrap();
+        send_urgent(&d, &data[200_000..200_001]);
+        k.kill_and_wait();
+        std::io::Write::write_all(&mut d, &data[200_001..]).unwrap();
+        drop(d);
+        assert_eq!(c.reply().0, 226, "{name}:\n{}", k.log());
+        let got = std::fs::read(root.join(name)).unwrap();
+        assert_eq!(got.len(), data.len(), "{name}: stored length");
+        assert!(got == data, "{name}: stored bytes differ");
+        c.cmd("QUIT", 221);
+    }
+    assert_eq!(k.status().unwrap().restarts, 2, "{}", k.log());
+}
