@@ -323,6 +323,11 @@ impl Keeper {
         let names = listeners.iter().map(|(_, n)| n.clone()).collect();
         let mut kept = Vec::new();
         for (l, name) in listeners {
+            // Urgent data reaches services inline, as the byte it is in the
+            // stream: accepted sockets inherit this from their listener,
+            // whether it was bound here, inherited from systemd or from the
+            // keeper this one replaced.
+            hf_sys::tcp::set_urgent_inline(&l)?;
             kept.push((l.try_clone()?, name));
             let afd = hf_sys::reactor::register(l)?;
             tokio::spawn(accept_loop(
@@ -864,6 +869,13 @@ impl Keeper {
                     0 => Err(Errno::AGAIN),
                     _ => rustix::net::accept_with(l, SocketFlags::CLOEXEC),
                 }
+            })
+            .and_then(|fd| {
+                // The service's own listener may lack it: urgent data
+                // inline, as on the keeper's listeners
+                // (`hf_sys::tcp::set_urgent_inline`).
+                rustix::net::sockopt::set_socket_oobinline(&fd, true)?;
+                Ok(fd)
             });
         let fd = match accepted {
             Ok(fd) => fd,

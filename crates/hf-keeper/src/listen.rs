@@ -30,6 +30,8 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, KeeperError> {
     if addr.is_ipv6() {
         rustix::net::sockopt::set_ipv6_v6only(&fd, true).map_err(|e| err(e.into()))?;
     }
+    // Before `listen`, so every connection inherits it (see `assemble`).
+    hf_sys::tcp::set_urgent_inline(&fd).map_err(err)?;
     rustix::net::bind(&fd, &addr).map_err(|e| err(e.into()))?;
     rustix::net::listen(&fd, BACKLOG).map_err(|e| err(e.into()))?;
     Ok(TcpListener::from(fd))

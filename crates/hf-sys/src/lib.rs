@@ -13,7 +13,9 @@
 //!   knows how much of a response reached the socket and how much input was
 //!   consumed, even if the worker died between a syscall and its own
 //!   bookkeeping; discarding input with `MSG_TRUNC` without copying it; the
-//!   `SO_PEEK_OFF` knob that makes successive `MSG_PEEK` reads advance.
+//!   `SO_PEEK_OFF` knob that makes successive `MSG_PEEK` reads advance;
+//!   `SO_OOBINLINE`, without which TCP urgent data breaks all of these
+//!   (docs/kernel-notes.md).
 //!   rustix has none of these, so they go through `libc`.
 //! - [`shm`]: the journal mapping. The memory is shared with another process
 //!   that may write it at any time, so no Rust reference ever points into it:

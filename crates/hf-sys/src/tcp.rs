@@ -175,6 +175,24 @@ pub fn discard(fd: impl AsFd, n: usize) -> io::Result<usize> {
     Ok(r as usize)
 }
 
+/// Delivers TCP urgent data inline (`SO_OOBINLINE`): a byte the peer sent
+/// with `MSG_OOB` stays at its place in the stream and is read, peeked,
+/// discarded and counted like any other; `recv(MSG_OOB)` fails with
+/// `EINVAL`.
+///
+/// Without it Linux takes the urgent byte out of the stream yet counts it
+/// in `tcpi_bytes_received`: `SIOCINQ` stops at the urgent mark, a peek
+/// skips the byte but moves `SO_PEEK_OFF` one byte short, a `MSG_TRUNC`
+/// discard drops it uncounted, and every position computed here goes wrong
+/// (docs/kernel-notes.md has the details and the experiment). Set it on a
+/// listening socket, before any connection exists: accepted sockets
+/// inherit it. Set later, it still makes an urgent byte that is already
+/// queued readable in place, unless a second urgent pointer arrived first:
+/// the kernel then drops the earlier byte if it was next to be read.
+pub fn set_urgent_inline(fd: impl AsFd) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_oobinline(fd, true)?)
+}
+
 /// Sets `SO_PEEK_OFF`: with it set (≥ 0), each `MSG_PEEK` read continues
 /// where the last one stopped, and discarding input moves it back by as much.
 pub fn set_peek_off(fd: impl AsFd, off: i32) -> io::Result<()> {
@@ -225,6 +243,7 @@ pub fn peek_off(fd: impl AsFd) -> io::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::net::RecvFlags;
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
 
@@ -265,6 +284,104 @@ mod tests {
         assert_eq!(rest, b" world");
         let p = stream_positions(&s).unwrap();
         assert_eq!(p.consumed, 11);
+    }
+
+    /// `send(MSG_OOB)` of `bytes`: the last one is the urgent byte.
+    fn send_urgent(s: &TcpStream, bytes: &[u8]) {
+        let n = rustix::net::send(s, bytes, rustix::net::SendFlags::OOB).unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    fn peek(s: &TcpStream) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        match rustix::net::recv(s, &mut buf[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((n, _)) => buf[..n].to_vec(),
+            Err(rustix::io::Errno::AGAIN) => Vec::new(),
+            Err(e) => panic!("peek: {e}"),
+        }
+    }
+
+    /// What Linux does with an urgent byte on a socket without
+    /// `SO_OOBINLINE` (docs/kernel-notes.md): every count the library
+    /// relies on is off by the urgent byte.
+    #[test]
+    fn urgent_byte_out_of_line_breaks_every_count() {
+        let (mut c, s) = pair();
+        set_peek_off(&s, 0).unwrap();
+        c.write_all(b"abcd").unwrap();
+        send_urgent(&c, b"EFG!");
+        c.write_all(b"xyz").unwrap();
+        settle();
+        let p = stream_positions(&s).unwrap();
+        // 11 bytes arrived, none consumed; SIOCINQ stops at the mark.
+        assert_eq!((p.received, inq(&s).unwrap(), p.consumed), (11, 7, 4));
+        // A peek stops at the mark, the next skips the urgent byte but
+        // moves the peek offset only by what it returned, so the one after
+        // returns the last byte again.
+        assert_eq!(peek(&s), b"abcdEFG");
+        assert_eq!(peek(&s), b"xyz");
+        assert_eq!(peek(&s), b"z");
+        // A discard stops at the mark, and the next one drops the urgent
+        // byte without counting it.
+        assert_eq!(discard(&s, 100).unwrap(), 7);
+        assert_eq!(discard(&s, 100).unwrap(), 3);
+        assert_eq!(stream_positions(&s).unwrap().consumed, 11);
+    }
+
+    /// With `SO_OOBINLINE` on the listener, the accepted socket has it and
+    /// the urgent byte is an ordinary byte to every count.
+    #[test]
+    fn urgent_byte_inline_keeps_every_count_exact() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_urgent_inline(&l).unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(rustix::net::sockopt::socket_oobinline(&s).unwrap());
+        set_peek_off(&s, 0).unwrap();
+        c.write_all(b"abcd").unwrap();
+        send_urgent(&c, b"EFG!");
+        c.write_all(b"xyz").unwrap();
+        settle();
+        let p = stream_positions(&s).unwrap();
+        assert_eq!((p.received, inq(&s).unwrap(), p.consumed), (11, 11, 0));
+        // Reads still stop at the mark, but the byte is there, once.
+        assert_eq!(peek(&s), b"abcdEFG");
+        assert_eq!(peek(&s), b"!xyz");
+        assert_eq!(peek(&s), b"");
+        let mut one = [0u8; 1];
+        assert_eq!(
+            rustix::net::recv(&s, &mut one[..], RecvFlags::OOB),
+            Err(rustix::io::Errno::INVAL)
+        );
+        assert_eq!(discard(&s, 9).unwrap(), 7);
+        assert_eq!(stream_positions(&s).unwrap().consumed, 7);
+        assert_eq!(peek(&s), b"");
+        set_peek_off(&s, 0).unwrap();
+        assert_eq!(peek(&s), b"!xyz");
+        assert_eq!(discard(&s, 100).unwrap(), 4);
+        assert_eq!(stream_positions(&s).unwrap().consumed, 11);
+    }
+
+    /// `SO_OOBINLINE` set after the data arrived makes a queued urgent byte
+    /// readable in place, unless a second urgent pointer came first: the
+    /// kernel then drops the earlier byte if it was next to be read. Hence
+    /// the flag goes on listening sockets.
+    #[test]
+    fn urgent_inline_set_late_misses_a_superseded_urgent_byte() {
+        let (c, s) = pair();
+        send_urgent(&c, b"A");
+        settle();
+        set_urgent_inline(&s).unwrap();
+        assert_eq!(inq(&s).unwrap(), 1);
+        let (c, s) = pair();
+        send_urgent(&c, b"A");
+        settle();
+        send_urgent(&c, b"B");
+        settle();
+        set_urgent_inline(&s).unwrap();
+        let p = stream_positions(&s).unwrap();
+        assert_eq!((p.received, inq(&s).unwrap(), p.consumed), (2, 1, 1));
+        assert_eq!(peek(&s), b"B");
     }
 
     #[test]

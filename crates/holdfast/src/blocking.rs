@@ -86,7 +86,12 @@ impl Listener {
                 }
                 let ls = addrs
                     .iter()
-                    .map(TcpListener::bind)
+                    .map(|a| {
+                        let l = TcpListener::bind(a)?;
+                        // Urgent data inline, as under a keeper.
+                        hf_sys::tcp::set_urgent_inline(&l)?;
+                        Ok(l)
+                    })
                     .collect::<io::Result<Vec<_>>>()?;
                 Ok(Listener {
                     inner: Inner::Pass(ls),

@@ -181,6 +181,11 @@ impl Core {
         place: Place,
         nonblocking: bool,
     ) -> io::Result<Core> {
+        // The keeper's listeners hand out sockets that deliver urgent data
+        // inline; this also covers connections queued on a listener before
+        // it got the flag (socket activation) or accepted by an older
+        // keeper. It comes before `recover`, whose positions rely on it.
+        hf_sys::tcp::set_urgent_inline(fd)?;
         let (conn_id, slot, recovered) = (entry.conn_id, entry.slot, entry.recovered());
         let crashed = entry.flags & CONN_CRASHED != 0;
         // Handed over at a commit point by a draining worker: resumed the

@@ -58,7 +58,11 @@ impl HeldTcp {
     /// Wraps a connected socket; positions count from the start of the TCP
     /// connection. The same for a fresh socket and one taken back after a
     /// crash: reading starts at the first byte not yet consumed.
+    ///
+    /// Urgent data on it is delivered inline from here on
+    /// (`SO_OOBINLINE`), so the positions count it like any other byte.
     pub fn new(fd: OwnedFd) -> io::Result<HeldTcp> {
+        hf_sys::tcp::set_urgent_inline(&fd)?;
         let pos = hf_sys::tcp::stream_positions(&fd)?;
         hf_sys::tcp::set_peek_off(&fd, 0)?;
         Ok(HeldTcp {

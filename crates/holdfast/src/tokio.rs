@@ -108,7 +108,10 @@ impl Listener {
                 }
                 let mut ls = Vec::new();
                 for a in addrs {
-                    ls.push(TcpListener::bind(a).await?);
+                    let l = TcpListener::bind(a).await?;
+                    // Urgent data inline, as under a keeper.
+                    hf_sys::tcp::set_urgent_inline(&l)?;
+                    ls.push(l);
                 }
                 Ok(Listener {
                     inner: Inner::Pass(ls),

@@ -9,9 +9,10 @@ pub const MAX_LINE: usize = 4096;
 
 /// The first command line in `input`: the line without its terminator, and
 /// the bytes it takes in all. A line ends at CR, LF or CRLF: a client that
-/// sends `ABOR` with its last byte (the LF) as TCP urgent data leaves a
-/// line ending in a bare CR in the stream. An LF left over from a CRLF
-/// split across reads is an empty line, which is ignored.
+/// sends `ABOR` with its last byte (the LF) as TCP urgent data has it
+/// delivered inline, but a read stops right before an urgent byte, so the
+/// CR can come without its LF. An LF left over from a CRLF split across
+/// reads is an empty line, which is ignored.
 pub fn next_line(input: &[u8]) -> Option<(&[u8], usize)> {
     let end = input.iter().position(|b| *b == b'\r' || *b == b'\n')?;
     let crlf = input[end] == b'\r' && input.get(end + 1) == Some(&b'\n');
