@@ -32,7 +32,9 @@ use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, Wo
 use crate::{listen, Config, KeeperError};
 
 mod reexec;
+mod stop;
 mod upgrade;
+use stop::Stopping;
 use upgrade::Upgrade;
 
 /// Longest pause between attempts to start a worker that keeps failing.
@@ -190,9 +192,17 @@ struct Keeper {
     /// Connections were queued by an event that does not hand them out
     /// itself: hand them out once the events at hand are handled.
     dirty: bool,
+    /// The accept loops, stopped when the keeper stops.
+    accepting: Vec<tokio::task::AbortHandle>,
+    /// A stop under way (`SIGTERM`): requests in flight finish.
+    stop: Option<Stopping>,
+    /// Connections closed with a FIN, kept until their clients close too.
+    closing: tokio::task::JoinSet<()>,
 }
 
-/// Runs the keeper until SIGTERM or SIGINT.
+/// Runs the keeper until it is stopped: SIGTERM lets requests in flight
+/// finish (see [`stop`]), SIGINT closes every connection at once; either
+/// way no connection is reset.
 pub fn run(cfg: Config) -> Result<(), KeeperError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -311,16 +321,18 @@ impl Keeper {
         let room = Arc::new(Notify::new());
         let names = listeners.iter().map(|(_, n)| n.clone()).collect();
         let mut kept = Vec::new();
+        let mut accepting = Vec::new();
         for (l, name) in listeners {
             kept.push((l.try_clone()?, name));
             let afd = hf_sys::reactor::register(l)?;
-            tokio::spawn(accept_loop(
+            let task = tokio::spawn(accept_loop(
                 afd,
                 tx.clone(),
                 live.clone(),
                 cfg.max_conns as usize,
                 room.clone(),
             ));
+            accepting.push(task.abort_handle());
         }
         let status_fd = OwnedFd::from(status.try_clone()?);
         serve_status(status, tx.clone())?;
@@ -407,6 +419,9 @@ impl Keeper {
             failed_upgrades: 0,
             dirty: false,
             reexec_to: None,
+            accepting,
+            stop: None,
+            closing: tokio::task::JoinSet::new(),
         };
         Ok((k, rx))
     }
@@ -437,8 +452,13 @@ impl Keeper {
                 tracing::info!("SIGHUP: upgrading to the same command (a rebuilt binary)");
                 self.start_upgrade(UpgradeRequest::with_defaults(), None);
             }
+            Event::Signal("SIGTERM") if self.stop.is_none() => self.begin_stop(),
             Event::Signal(name) => {
-                tracing::info!(signal = name, "shutting down");
+                tracing::info!(
+                    signal = name,
+                    connections = self.conns.len(),
+                    "stopping now: closing every connection"
+                );
                 self.phase = Phase::ShuttingDown;
                 return true;
             }
@@ -447,7 +467,14 @@ impl Keeper {
                 self.expire_held();
                 self.check_draining();
                 self.check_upgrade();
-                self.check_rejuvenation();
+                if self.stop.is_some() {
+                    if self.check_stop() {
+                        self.phase = Phase::ShuttingDown;
+                        return true;
+                    }
+                } else {
+                    self.check_rejuvenation();
+                }
             }
             Event::Retry => {
                 self.retry_armed = false;
@@ -455,7 +482,7 @@ impl Keeper {
                 self.ensure_workers();
             }
         }
-        false
+        self.stopped()
     }
 
     fn arm_retry(&mut self, after: Duration) {
@@ -667,6 +694,8 @@ impl Keeper {
                 };
                 let control = w.control.clone();
                 send_msg(&control, &welcome);
+                // Welcomed while the keeper stops: it serves as a stopping worker.
+                self.tell_workers_to_stop();
             }
             Msg::Ready if w.greeted && w.role == Role::Starting => {
                 tracing::info!(
@@ -683,6 +712,9 @@ impl Keeper {
                 }
             }
             Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
+            Msg::Released { conn_id, slot } if self.stop.is_some() => {
+                self.released_at_stop(id, conn_id, slot)
+            }
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Spool { conn_id, slot } => {
                 let owned = self
@@ -1319,7 +1351,11 @@ impl Keeper {
             }
         }
         Snapshot {
-            phase: self.phase,
+            phase: if self.stopping() {
+                Phase::ShuttingDown
+            } else {
+                self.phase
+            },
             keeper_pid: std::process::id(),
             listeners: self.listeners.clone(),
             workers: self
@@ -1357,8 +1393,12 @@ impl Keeper {
         }
     }
 
+    /// The end of a stop: workers exit first (nothing may write to a
+    /// connection being closed), then every connection still held is
+    /// closed without a reset.
     async fn shutdown(&mut self) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.close_listeners();
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
             let _ = rustix::process::kill_process(
@@ -1380,7 +1420,11 @@ impl Keeper {
             }
             let _ = reap_blocking(w);
         }
+        self.workers.clear();
+        self.active = None;
+        self.close_all_cleanly().await;
         let _ = std::fs::remove_file(&self.cfg.control);
+        tracing::info!("stopped");
     }
 }
 

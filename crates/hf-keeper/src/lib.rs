@@ -91,6 +91,9 @@ pub struct Config {
     pub max_uptime: Option<std::time::Duration>,
     /// …or committed this many requests.
     pub max_requests: Option<u64>,
+    /// After SIGTERM, requests in flight have this long to finish; then
+    /// every connection still held is closed (cleanly, with a FIN).
+    pub stop_timeout: std::time::Duration,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }

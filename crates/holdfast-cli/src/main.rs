@@ -97,6 +97,11 @@ enum Cmd {
         /// this many requests (0 = off).
         #[arg(long, default_value_t = 0, value_name = "N")]
         max_requests: u64,
+        /// After SIGTERM, requests in flight have this many milliseconds to
+        /// finish (idle connections close at once); then every connection
+        /// is closed. The default fits systemd's 90 s stop timeout.
+        #[arg(long, default_value_t = 80_000, value_name = "MS")]
+        stop_timeout: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -203,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_rss,
             max_uptime,
             max_requests,
+            stop_timeout,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
@@ -231,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_rss: (max_rss > 0).then_some(max_rss << 20),
                 max_uptime: (max_uptime > 0).then(|| Duration::from_secs(max_uptime)),
                 max_requests: (max_requests > 0).then_some(max_requests),
+                stop_timeout: Duration::from_millis(stop_timeout),
                 command,
             })?;
             Ok(())
@@ -481,6 +488,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         max_rss: None,
         max_uptime: None,
         max_requests: None,
+        stop_timeout: Duration::from_secs(10),
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

@@ -144,6 +144,7 @@ impl Listener {
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),
                     Some(Incoming::Drain) => link.start_drain(),
+                    Some(Incoming::Stop) => link.start_stop(),
                     None => {}
                 }
             },

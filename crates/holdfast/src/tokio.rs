@@ -182,6 +182,7 @@ impl Listener {
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),
                     Some(Incoming::Drain) => link.start_drain(),
+                    Some(Incoming::Stop) => link.start_stop(),
                     None => {}
                 }
             },
@@ -340,7 +341,7 @@ impl Conn {
             return Poll::Pending;
         };
         cell.register(reading, cx.waker());
-        if self.core.draining_now(reading) {
+        if self.core.draining_now(self.io.get_ref().as_fd(), reading) {
             return Poll::Ready(());
         }
         Poll::Pending
