@@ -1617,19 +1617,11 @@ async fn accept_loop(
     }
 }
 
-/// Binds the control socket in an owner-only directory.
+/// Binds the control socket in an owner-only directory (see [`crate::control`]).
 fn bind_status(path: &Path) -> Result<std::os::unix::net::UnixListener, KeeperError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let err = |e: std::io::Error| KeeperError::Control(path.to_owned(), e);
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(err)?;
-        }
-    }
+    crate::control::prepare_dir(path).map_err(err)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(
@@ -1656,6 +1648,43 @@ fn serve_status(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // Only this keeper's user and root: whoever else got here (a
+            // socket or directory opened up by hand) is told so and dropped.
+            let peer = stream.peer_cred();
+            if !peer
+                .as_ref()
+                .is_ok_and(|c| crate::control::trusted_uid(c.uid()))
+            {
+                let uid = peer.as_ref().ok().map(|c| c.uid());
+                let pid = peer.as_ref().ok().and_then(|c| c.pid());
+                tracing::warn!(
+                    ?uid,
+                    ?pid,
+                    "control connection refused: not this keeper's user or root"
+                );
+                let who = uid.map_or("an unknown user".to_owned(), |u| format!("uid {u}"));
+                let reply = serde_json::json!({
+                    "error": format!(
+                        "permission denied: {who} may not control this keeper \
+                         (only uid {} and root)",
+                        rustix::process::geteuid().as_raw()
+                    )
+                });
+                tokio::spawn(async move {
+                    // The request is read first (briefly), so the client
+                    // sees this answer rather than a broken pipe.
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    let request = tokio::io::BufReader::new(r).take(4096);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        Box::pin(request).read_line(&mut line),
+                    )
+                    .await;
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                });
+                continue;
+            }
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();

@@ -262,11 +262,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Status { control, json } => {
             let path = control.unwrap_or_else(hf_keeper::default_control_path);
-            let snap = status::query(&path).with_context(|| {
-                format!(
-                    "no keeper answers at {} (is `holdfast run` running?)",
-                    path.display()
-                )
+            let snap = status::query(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    anyhow::anyhow!(
+                        "no keeper answers at {} (is `holdfast run` running?): {e}",
+                        path.display()
+                    )
+                }
+                _ => anyhow::anyhow!("status through {}: {e}", path.display()),
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snap)?);
