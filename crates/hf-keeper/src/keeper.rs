@@ -240,6 +240,14 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 keeper.reexec();
             }
         }
+        // Connections accepted in the instant before the listeners closed,
+        // whose events came after the stop ended: closed cleanly with the rest.
+        keeper.active = None;
+        while let Ok(ev) = rx.try_recv() {
+            if let Event::Accepted(fds) = ev {
+                keeper.accepted(fds);
+            }
+        }
         keeper.shutdown().await;
         Ok(())
     })
