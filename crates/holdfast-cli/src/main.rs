@@ -35,7 +35,11 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  holdfast run --listen 127.0.0.1:8080 -- hf-httpd --root /srv/www\n  \
                       holdfast run --listen [::1]:8080 --standby 2 -- ./my-service --flag\n\n\
-                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS)."
+                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS).\n\n\
+                      Signals: SIGTERM stops taking connections, lets the requests in flight finish \
+                      (at most --stop-timeout) and closes idle connections with a FIN; SIGTERM again \
+                      or SIGINT closes everything at once, still cleanly; SIGHUP upgrades to the same \
+                      command."
     )]
     Run {
         /// Address to listen on (IPv4 or [IPv6]:port); repeat for more.
