@@ -132,6 +132,9 @@ fn sigterm_finishes_requests_in_flight_and_closes_idle_connections_with_a_fin() 
         .status()
         .unwrap_or_else(|e| panic!("no status while stopping: {e}; log:\n{}", k.log()));
     assert_eq!(st.phase, Phase::ShuttingDown);
+    let (code, out, err) = k.upgrade(&["--json"], &[]);
+    assert_eq!(code, 1, "an upgrade while stopping: {out}{err}");
+    assert!(out.contains("shutting down"), "{out}{err}");
 
     half.send(b"\r\n").unwrap();
     let r = half

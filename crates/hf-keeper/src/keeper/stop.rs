@@ -77,7 +77,8 @@ impl Keeper {
     }
 
     /// Accepts what the kernel already completed in the listen backlog, so
-    /// those clients are served rather than reset when the listeners close.
+    /// those clients are served rather than reset when the listeners close
+    /// — within `--max-conns`: beyond it, they are reset, as with nginx.
     fn take_backlog(&mut self) {
         let max = self.cfg.max_conns as usize;
         let mut taken = Vec::new();
