@@ -44,6 +44,7 @@ fn main() -> std::io::Result<()> {
         Msg::Conns(entries(253, 1)),
         Msg::Shutdown,
         Msg::Drain,
+        Msg::Stop,
     ];
     let mut buf = Vec::new();
     for (i, m) in msgs.iter().enumerate() {

@@ -208,6 +208,22 @@ impl Keeper {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for the keeper to exit by itself; panics with
+    /// its log if it is still running then.
+    pub fn exit_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_exit(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "keeper still running after {timeout:?}; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// Whether the keeper process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends SIGTERM and waits for the keeper to exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = rustix::process::kill_process(
@@ -389,6 +405,13 @@ pub fn exit_and_stderr(
 pub fn term(pid: u32) {
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    }
+}
+
+/// Sends SIGINT to `pid`.
+pub fn interrupt(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::INT);
     }
 }
 

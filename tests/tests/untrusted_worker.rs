@@ -36,7 +36,7 @@ ctl = socket.socket(fileno=int(os.environ["HOLDFAST_CONTROL_FD"]))
 journal = int(os.environ["HOLDFAST_JOURNAL_FD"])
 
 if n == 1:
-    ctl.send(frame(0x01, struct.pack("<IHHHH", os.getpid(), 2, 1, 1, 1)))  # Hello
+    ctl.send(frame(0x01, struct.pack("<IHHHH", os.getpid(), 3, 1, 1, 1)))  # Hello, protocol 3
     ctl.recv(65536)                                                    # Welcome
     ctl.send(frame(0x02, b""))                                         # Ready
     fds = array.array("i")

@@ -55,7 +55,8 @@ const CONN_FLAGS: u8 = CONN_RECOVERED | CONN_SPOOL | CONN_CRASHED | CONN_MOVED;
 /// Service protocol level a worker announces in [`Msg::Hello`]; the keeper
 /// decides what to do with a mismatch, the frame decoder does not.
 /// 2: Hello carries state blob versions; Drain, Released, `CONN_MOVED`.
-pub const PROTO_VERSION: u16 = 2;
+/// 3: Stop; Refused (a worker hands back connections it cannot hold).
+pub const PROTO_VERSION: u16 = 3;
 pub const MAGIC: u16 = 0x4846;
 pub const VERSION: u8 = 1;
 
@@ -85,6 +86,7 @@ const KIND_SHUTDOWN: u8 = 0x84;
 const KIND_DRAIN: u8 = 0x85;
 const KIND_CHANNEL: u8 = 0x86;
 const KIND_ACCEPT_FAILED: u8 = 0x87;
+const KIND_STOP: u8 = 0x88;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Msg {
@@ -149,6 +151,10 @@ pub enum Msg {
     /// A new version takes over: let go of every connection at its next
     /// commit point (`Released`), take no new ones.
     Drain,
+    /// The keeper stops: finish every request in flight, and let go of each
+    /// connection (`Released`) once it is idle — at a commit point with no
+    /// input waiting — so the keeper can close it with a FIN.
+    Stop,
     /// A held channel of a connection (one fd) the next `Conns` hands over,
     /// or the connection an `AcceptOn` accepted.
     Channel { conn_id: u64, tag: u32 },
@@ -273,7 +279,7 @@ impl Msg {
                     out.push(e.flags);
                 }
             }
-            Msg::Ready | Msg::Activate | Msg::Shutdown | Msg::Drain => {}
+            Msg::Ready | Msg::Activate | Msg::Shutdown | Msg::Drain | Msg::Stop => {}
         }
         let len = u32::try_from(out.len().saturating_sub(HEADER)).unwrap_or(u32::MAX);
         out.iter_mut()
@@ -382,6 +388,7 @@ impl Msg {
             KIND_ACTIVATE => Msg::Activate,
             KIND_SHUTDOWN => Msg::Shutdown,
             KIND_DRAIN => Msg::Drain,
+            KIND_STOP => Msg::Stop,
             KIND_CONNS => {
                 let count = usize::from(r.u16()?);
                 // Checked before allocating, so a hostile count costs nothing.
@@ -450,6 +457,7 @@ impl Msg {
             Msg::Conns(_) => KIND_CONNS,
             Msg::Shutdown => KIND_SHUTDOWN,
             Msg::Drain => KIND_DRAIN,
+            Msg::Stop => KIND_STOP,
             Msg::Hold { .. } => KIND_HOLD,
             Msg::Unhold { .. } => KIND_UNHOLD,
             Msg::Channel { .. } => KIND_CHANNEL,

@@ -116,6 +116,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             .prop_map(Msg::Conns),
         Just(Msg::Shutdown),
         Just(Msg::Drain),
+        Just(Msg::Stop),
         (any::<u64>(), any::<u32>()).prop_map(|(conn_id, slot)| Msg::Released { conn_id, slot }),
         (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(conn_id, slot, tag)| Msg::Hold {
             conn_id,

@@ -32,7 +32,9 @@ use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, Wo
 use crate::{listen, Config, KeeperError};
 
 mod reexec;
+mod stop;
 mod upgrade;
+use stop::Stopping;
 use upgrade::Upgrade;
 
 /// Longest pause between attempts to start a worker that keeps failing.
@@ -202,9 +204,17 @@ struct Keeper {
     /// Connections were queued by an event that does not hand them out
     /// itself: hand them out once the events at hand are handled.
     dirty: bool,
+    /// The accept loops, stopped when the keeper stops.
+    accepting: Vec<tokio::task::AbortHandle>,
+    /// A stop under way (`SIGTERM`): requests in flight finish.
+    stop: Option<Stopping>,
+    /// Connections closed with a FIN, kept until their clients close too.
+    closing: tokio::task::JoinSet<()>,
 }
 
-/// Runs the keeper until SIGTERM or SIGINT.
+/// Runs the keeper until it is stopped: SIGTERM lets requests in flight
+/// finish (see [`stop`]), SIGINT closes every connection at once; either
+/// way no connection is reset.
 pub fn run(cfg: Config) -> Result<(), KeeperError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -240,6 +250,14 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 }
                 keeper.flush();
                 keeper.reexec();
+            }
+        }
+        // Connections accepted in the instant before the listeners closed,
+        // whose events came after the stop ended: closed cleanly with the rest.
+        keeper.active = None;
+        while let Ok(ev) = rx.try_recv() {
+            if let Event::Accepted(fds) = ev {
+                keeper.accepted(fds);
             }
         }
         keeper.shutdown().await;
@@ -322,6 +340,7 @@ impl Keeper {
         let room = Arc::new(Notify::new());
         let names = listeners.iter().map(|(_, n)| n.clone()).collect();
         let mut kept = Vec::new();
+        let mut accepting = Vec::new();
         for (l, name) in listeners {
             // Urgent data reaches services inline, as the byte it is in the
             // stream: accepted sockets inherit this from their listener,
@@ -330,13 +349,14 @@ impl Keeper {
             hf_sys::tcp::set_urgent_inline(&l)?;
             kept.push((l.try_clone()?, name));
             let afd = hf_sys::reactor::register(l)?;
-            tokio::spawn(accept_loop(
+            let task = tokio::spawn(accept_loop(
                 afd,
                 tx.clone(),
                 live.clone(),
                 cfg.max_conns as usize,
                 room.clone(),
             ));
+            accepting.push(task.abort_handle());
         }
         let status_fd = OwnedFd::from(status.try_clone()?);
         serve_status(status, tx.clone())?;
@@ -425,6 +445,9 @@ impl Keeper {
             failed_upgrades: 0,
             dirty: false,
             reexec_to: None,
+            accepting,
+            stop: None,
+            closing: tokio::task::JoinSet::new(),
         };
         Ok((k, rx))
     }
@@ -455,8 +478,13 @@ impl Keeper {
                 tracing::info!("SIGHUP: upgrading to the same command (a rebuilt binary)");
                 self.start_upgrade(UpgradeRequest::with_defaults(), None);
             }
+            Event::Signal("SIGTERM") if self.stop.is_none() => self.begin_stop(),
             Event::Signal(name) => {
-                tracing::info!(signal = name, "shutting down");
+                tracing::info!(
+                    signal = name,
+                    connections = self.conns.len(),
+                    "stopping now: closing every connection"
+                );
                 self.phase = Phase::ShuttingDown;
                 return true;
             }
@@ -465,7 +493,14 @@ impl Keeper {
                 self.expire_held();
                 self.check_draining();
                 self.check_upgrade();
-                self.check_rejuvenation();
+                if self.stop.is_some() {
+                    if self.check_stop() {
+                        self.phase = Phase::ShuttingDown;
+                        return true;
+                    }
+                } else {
+                    self.check_rejuvenation();
+                }
             }
             Event::Retry => {
                 self.retry_armed = false;
@@ -474,7 +509,7 @@ impl Keeper {
                 self.ensure_workers();
             }
         }
-        false
+        self.stopped()
     }
 
     fn arm_retry(&mut self, after: Duration) {
@@ -717,6 +752,8 @@ impl Keeper {
                 };
                 let control = w.control.clone();
                 send_msg(&control, &welcome);
+                // Welcomed while the keeper stops: it serves as a stopping worker.
+                self.tell_workers_to_stop();
             }
             Msg::Ready if w.greeted && w.role == Role::Starting => {
                 tracing::info!(
@@ -735,6 +772,9 @@ impl Keeper {
                 }
             }
             Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
+            Msg::Released { conn_id, slot } if self.stop.is_some() => {
+                self.released_at_stop(id, conn_id, slot)
+            }
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Refused { conn_id, slot } => self.refused(id, conn_id, slot),
             Msg::Spool { conn_id, slot } => {
@@ -1517,7 +1557,11 @@ impl Keeper {
             }
         }
         Snapshot {
-            phase: self.phase,
+            phase: if self.stopping() {
+                Phase::ShuttingDown
+            } else {
+                self.phase
+            },
             keeper_pid: std::process::id(),
             listeners: self.listeners.clone(),
             workers: self
@@ -1555,8 +1599,12 @@ impl Keeper {
         }
     }
 
+    /// The end of a stop: workers exit first (nothing may write to a
+    /// connection being closed), then every connection still held is
+    /// closed without a reset.
     async fn shutdown(&mut self) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.close_listeners();
         for (id, w) in &self.workers {
             send_msg(&w.control, &Msg::Shutdown);
             signal_worker(w.pid, Signal::TERM);
@@ -1572,7 +1620,11 @@ impl Keeper {
             signal_worker(w.pid, Signal::KILL);
             let _ = reap_blocking(w);
         }
+        self.workers.clear();
+        self.active = None;
+        self.close_all_cleanly().await;
         let _ = std::fs::remove_file(&self.cfg.control);
+        tracing::info!("stopped");
     }
 }
 
@@ -1791,19 +1843,11 @@ async fn accept_loop(
     }
 }
 
-/// Binds the control socket in an owner-only directory.
+/// Binds the control socket in an owner-only directory (see [`crate::control`]).
 fn bind_status(path: &Path) -> Result<std::os::unix::net::UnixListener, KeeperError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let err = |e: std::io::Error| KeeperError::Control(path.to_owned(), e);
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(err)?;
-        }
-    }
+    crate::control::prepare_dir(path).map_err(err)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(
@@ -1830,6 +1874,43 @@ fn serve_status(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            // Only this keeper's user and root: whoever else got here (a
+            // socket or directory opened up by hand) is told so and dropped.
+            let peer = stream.peer_cred();
+            if !peer
+                .as_ref()
+                .is_ok_and(|c| crate::control::trusted_uid(c.uid()))
+            {
+                let uid = peer.as_ref().ok().map(|c| c.uid());
+                let pid = peer.as_ref().ok().and_then(|c| c.pid());
+                tracing::warn!(
+                    ?uid,
+                    ?pid,
+                    "control connection refused: not this keeper's user or root"
+                );
+                let who = uid.map_or("an unknown user".to_owned(), |u| format!("uid {u}"));
+                let reply = serde_json::json!({
+                    "error": format!(
+                        "permission denied: {who} may not control this keeper \
+                         (only uid {} and root)",
+                        rustix::process::geteuid().as_raw()
+                    )
+                });
+                tokio::spawn(async move {
+                    // The request is read first (briefly), so the client
+                    // sees this answer rather than a broken pipe.
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    let request = tokio::io::BufReader::new(r).take(4096);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        Box::pin(request).read_line(&mut line),
+                    )
+                    .await;
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                });
+                continue;
+            }
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();

@@ -35,6 +35,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
 mod keeper;
 mod listen;
 pub mod status;
@@ -91,6 +92,9 @@ pub struct Config {
     pub max_uptime: Option<std::time::Duration>,
     /// …or committed this many requests.
     pub max_requests: Option<u64>,
+    /// After SIGTERM, requests in flight have this long to finish; then
+    /// every connection still held is closed (cleanly, with a FIN).
+    pub stop_timeout: std::time::Duration,
     /// The worker command and its arguments.
     pub command: Vec<OsString>,
 }
@@ -116,14 +120,14 @@ pub enum KeeperError {
 }
 
 /// The default control socket: `$XDG_RUNTIME_DIR/holdfast/control.sock`, or
-/// `/tmp/holdfast-UID/control.sock`.
+/// `$TMPDIR/holdfast-UID/control.sock` (`/tmp` without `TMPDIR`). The keeper
+/// creates that directory owner-only, and both the keeper and the client
+/// refuse one that another user could change (see [`control`]).
 pub fn default_control_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("holdfast").join("control.sock"),
-        _ => PathBuf::from(format!(
-            "/tmp/holdfast-{}",
-            rustix::process::getuid().as_raw()
-        ))
-        .join("control.sock"),
+        _ => std::env::temp_dir()
+            .join(format!("holdfast-{}", rustix::process::geteuid().as_raw()))
+            .join("control.sock"),
     }
 }

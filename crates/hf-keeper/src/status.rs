@@ -5,7 +5,6 @@
 //! (`{"cmd":"status"}`) and reads one JSON line back.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -211,7 +210,7 @@ pub fn upgrade_keeper(path: &Path, on: impl FnMut(&Progress)) -> std::io::Result
 }
 
 fn converse(path: &Path, line: &str, mut on: impl FnMut(&Progress)) -> std::io::Result<Progress> {
-    let mut s = UnixStream::connect(path)?;
+    let mut s = crate::control::connect(path)?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
     let bad = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
@@ -239,10 +238,15 @@ fn converse(path: &Path, line: &str, mut on: impl FnMut(&Progress)) -> std::io::
 
 /// Asks the keeper at `path` for a snapshot.
 pub fn query(path: &Path) -> std::io::Result<Snapshot> {
-    let mut s = UnixStream::connect(path)?;
+    let mut s = crate::control::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"{\"cmd\":\"status\"}\n")?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(std::io::Error::other(e.to_owned()));
+        }
+    }
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

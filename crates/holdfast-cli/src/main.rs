@@ -35,7 +35,11 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  holdfast run --listen 127.0.0.1:8080 -- hf-httpd --root /srv/www\n  \
                       holdfast run --listen [::1]:8080 --standby 2 -- ./my-service --flag\n\n\
-                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS)."
+                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS).\n\n\
+                      Signals: SIGTERM stops taking connections, lets the requests in flight finish \
+                      (at most --stop-timeout) and closes idle connections with a FIN; SIGTERM again \
+                      or SIGINT closes everything at once, still cleanly; SIGHUP upgrades to the same \
+                      command."
     )]
     Run {
         /// Address to listen on (IPv4 or [IPv6]:port); repeat for more.
@@ -98,6 +102,11 @@ enum Cmd {
         /// this many requests (0 = off).
         #[arg(long, default_value_t = 0, value_name = "N")]
         max_requests: u64,
+        /// After SIGTERM, requests in flight have this many milliseconds to
+        /// finish (idle connections close at once); then every connection
+        /// is closed. The default fits systemd's 90 s stop timeout.
+        #[arg(long, default_value_t = 80_000, value_name = "MS")]
+        stop_timeout: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -204,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_rss,
             max_uptime,
             max_requests,
+            stop_timeout,
             command,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
@@ -232,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_rss: (max_rss > 0).then_some(max_rss << 20),
                 max_uptime: (max_uptime > 0).then(|| Duration::from_secs(max_uptime)),
                 max_requests: (max_requests > 0).then_some(max_requests),
+                stop_timeout: Duration::from_millis(stop_timeout),
                 command,
             })?;
             Ok(())
@@ -256,11 +267,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Status { control, json } => {
             let path = control.unwrap_or_else(hf_keeper::default_control_path);
-            let snap = status::query(&path).with_context(|| {
-                format!(
-                    "no keeper answers at {} (is `holdfast run` running?)",
-                    path.display()
-                )
+            let snap = status::query(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    anyhow::anyhow!(
+                        "no keeper answers at {} (is `holdfast run` running?): {e}",
+                        path.display()
+                    )
+                }
+                _ => anyhow::anyhow!("status through {}: {e}", path.display()),
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&snap)?);
@@ -482,6 +496,7 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
         max_rss: None,
         max_uptime: None,
         max_requests: None,
+        stop_timeout: Duration::from_secs(10),
         unavailable: Some(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),

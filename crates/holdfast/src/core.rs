@@ -402,7 +402,7 @@ impl Core {
             return Ok(rustix::net::recv(fd, buf, rflags)?.0);
         }
         loop {
-            if self.released || self.release_if_draining(true) {
+            if self.released || self.release_if_draining(fd, true) {
                 return self.read_after_release();
             }
             let Some(k) = &mut self.kept else {
@@ -466,8 +466,10 @@ impl Core {
     /// While draining, a connection at a commit point is handed back to
     /// the keeper (see [`Core::release`]): no output since the commit, and,
     /// before a write, no input read past it either — a request that has
-    /// been read runs to its answer here, so it never runs twice.
-    fn release_if_draining(&mut self, reading: bool) -> bool {
+    /// been read runs to its answer here, so it never runs twice. When the
+    /// keeper stops, nothing else will serve the connection: it goes back
+    /// only once idle, before a read (see [`Kept::idle`]).
+    fn release_if_draining(&mut self, fd: BorrowedFd<'_>, reading: bool) -> bool {
         let Some(k) = &self.kept else {
             return false;
         };
@@ -477,6 +479,7 @@ impl Core {
             || !k.pending.is_empty()
             || k.out_pos != k.rec.out_commit
             || (!reading && k.in_read != k.rec.in_commit)
+            || (k.link.stopping() && !(reading && k.idle(fd)))
         {
             return false;
         }
@@ -529,13 +532,13 @@ impl Core {
 
     /// Tasks of the tokio flavour: whether waiting to read (or to write)
     /// can end because the connection goes to a new version now.
-    pub(crate) fn draining_now(&mut self, reading: bool) -> bool {
-        self.released || self.release_if_draining(reading)
+    pub(crate) fn draining_now(&mut self, fd: BorrowedFd<'_>, reading: bool) -> bool {
+        self.released || self.release_if_draining(fd, reading)
     }
 
     pub(crate) fn write(&mut self, fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         let (_, sflags) = self.flags();
-        if self.released || self.release_if_draining(false) {
+        if self.released || self.release_if_draining(fd, false) {
             return Err(moved());
         }
         self.flush_pending(fd)?;
@@ -875,6 +878,17 @@ impl Kept {
             self.gated = false;
             self.link.suspects.release(self.rec.conn_id);
         }
+    }
+
+    /// No request in flight or waiting: everything read is committed, and
+    /// no unread input waits in the kernel (past what was peeked) or in the
+    /// spool. A peer that closed its side with nothing pending is idle too.
+    fn idle(&self, fd: BorrowedFd<'_>) -> bool {
+        // Unread input is `inq + in_discarded - in_read`: the kernel holds
+        // everything from `in_discarded` on (a spool consumed it up to its
+        // end, which is then `in_discarded`).
+        self.in_read == self.rec.in_commit
+            && hf_sys::tcp::inq(fd).is_ok_and(|inq| inq + self.in_discarded <= self.in_read)
     }
 
     /// A request is in flight once input past the commit has been read.

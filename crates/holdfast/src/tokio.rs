@@ -187,6 +187,7 @@ impl Listener {
                     Some(Incoming::Activate) => tracing::info!("promoted to active worker"),
                     Some(Incoming::Shutdown) => return Ok(None),
                     Some(Incoming::Drain) => link.start_drain(),
+                    Some(Incoming::Stop) => link.start_stop(),
                     None => {}
                 }
             },
@@ -262,6 +263,8 @@ impl Conn {
     /// This connection went to a new version of the service (`holdfast
     /// upgrade`): reads return end of input (or, if part of a request had
     /// been read, fail) and writes fail; drop it. The client does not notice.
+    /// When the keeper stops, an idle connection is handed back the same
+    /// way (reading as end of input) for the keeper to close with a FIN.
     pub fn moved(&self) -> bool {
         self.core.released()
     }
@@ -345,7 +348,7 @@ impl Conn {
             return Poll::Pending;
         };
         cell.register(reading, cx.waker());
-        if self.core.draining_now(reading) {
+        if self.core.draining_now(self.io.get_ref().as_fd(), reading) {
             return Poll::Ready(());
         }
         Poll::Pending

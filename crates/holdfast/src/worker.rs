@@ -41,6 +41,9 @@ pub(crate) struct Link {
     requests: std::sync::atomic::AtomicU64,
     /// A new version is taking over: connections let go at commit points.
     draining: AtomicBool,
+    /// The keeper stops (set before `draining`): connections let go only
+    /// once idle, so every request in flight is answered first.
+    stopping: AtomicBool,
     /// Tasks of the tokio flavour waiting on a connection, woken when
     /// draining starts.
     wakers: Mutex<Vec<Weak<WakeCell>>>,
@@ -207,6 +210,8 @@ pub(crate) enum Incoming {
     Shutdown,
     /// Let go of every connection at its next commit point.
     Drain,
+    /// Let go of every connection once it is idle.
+    Stop,
 }
 
 fn env_fd(name: &str) -> Result<Option<RawFd>, Error> {
@@ -316,6 +321,7 @@ impl Link {
             state_version: opts.state_version,
             requests: std::sync::atomic::AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             wakers: Mutex::new(Vec::new()),
             channels: Mutex::new(Stash::default()),
             arrived: std::sync::Condvar::new(),
@@ -409,6 +415,7 @@ impl Link {
             Msg::Activate => Ok(Some(Incoming::Activate)),
             Msg::Shutdown => Ok(Some(Incoming::Shutdown)),
             Msg::Drain => Ok(Some(Incoming::Drain)),
+            Msg::Stop => Ok(Some(Incoming::Stop)),
             Msg::Channel { conn_id, tag } => {
                 let Some(fd) = fds.into_iter().next() else {
                     if !fds_dropped {
@@ -613,13 +620,34 @@ impl Link {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// True once the keeper stops: connections are let go only when idle
+    /// (see [`Link::start_stop`]).
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The keeper stops: every request in flight runs to its answer, and
+    /// each connection is handed back once idle — at a commit point with no
+    /// input waiting — for the keeper to close with a FIN.
+    pub(crate) fn start_stop(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!("the keeper stops: handing connections back once idle");
+        self.start_drain();
+    }
+
     /// Starts letting connections go: every connection waiting to read or
     /// write is woken to find it out.
     pub(crate) fn start_drain(&self) {
         if self.draining.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::info!("a new version takes over: handing connections back at their commit points");
+        if !self.stopping() {
+            tracing::info!(
+                "a new version takes over: handing connections back at their commit points"
+            );
+        }
         let cells: Vec<Arc<WakeCell>> = match self.wakers.lock() {
             Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
             Err(_) => Vec::new(),

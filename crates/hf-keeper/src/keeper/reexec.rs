@@ -151,6 +151,10 @@ pub(super) fn take_saved() -> Result<Option<Saved>, KeeperError> {
 
 impl Keeper {
     pub(super) fn reexec_requested(&mut self, client: OwnedFd) {
+        if self.stopping() {
+            reply(&client, &self.failed("the keeper is stopping".into()));
+            return;
+        }
         if let Some(up) = &self.upgrade {
             let reason = format!(
                 "an upgrade to generation {} is under way; try again when it ends",

@@ -121,7 +121,7 @@ impl Keeper {
                 });
             }
         };
-        if self.phase == crate::status::Phase::ShuttingDown {
+        if self.stopping() {
             return refuse(self, "the keeper is shutting down".into());
         }
         let live = self.live_generations();
