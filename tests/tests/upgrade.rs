@@ -678,3 +678,49 @@ fn draining_worker_whose_last_connection_closes_retires() {
     let mut k = k;
     k.wait_for("generation 2 alone", |s| s.generations == [2]);
 }
+
+/// `holdfast upgrade` and `holdfast upgrade --keeper` started together, ten
+/// times over: every service upgrade command gets its true final answer (done,
+/// or failed with the reason — never a connection closed mid-upgrade), a
+/// keeper re-exec that would cut an upgrade short is refused with the reason,
+/// and status counts exactly what the commands reported.
+#[test]
+fn keeper_reexec_racing_a_service_upgrade_leaves_it_a_true_answer() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let mut c = LineClient::connect(k.addr, "c");
+    let (mut done, mut failed, mut reexecs, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..10u64 {
+        let service = upgrade_in_background(&k, &["--settle", "0", "--json"]);
+        let keeper = upgrade_in_background(&k, &["--keeper"]);
+        let (code, out, err) = service.join().unwrap();
+        let last: Option<serde_json::Value> = out
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok());
+        match (code, last.as_ref().and_then(|v| v["event"].as_str())) {
+            (0, Some("done")) => done += 1,
+            (1, Some("failed")) => failed += 1,
+            _ => panic!(
+                "round {round}: the service upgrade got no true answer (exit {code}): \
+                 {out}{err}\n{}",
+                k.log()
+            ),
+        }
+        let (code, out, err) = keeper.join().unwrap();
+        match code {
+            0 if out.contains("keeper re-executed") => reexecs += 1,
+            1 if out.contains("under way; try again when it ends") => refused += 1,
+            _ => panic!("round {round}: keeper re-exec (exit {code}): {out}{err}"),
+        }
+        c.request(round, 100, 0);
+    }
+    let st = k.wait_for("no upgrade under way", |s| s.upgrade.is_none());
+    assert_eq!(
+        (st.upgrades, st.failed_upgrades),
+        (done, failed),
+        "status counts what the commands reported"
+    );
+    assert_eq!(st.keeper_execs, reexecs);
+    assert_eq!(st.restarts, 0);
+    eprintln!("{done} upgrades done, {failed} failed; {reexecs} re-execs, {refused} refused");
+}

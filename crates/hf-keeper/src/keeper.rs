@@ -160,6 +160,8 @@ struct Keeper {
     /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
     /// this stream for the outcome.
     reexec_to: Option<OwnedFd>,
+    /// Control-socket conversations in progress, held back for a re-exec.
+    control_gate: Arc<reexec::ControlGate>,
     conns: HashMap<u64, Held>,
     free_slots: Vec<u32>,
     next_slot: u32,
@@ -218,9 +220,13 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
             }
             keeper.flush();
             if keeper.reexec_to.is_some() {
-                // Everything queued is handled first (no accepted
-                // connection may be left in the channel), then the whole
-                // state goes to a new image of the keeper.
+                // Control-socket clients get their answers first, then
+                // everything queued is handled (no accepted connection may
+                // be left in the channel), then the whole state goes to a
+                // new image of the keeper.
+                if keeper.quiesce_control(&mut rx).await {
+                    break 'outer;
+                }
                 while let Ok(ev) = rx.try_recv() {
                     if keeper.handle(ev) {
                         break 'outer;
@@ -228,6 +234,7 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 }
                 keeper.flush();
                 keeper.reexec();
+                keeper.reopen_control();
             }
         }
         keeper.shutdown().await;
@@ -323,7 +330,8 @@ impl Keeper {
             ));
         }
         let status_fd = OwnedFd::from(status.try_clone()?);
-        serve_status(status, tx.clone())?;
+        let control_gate = Arc::new(reexec::ControlGate::default());
+        serve_status(status, tx.clone(), control_gate.clone())?;
         for (sig, name) in [
             (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
             (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
@@ -407,6 +415,7 @@ impl Keeper {
             failed_upgrades: 0,
             dirty: false,
             reexec_to: None,
+            control_gate,
         };
         Ok((k, rx))
     }
@@ -1604,16 +1613,20 @@ fn bind_status(path: &Path) -> Result<std::os::unix::net::UnixListener, KeeperEr
 fn serve_status(
     listener: std::os::unix::net::UnixListener,
     tx: mpsc::UnboundedSender<Event>,
+    gate: Arc<reexec::ControlGate>,
 ) -> Result<(), KeeperError> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     tokio::spawn(async move {
         loop {
+            gate.open().await;
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let conversation = gate.enter();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _conversation = conversation;
                 let (r, mut w) = stream.into_split();
                 let mut r = tokio::io::BufReader::new(r);
                 let mut line = String::new();
