@@ -37,6 +37,7 @@ fn done_event(out: &str) -> serde_json::Value {
 }
 
 /// Runs `holdfast upgrade ARGS` on `k` in a thread: (exit code, stdout, stderr).
+/// ARGS may end with `-- CMD…`.
 fn upgrade_in_background(k: &Keeper, args: &[&str]) -> JoinHandle<(i32, String, String)> {
     let control = k.control.clone();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -44,9 +45,9 @@ fn upgrade_in_background(k: &Keeper, args: &[&str]) -> JoinHandle<(i32, String, 
         run_cmd(
             std::process::Command::new(bin("holdfast"))
                 .arg("upgrade")
-                .args(&args)
                 .arg("--control")
-                .arg(&control),
+                .arg(&control)
+                .args(&args),
         )
     })
 }
@@ -723,4 +724,76 @@ fn keeper_reexec_racing_a_service_upgrade_leaves_it_a_true_answer() {
     assert_eq!(st.keeper_execs, reexecs);
     assert_eq!(st.restarts, 0);
     eprintln!("{done} upgrades done, {failed} failed; {reexecs} re-execs, {refused} refused");
+}
+
+/// The new version is killed during `--settle` while it is in the middle
+/// of a slow download (a rollback): the download is finished by a standby
+/// of the new version — the one whose answer the client has half of — and
+/// arrives byte for byte, not spliced with (or cut for) the old version's
+/// different head.
+#[test]
+fn rollback_finishes_an_answer_cut_mid_way_on_the_new_version() {
+    let dir = TempDir::new("rollback-mid-answer");
+    let files = make_site(dir.path(), &[4 << 20]);
+    let (path, want) = files[0].clone();
+    // Without resume, a cut answer is replayed from its first byte: the
+    // head too, which is another length in the other version.
+    let mut a = httpd(&bin("hf-httpd"), dir.path(), "A");
+    let mut b = httpd(&bin("hf-httpd"), dir.path(), "hf-httpd/version-B");
+    a.push("--no-resume".into());
+    b.push("--no-resume".into());
+    let mut k = Keeper::start(&[], &s(&a));
+    let mut args = vec!["--settle", "60000", "--json", "--"];
+    args.extend(s(&b));
+    let up = upgrade_in_background(&k, &args);
+    let st = k.wait_for("the new version serving, with a standby", |s| {
+        active_generation(s) == Some(2)
+            && s.workers
+                .iter()
+                .any(|w| w.generation == 2 && w.role == Role::Standby)
+    });
+    let new = st
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .unwrap()
+        .pid;
+    let mut sock = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || paced_read_to_end(sock, 2.0 * 1024.0 * 1024.0, progress))
+    };
+    hf_tests::eventually(Duration::from_secs(10), "download under way", || {
+        (progress.load(Ordering::Relaxed) > 256 << 10).then_some(())
+    });
+    kill9(new);
+    let (code, out, err) = up.join().unwrap();
+    assert_eq!(code, 1, "{out}{err}\n{}", k.log());
+    assert!(out.contains("rolled back to generation 1"), "{out}");
+    let raw = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download: {e}\n{}", k.log()));
+    let r = parse_all(&raw, &[false]).unwrap_or_else(|e| panic!("{e}\n{}", k.log()));
+    assert_eq!(r[0].status, 200);
+    assert_eq!(r[0].header("server"), Some("hf-httpd/version-B"));
+    assert!(
+        r[0].body == want,
+        "body differs ({} bytes, want {})\n{}",
+        r[0].body.len(),
+        want.len(),
+        k.log()
+    );
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    let st = k.wait_for("generation 1 alone", |s| s.generations == [1]);
+    assert_eq!((st.upgrades, st.failed_upgrades), (0, 1));
+    // New connections are served by the old version again.
+    let mut cl = Client::connect(k.addr).unwrap();
+    let r = cl.get(&path).unwrap();
+    assert_eq!((r.status, r.header("server")), (200, Some("A")));
 }

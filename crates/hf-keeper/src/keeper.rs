@@ -1099,6 +1099,7 @@ impl Keeper {
         if was_active {
             self.active = None;
             self.restarts += 1;
+            self.rollback_cut_answers(id, crashed);
             self.recover_from(id, crashed);
             self.recovery_started = Some(t0);
             // A standby of the version in force: during an upgrade that can

@@ -13,7 +13,9 @@
 //!          │   from it (SIGKILL) and recovered as after a crash
 //!          ├─ the old one holds nothing ──► told to exit
 //!          ├─ the new one dies before the settle time ──► the old version's
-//!          │   standby takes everything (rollback, "failed", exit 1)
+//!          │   standby takes everything (rollback, "failed", exit 1); an
+//!          │   answer it had partly sent is first finished by a standby of
+//!          │   the new version, which hands it over at its commit point
 //!          └─ settled ──► the old version's standbys retire, new ones start
 //! ```
 //!
@@ -367,6 +369,21 @@ impl Keeper {
         if let Some(up) = &mut self.upgrade {
             up.recovered += mine;
         }
+        let replayer = self
+            .active
+            .and_then(|a| self.workers.get(&a))
+            .map_or(self.generation, |a| a.generation);
+        if catcher.is_none() && replayer != w.generation {
+            let cut = self.cut_answers(id).len();
+            if cut > 0 {
+                let why = if w.catcher {
+                    "was still busy a drain timeout after it took over"
+                } else {
+                    "has no standby left to take over"
+                };
+                self.warn_other_version_replays(w.generation, replayer, cut, why);
+            }
+        }
         self.recover_from(id, crashed);
         let Some(sid) = catcher else {
             self.hand_out();
@@ -615,11 +632,13 @@ impl Keeper {
             return;
         };
         self.failed_upgrades += 1;
-        // The new version's standbys go too.
+        // The new version's standbys go too, except one finishing the
+        // answers the new version had partly sent (it leaves once it has
+        // handed them over).
         let new: Vec<u32> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.generation == up.generation && w.role != Role::Active)
+            .filter(|(_, w)| w.generation == up.generation && w.role != Role::Active && !w.catcher)
             .map(|(id, _)| *id)
             .collect();
         for id in new {
@@ -643,6 +662,102 @@ impl Keeper {
             generation: self.generation,
         });
         self.ensure_workers();
+    }
+
+    /// The active worker `id` died. If it is the new version of an upgrade
+    /// that rolls back, its connections go back to the old version — but
+    /// an answer it had partly sent, replayed by the old version, would
+    /// come out differently (and the connection would be closed with the
+    /// answer cut). Those connections go to a ready standby of the new
+    /// version instead, which finishes each answer with the same bytes and
+    /// hands the connection to the old version at its next commit point,
+    /// like a draining worker. Connections at a commit point are left to
+    /// the usual recovery, on the old version.
+    ///
+    /// A new version that crashed by itself (or hung) gets no such second
+    /// chance: the replay would most likely fail the same way, and going
+    /// back to the old version is what the rollback is for.
+    pub(super) fn rollback_cut_answers(&mut self, id: u32, crashed: bool) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        if up.candidate != id || !up.rollback || up.phase == UpgradePhase::Starting {
+            return;
+        }
+        let (gen, drain_timeout) = (up.generation, up.drain_timeout);
+        let mut cut = self.cut_answers(id);
+        if cut.is_empty() {
+            return;
+        }
+        let catcher = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.role == Role::Standby && w.generation == gen)
+            .map(|(sid, _)| *sid);
+        let sid = match (catcher, crashed) {
+            (Some(sid), false) => sid,
+            (_, true) => {
+                let n = cut.len();
+                return self.warn_other_version_replays(gen, self.generation, n, "crashed or hung");
+            }
+            (None, false) => {
+                let n = cut.len();
+                let why = "has no standby ready";
+                return self.warn_other_version_replays(gen, self.generation, n, why);
+            }
+        };
+        tracing::info!(
+            worker = sid,
+            generation = gen,
+            connections = cut.len(),
+            "rollback: a standby of the new version finishes the answers it had partly sent, \
+             then hands them to generation {}",
+            self.generation
+        );
+        cut.sort_unstable();
+        let now = Instant::now();
+        for cid in &cut {
+            if let Some(h) = self.conns.get_mut(cid) {
+                h.owner = None;
+                h.crashed = false;
+                h.since = Some(now);
+            }
+        }
+        let mut queue: std::collections::VecDeque<u64> = cut.into();
+        if let Some(s) = self.workers.get_mut(&sid) {
+            s.catcher = true;
+        }
+        self.hand_to(sid, &mut queue);
+        self.start_drain(sid, now + drain_timeout);
+        // Whatever could not be sent goes to the old version.
+        while let Some(c) = queue.pop_back() {
+            self.waiting.push_front(c);
+        }
+    }
+
+    /// Connections worker `id` holds in the middle of an answer: part of
+    /// it may have reached the client, so only the same code can replay it
+    /// byte for byte. Records are copied out and validated; one that does
+    /// not decode counts as cut.
+    fn cut_answers(&self, id: u32) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(cid, h)| h.owner == Some(id) && !self.at_commit_point(**cid, h))
+            .map(|(cid, _)| *cid)
+            .collect()
+    }
+
+    /// Says plainly that answers generation `from` had partly sent are
+    /// replayed by generation `by`: if that version answers differently,
+    /// those connections end with a clean close instead of their answer.
+    fn warn_other_version_replays(&self, from: u32, by: u32, connections: usize, why: &str) {
+        tracing::warn!(
+            generation = from,
+            replayed_by = by,
+            connections,
+            "generation {from} {why}: generation {by} replays the answers it had partly sent; \
+             one that comes out differently is closed cleanly after the bytes already sent"
+        );
     }
 
     /// A worker died: if it was the new version, the upgrade fails (and,
