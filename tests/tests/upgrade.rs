@@ -797,3 +797,86 @@ fn rollback_finishes_an_answer_cut_mid_way_on_the_new_version() {
     let r = cl.get(&path).unwrap();
     assert_eq!((r.status, r.header("server")), (200, Some("A")));
 }
+
+/// An upgrade without rollback (the old version cannot read the new state
+/// blobs) still keeps one standby of the old version while the old version
+/// holds connections: a request running past the drain timeout is replayed
+/// by it, with the bytes the client already has half of, and not by the
+/// new version, which answers differently (`--diverge`).
+#[test]
+fn request_past_the_drain_timeout_of_an_upgrade_without_rollback_stays_on_its_version() {
+    let mut k = testsvc::keeper(&[], &["--state-version", "1"]);
+    k.wait_for("the standby ready", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
+    let mut busy = LineClient::connect(k.addr, "busy");
+    busy.send("HOLD 7 100000\n");
+    let want = answer(7, 100_000, 0);
+    let first = busy.read_n(half(7, 100_000)).unwrap();
+    assert_eq!(first[..], want[..first.len()]);
+    let (code, out, _) = k.upgrade(
+        &["--drain-timeout", "300", "--settle", "20", "--json"],
+        &s(&testsvc_cmd(&[
+            "--state-version",
+            "2",
+            "--reads-state",
+            "1",
+            "--diverge",
+        ])),
+    );
+    assert_eq!(code, 0, "{out}\n{}", k.log());
+    assert!(out.contains("\"rollback\":false"), "{out}");
+    let d = done_event(&out);
+    assert_eq!(d["recovered"], 1, "{out}");
+    busy.expect(
+        &want[first.len()..],
+        "rest of the held answer, replayed by the old version",
+    );
+    busy.send("REQ 8 10 0\n");
+    busy.expect(b"RESP 8 10\n", "an answer from the new version");
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    k.wait_for("generation 2 alone", |s| {
+        s.workers.iter().all(|w| w.generation == 2)
+    });
+}
+
+/// Back-to-back upgrades: the second one starts while the first version
+/// still holds a running request. That version keeps a standby, so the
+/// request, still running at its drain timeout, is replayed by its own
+/// code, not by the newest version (which answers differently).
+#[test]
+fn request_past_the_drain_timeout_during_back_to_back_upgrades_stays_on_its_version() {
+    let mut k = testsvc::keeper(&[], &[]);
+    k.wait_for("the standby ready", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
+    let mut busy = LineClient::connect(k.addr, "busy");
+    busy.send("HOLD 7 100000\n");
+    let want = answer(7, 100_000, 0);
+    let first = busy.read_n(half(7, 100_000)).unwrap();
+    let diverge = testsvc_cmd(&["--diverge"]);
+    let mut args = vec!["--drain-timeout", "1500", "--settle", "20", "--json", "--"];
+    args.extend(s(&diverge));
+    let up = upgrade_in_background(&k, &args);
+    k.wait_for("generation 1 draining", |s| {
+        active_generation(s) == Some(2)
+            && s.workers
+                .iter()
+                .any(|w| w.generation == 1 && w.role == Role::Draining && w.connections == 1)
+    });
+    let (code, out, err) = k.upgrade(
+        &["--drain-timeout", "20000", "--settle", "20", "--json"],
+        &s(&diverge),
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", k.log());
+    let (code, first_out, err) = up.join().unwrap();
+    assert_eq!(code, 0, "{first_out}{err}\n{}", k.log());
+    busy.expect(
+        &want[first.len()..],
+        "rest of the held answer, replayed by the first version",
+    );
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    k.wait_for("generation 3 alone", |s| {
+        s.workers.iter().all(|w| w.generation == 3)
+    });
+}

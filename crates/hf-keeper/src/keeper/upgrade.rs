@@ -10,7 +10,8 @@
 //!          ├─ every connection at a commit point is handed back (Released)
 //!          │   and goes to the new version with its state blob
 //!          ├─ at the drain timeout, what the old one still holds is taken
-//!          │   from it (SIGKILL) and recovered as after a crash
+//!          │   from it (SIGKILL) and recovered as after a crash, on a
+//!          │   standby of the old version kept for this ("catcher")
 //!          ├─ the old one holds nothing ──► told to exit
 //!          ├─ the new one dies before the settle time ──► the old version's
 //!          │   standby takes everything (rollback, "failed", exit 1); an
@@ -470,8 +471,9 @@ impl Keeper {
     }
 
     /// Takes what a draining worker still holds at its drain timeout (it is
-    /// killed and its connections recovered as after a crash), and kills
-    /// workers that were told to exit and did not.
+    /// killed and its connections recovered as after a crash), kills
+    /// workers that were told to exit and did not, and retires standbys
+    /// kept for versions that have handed everything over.
     pub(super) fn check_draining(&mut self) {
         let now = Instant::now();
         let (mut late, mut resend, mut idle) = (Vec::new(), Vec::new(), Vec::new());
@@ -512,6 +514,7 @@ impl Keeper {
         for id in idle {
             self.tell_exit(id);
         }
+        self.retire_old_standbys();
     }
 
     /// Moves the upgrade along: ready timeout, progress, done.
@@ -616,13 +619,52 @@ impl Keeper {
         let gen = up.generation;
         self.cfg.command = up.command.clone();
         self.generation = gen;
+        // One ready standby stays for each older version that still holds
+        // connections: a request running there past the drain timeout is
+        // replayed by its own code, with the bytes its client already has.
+        let mut keep: Vec<u32> = Vec::new();
         let old: Vec<u32> = self
             .workers
             .iter()
             .filter(|(_, w)| matches!(w.role, Role::Standby | Role::Starting) && w.generation < gen)
+            .filter(|(_, w)| {
+                let catcher = w.role == Role::Standby
+                    && !keep.contains(&w.generation)
+                    && self.still_draining(w.generation);
+                if catcher {
+                    keep.push(w.generation);
+                }
+                !catcher
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in old {
+            self.tell_exit(id);
+        }
+    }
+
+    /// Whether a draining worker of generation `gen` (not a catcher, which
+    /// gets no catcher of its own) still holds connections.
+    fn still_draining(&self, gen: u32) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.generation == gen && w.role == Role::Draining && !w.catcher && w.owned > 0)
+    }
+
+    /// Retires the standbys kept for older versions once those versions
+    /// have handed everything over.
+    fn retire_old_standbys(&mut self) {
+        let done: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.role == Role::Standby
+                    && w.generation < self.generation
+                    && !self.still_draining(w.generation)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
             self.tell_exit(id);
         }
     }
