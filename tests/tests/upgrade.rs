@@ -37,6 +37,7 @@ fn done_event(out: &str) -> serde_json::Value {
 }
 
 /// Runs `holdfast upgrade ARGS` on `k` in a thread: (exit code, stdout, stderr).
+/// ARGS may end with `-- CMD…`.
 fn upgrade_in_background(k: &Keeper, args: &[&str]) -> JoinHandle<(i32, String, String)> {
     let control = k.control.clone();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -44,9 +45,9 @@ fn upgrade_in_background(k: &Keeper, args: &[&str]) -> JoinHandle<(i32, String, 
         run_cmd(
             std::process::Command::new(bin("holdfast"))
                 .arg("upgrade")
-                .args(&args)
                 .arg("--control")
-                .arg(&control),
+                .arg(&control)
+                .args(&args),
         )
     })
 }
@@ -677,4 +678,205 @@ fn draining_worker_whose_last_connection_closes_retires() {
     c.expect_eof(Duration::from_secs(5)).unwrap();
     let mut k = k;
     k.wait_for("generation 2 alone", |s| s.generations == [2]);
+}
+
+/// `holdfast upgrade` and `holdfast upgrade --keeper` started together, ten
+/// times over: every service upgrade command gets its true final answer (done,
+/// or failed with the reason — never a connection closed mid-upgrade), a
+/// keeper re-exec that would cut an upgrade short is refused with the reason,
+/// and status counts exactly what the commands reported.
+#[test]
+fn keeper_reexec_racing_a_service_upgrade_leaves_it_a_true_answer() {
+    let mut k = testsvc::keeper(&[], &["--tokio"]);
+    let mut c = LineClient::connect(k.addr, "c");
+    let (mut done, mut failed, mut reexecs, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..10u64 {
+        let service = upgrade_in_background(&k, &["--settle", "0", "--json"]);
+        let keeper = upgrade_in_background(&k, &["--keeper"]);
+        let (code, out, err) = service.join().unwrap();
+        let last: Option<serde_json::Value> = out
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok());
+        match (code, last.as_ref().and_then(|v| v["event"].as_str())) {
+            (0, Some("done")) => done += 1,
+            (1, Some("failed")) => failed += 1,
+            _ => panic!(
+                "round {round}: the service upgrade got no true answer (exit {code}): \
+                 {out}{err}\n{}",
+                k.log()
+            ),
+        }
+        let (code, out, err) = keeper.join().unwrap();
+        match code {
+            0 if out.contains("keeper re-executed") => reexecs += 1,
+            1 if out.contains("under way; try again when it ends") => refused += 1,
+            _ => panic!("round {round}: keeper re-exec (exit {code}): {out}{err}"),
+        }
+        c.request(round, 100, 0);
+    }
+    let st = k.wait_for("no upgrade under way", |s| s.upgrade.is_none());
+    assert_eq!(
+        (st.upgrades, st.failed_upgrades),
+        (done, failed),
+        "status counts what the commands reported"
+    );
+    assert_eq!(st.keeper_execs, reexecs);
+    assert_eq!(st.restarts, 0);
+    eprintln!("{done} upgrades done, {failed} failed; {reexecs} re-execs, {refused} refused");
+}
+
+/// The new version is killed during `--settle` while it is in the middle
+/// of a slow download (a rollback): the download is finished by a standby
+/// of the new version — the one whose answer the client has half of — and
+/// arrives byte for byte, not spliced with (or cut for) the old version's
+/// different head.
+#[test]
+fn rollback_finishes_an_answer_cut_mid_way_on_the_new_version() {
+    let dir = TempDir::new("rollback-mid-answer");
+    let files = make_site(dir.path(), &[4 << 20]);
+    let (path, want) = files[0].clone();
+    // Without resume, a cut answer is replayed from its first byte: the
+    // head too, which is another length in the other version.
+    let mut a = httpd(&bin("hf-httpd"), dir.path(), "A");
+    let mut b = httpd(&bin("hf-httpd"), dir.path(), "hf-httpd/version-B");
+    a.push("--no-resume".into());
+    b.push("--no-resume".into());
+    let mut k = Keeper::start(&[], &s(&a));
+    let mut args = vec!["--settle", "60000", "--json", "--"];
+    args.extend(s(&b));
+    let up = upgrade_in_background(&k, &args);
+    let st = k.wait_for("the new version serving, with a standby", |s| {
+        active_generation(s) == Some(2)
+            && s.workers
+                .iter()
+                .any(|w| w.generation == 2 && w.role == Role::Standby)
+    });
+    let new = st
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Active)
+        .unwrap()
+        .pid;
+    let mut sock = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || paced_read_to_end(sock, 2.0 * 1024.0 * 1024.0, progress))
+    };
+    hf_tests::eventually(Duration::from_secs(10), "download under way", || {
+        (progress.load(Ordering::Relaxed) > 256 << 10).then_some(())
+    });
+    kill9(new);
+    let (code, out, err) = up.join().unwrap();
+    assert_eq!(code, 1, "{out}{err}\n{}", k.log());
+    assert!(out.contains("rolled back to generation 1"), "{out}");
+    let raw = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("download: {e}\n{}", k.log()));
+    let r = parse_all(&raw, &[false]).unwrap_or_else(|e| panic!("{e}\n{}", k.log()));
+    assert_eq!(r[0].status, 200);
+    assert_eq!(r[0].header("server"), Some("hf-httpd/version-B"));
+    assert!(
+        r[0].body == want,
+        "body differs ({} bytes, want {})\n{}",
+        r[0].body.len(),
+        want.len(),
+        k.log()
+    );
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    let st = k.wait_for("generation 1 alone", |s| s.generations == [1]);
+    assert_eq!((st.upgrades, st.failed_upgrades), (0, 1));
+    // New connections are served by the old version again.
+    let mut cl = Client::connect(k.addr).unwrap();
+    let r = cl.get(&path).unwrap();
+    assert_eq!((r.status, r.header("server")), (200, Some("A")));
+}
+
+/// An upgrade without rollback (the old version cannot read the new state
+/// blobs) still keeps one standby of the old version while the old version
+/// holds connections: a request running past the drain timeout is replayed
+/// by it, with the bytes the client already has half of, and not by the
+/// new version, which answers differently (`--diverge`).
+#[test]
+fn request_past_the_drain_timeout_of_an_upgrade_without_rollback_stays_on_its_version() {
+    let mut k = testsvc::keeper(&[], &["--state-version", "1"]);
+    k.wait_for("the standby ready", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
+    let mut busy = LineClient::connect(k.addr, "busy");
+    busy.send("HOLD 7 100000\n");
+    let want = answer(7, 100_000, 0);
+    let first = busy.read_n(half(7, 100_000)).unwrap();
+    assert_eq!(first[..], want[..first.len()]);
+    let (code, out, _) = k.upgrade(
+        &["--drain-timeout", "300", "--settle", "20", "--json"],
+        &s(&testsvc_cmd(&[
+            "--state-version",
+            "2",
+            "--reads-state",
+            "1",
+            "--diverge",
+        ])),
+    );
+    assert_eq!(code, 0, "{out}\n{}", k.log());
+    assert!(out.contains("\"rollback\":false"), "{out}");
+    let d = done_event(&out);
+    assert_eq!(d["recovered"], 1, "{out}");
+    busy.expect(
+        &want[first.len()..],
+        "rest of the held answer, replayed by the old version",
+    );
+    busy.send("REQ 8 10 0\n");
+    busy.expect(b"RESP 8 10\n", "an answer from the new version");
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    k.wait_for("generation 2 alone", |s| {
+        s.workers.iter().all(|w| w.generation == 2)
+    });
+}
+
+/// Back-to-back upgrades: the second one starts while the first version
+/// still holds a running request. That version keeps a standby, so the
+/// request, still running at its drain timeout, is replayed by its own
+/// code, not by the newest version (which answers differently).
+#[test]
+fn request_past_the_drain_timeout_during_back_to_back_upgrades_stays_on_its_version() {
+    let mut k = testsvc::keeper(&[], &[]);
+    k.wait_for("the standby ready", |s| {
+        s.workers.iter().any(|w| w.role == Role::Standby)
+    });
+    let mut busy = LineClient::connect(k.addr, "busy");
+    busy.send("HOLD 7 100000\n");
+    let want = answer(7, 100_000, 0);
+    let first = busy.read_n(half(7, 100_000)).unwrap();
+    let diverge = testsvc_cmd(&["--diverge"]);
+    let mut args = vec!["--drain-timeout", "1500", "--settle", "20", "--json", "--"];
+    args.extend(s(&diverge));
+    let up = upgrade_in_background(&k, &args);
+    k.wait_for("generation 1 draining", |s| {
+        active_generation(s) == Some(2)
+            && s.workers
+                .iter()
+                .any(|w| w.generation == 1 && w.role == Role::Draining && w.connections == 1)
+    });
+    let (code, out, err) = k.upgrade(
+        &["--drain-timeout", "20000", "--settle", "20", "--json"],
+        &s(&diverge),
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", k.log());
+    let (code, first_out, err) = up.join().unwrap();
+    assert_eq!(code, 0, "{first_out}{err}\n{}", k.log());
+    busy.expect(
+        &want[first.len()..],
+        "rest of the held answer, replayed by the first version",
+    );
+    assert!(!k.log().contains("replayed output differs"), "{}", k.log());
+    k.wait_for("generation 3 alone", |s| {
+        s.workers.iter().all(|w| w.generation == 3)
+    });
 }

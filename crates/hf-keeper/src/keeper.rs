@@ -168,6 +168,8 @@ struct Keeper {
     /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
     /// this stream for the outcome.
     reexec_to: Option<OwnedFd>,
+    /// Control-socket conversations in progress, held back for a re-exec.
+    control_gate: Arc<reexec::ControlGate>,
     conns: HashMap<u64, Held>,
     free_slots: Vec<u32>,
     next_slot: u32,
@@ -240,9 +242,13 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
             }
             keeper.flush();
             if keeper.reexec_to.is_some() {
-                // Everything queued is handled first (no accepted
-                // connection may be left in the channel), then the whole
-                // state goes to a new image of the keeper.
+                // Control-socket clients get their answers first, then
+                // everything queued is handled (no accepted connection may
+                // be left in the channel), then the whole state goes to a
+                // new image of the keeper.
+                if keeper.quiesce_control(&mut rx).await {
+                    break 'outer;
+                }
                 while let Ok(ev) = rx.try_recv() {
                     if keeper.handle(ev) {
                         break 'outer;
@@ -250,6 +256,7 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 }
                 keeper.flush();
                 keeper.reexec();
+                keeper.reopen_control();
             }
         }
         // Connections accepted in the instant before the listeners closed,
@@ -359,7 +366,8 @@ impl Keeper {
             accepting.push(task.abort_handle());
         }
         let status_fd = OwnedFd::from(status.try_clone()?);
-        serve_status(status, tx.clone())?;
+        let control_gate = Arc::new(reexec::ControlGate::default());
+        serve_status(status, tx.clone(), control_gate.clone())?;
         for (sig, name) in [
             (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
             (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
@@ -448,6 +456,7 @@ impl Keeper {
             accepting,
             stop: None,
             closing: tokio::task::JoinSet::new(),
+            control_gate,
         };
         Ok((k, rx))
     }
@@ -1251,6 +1260,7 @@ impl Keeper {
             } else {
                 self.crash_streak = 0;
             }
+            self.rollback_cut_answers(id, crashed);
             self.recover_from(id, crashed);
             // A worker that served nothing leaves its connections waiting
             // since they were first lost; any other loss starts afresh.
@@ -1866,11 +1876,13 @@ fn bind_status(path: &Path) -> Result<std::os::unix::net::UnixListener, KeeperEr
 fn serve_status(
     listener: std::os::unix::net::UnixListener,
     tx: mpsc::UnboundedSender<Event>,
+    gate: Arc<reexec::ControlGate>,
 ) -> Result<(), KeeperError> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     tokio::spawn(async move {
         loop {
+            gate.open().await;
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
@@ -1911,8 +1923,10 @@ fn serve_status(
                 });
                 continue;
             }
+            let conversation = gate.enter();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _conversation = conversation;
                 let (r, mut w) = stream.into_split();
                 let mut r = tokio::io::BufReader::new(r);
                 let mut line = String::new();

@@ -336,6 +336,9 @@ fn upgrade(
                  {moved} connections moved at commit points in {move_ms} ms, \
                  {recovered} still busy at the drain timeout recovered"
             ),
+            Progress::Failed { reason, .. } if req.is_none() => {
+                format!("keeper upgrade failed: {reason}; the keeper goes on as it was")
+            }
             Progress::Failed { reason, generation } => {
                 format!("upgrade failed: {reason} (serving: generation {generation})")
             }

@@ -16,14 +16,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::io::FdFlags;
 use rustix::process::{Pid, PidfdFlags};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::{Event, Held, Keeper, Worker};
 use crate::status::{Phase, Progress, Role};
@@ -37,6 +37,59 @@ const FORMAT: u32 = crate::SAVED_STATE_FORMAT;
 /// The saved state is small (a few hundred bytes per connection); anything
 /// larger than this is not ours.
 const MAX_STATE: u64 = 256 << 20;
+/// Longest wait for the control socket's conversations to end before a
+/// re-exec. They take microseconds; only a client that connected and says
+/// nothing takes longer, and it has asked for nothing the exec could lose.
+const QUIET_MAX: Duration = Duration::from_secs(1);
+
+/// The control socket's conversations in progress (a client accepted and
+/// not yet answered in full). The exec would close them, and their clients
+/// would see the connection cut before their answer — a status query, or
+/// the last progress lines of an upgrade that just ended. Before a re-exec
+/// the keeper stops accepting control clients (new ones wait in the
+/// socket's backlog, which the new image inherits) and waits until none is
+/// left.
+#[derive(Default)]
+pub(super) struct ControlGate {
+    busy: AtomicUsize,
+    paused: AtomicBool,
+    changed: Notify,
+}
+
+/// One conversation on the control socket; it ends when this is dropped.
+pub(super) struct Conversation(Arc<ControlGate>);
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl ControlGate {
+    /// Counts a client just accepted (before anything else runs, so a
+    /// re-exec cannot slip in between).
+    pub(super) fn enter(self: &Arc<Self>) -> Conversation {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Conversation(self.clone())
+    }
+
+    /// Waits while a re-exec holds the control socket's clients back.
+    pub(super) async fn open(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if !self.paused.load(Ordering::Relaxed) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 pub(super) struct Saved {
@@ -151,21 +204,79 @@ pub(super) fn take_saved() -> Result<Option<Saved>, KeeperError> {
 
 impl Keeper {
     pub(super) fn reexec_requested(&mut self, client: OwnedFd) {
-        if self.stopping() {
-            reply(&client, &self.failed("the keeper is stopping".into()));
-            return;
-        }
-        if let Some(up) = &self.upgrade {
-            let reason = format!(
-                "an upgrade to generation {} is under way; try again when it ends",
-                up.status().generation
-            );
+        if let Some(reason) = self.reexec_refused() {
             reply(&client, &self.failed(reason));
             return;
         }
-        if self.reexec_to.is_none() {
-            self.reexec_to = Some(client);
+        if self.reexec_to.is_some() {
+            let reason = "another re-exec of the keeper is under way".to_owned();
+            reply(&client, &self.failed(reason));
+            return;
         }
+        self.reexec_to = Some(client);
+    }
+
+    /// Before a re-exec: takes no new control-socket client and handles
+    /// events until the conversations in progress have ended (or a service
+    /// upgrade started, which refuses the re-exec). Returns true when the
+    /// keeper is to stop.
+    pub(super) async fn quiesce_control(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> bool {
+        let gate = self.control_gate.clone();
+        gate.pause(true);
+        let deadline = tokio::time::Instant::now() + QUIET_MAX;
+        while self.upgrade.is_none() {
+            let changed = gate.changed.notified();
+            let busy = gate.busy.load(Ordering::Relaxed);
+            if busy == 0 {
+                break;
+            }
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => {
+                        if self.handle(ev) {
+                            return true;
+                        }
+                        self.flush();
+                    }
+                    None => return true,
+                },
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        clients = busy,
+                        "control-socket clients still connected after {} ms; re-executing \
+                         all the same (they asked for nothing yet)",
+                        QUIET_MAX.as_millis()
+                    );
+                    break;
+                }
+            }
+        }
+        false
+    }
+
+    /// After a re-exec that did not happen: control clients are taken again.
+    pub(super) fn reopen_control(&self) {
+        self.control_gate.pause(false);
+    }
+
+    /// Why the keeper cannot re-execute now, if it cannot. A service upgrade
+    /// is not carried across the exec (its command waits on a stream this
+    /// image answers, its timers run here): while one is under way the
+    /// re-exec is refused, and its client told to try again.
+    fn reexec_refused(&self) -> Option<String> {
+        if self.stopping() {
+            return Some("the keeper is stopping".into());
+        }
+        self.upgrade.as_ref().map(|up| {
+            format!(
+                "an upgrade to generation {} is under way; try again when it ends",
+                up.status().generation
+            )
+        })
     }
 
     fn failed(&self, reason: String) -> Progress {
@@ -181,6 +292,13 @@ impl Keeper {
         let Some(client) = self.reexec_to.take() else {
             return;
         };
+        // A service upgrade may have started since the request came in
+        // (both in one batch of events): it keeps its answer, the re-exec
+        // waits for another request.
+        if let Some(reason) = self.reexec_refused() {
+            reply(&client, &self.failed(reason));
+            return;
+        }
         // The new binary must read what this one saves: asked before
         // anything is touched, since an image that cannot resume cannot go
         // back either.

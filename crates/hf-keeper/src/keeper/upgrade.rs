@@ -10,10 +10,13 @@
 //!          ├─ every connection at a commit point is handed back (Released)
 //!          │   and goes to the new version with its state blob
 //!          ├─ at the drain timeout, what the old one still holds is taken
-//!          │   from it (SIGKILL) and recovered as after a crash
+//!          │   from it (SIGKILL) and recovered as after a crash, on a
+//!          │   standby of the old version kept for this ("catcher")
 //!          ├─ the old one holds nothing ──► told to exit
 //!          ├─ the new one dies before the settle time ──► the old version's
-//!          │   standby takes everything (rollback, "failed", exit 1)
+//!          │   standby takes everything (rollback, "failed", exit 1); an
+//!          │   answer it had partly sent is first finished by a standby of
+//!          │   the new version, which hands it over at its commit point
 //!          └─ settled ──► the old version's standbys retire, new ones start
 //! ```
 //!
@@ -367,6 +370,21 @@ impl Keeper {
         if let Some(up) = &mut self.upgrade {
             up.recovered += mine;
         }
+        let replayer = self
+            .active
+            .and_then(|a| self.workers.get(&a))
+            .map_or(self.generation, |a| a.generation);
+        if catcher.is_none() && replayer != w.generation {
+            let cut = self.cut_answers(id).len();
+            if cut > 0 {
+                let why = if w.catcher {
+                    "was still busy a drain timeout after it took over"
+                } else {
+                    "has no standby left to take over"
+                };
+                self.warn_other_version_replays(w.generation, replayer, cut, why);
+            }
+        }
         self.recover_from(id, crashed);
         let Some(sid) = catcher else {
             self.hand_out();
@@ -453,8 +471,9 @@ impl Keeper {
     }
 
     /// Takes what a draining worker still holds at its drain timeout (it is
-    /// killed and its connections recovered as after a crash), and kills
-    /// workers that were told to exit and did not.
+    /// killed and its connections recovered as after a crash), kills
+    /// workers that were told to exit and did not, and retires standbys
+    /// kept for versions that have handed everything over.
     pub(super) fn check_draining(&mut self) {
         let now = Instant::now();
         let (mut late, mut resend, mut idle) = (Vec::new(), Vec::new(), Vec::new());
@@ -495,6 +514,7 @@ impl Keeper {
         for id in idle {
             self.tell_exit(id);
         }
+        self.retire_old_standbys();
     }
 
     /// Moves the upgrade along: ready timeout, progress, done.
@@ -599,13 +619,52 @@ impl Keeper {
         let gen = up.generation;
         self.cfg.command = up.command.clone();
         self.generation = gen;
+        // One ready standby stays for each older version that still holds
+        // connections: a request running there past the drain timeout is
+        // replayed by its own code, with the bytes its client already has.
+        let mut keep: Vec<u32> = Vec::new();
         let old: Vec<u32> = self
             .workers
             .iter()
             .filter(|(_, w)| matches!(w.role, Role::Standby | Role::Starting) && w.generation < gen)
+            .filter(|(_, w)| {
+                let catcher = w.role == Role::Standby
+                    && !keep.contains(&w.generation)
+                    && self.still_draining(w.generation);
+                if catcher {
+                    keep.push(w.generation);
+                }
+                !catcher
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in old {
+            self.tell_exit(id);
+        }
+    }
+
+    /// Whether a draining worker of generation `gen` (not a catcher, which
+    /// gets no catcher of its own) still holds connections.
+    fn still_draining(&self, gen: u32) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.generation == gen && w.role == Role::Draining && !w.catcher && w.owned > 0)
+    }
+
+    /// Retires the standbys kept for older versions once those versions
+    /// have handed everything over.
+    fn retire_old_standbys(&mut self) {
+        let done: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.role == Role::Standby
+                    && w.generation < self.generation
+                    && !self.still_draining(w.generation)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
             self.tell_exit(id);
         }
     }
@@ -615,11 +674,13 @@ impl Keeper {
             return;
         };
         self.failed_upgrades += 1;
-        // The new version's standbys go too.
+        // The new version's standbys go too, except one finishing the
+        // answers the new version had partly sent (it leaves once it has
+        // handed them over).
         let new: Vec<u32> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.generation == up.generation && w.role != Role::Active)
+            .filter(|(_, w)| w.generation == up.generation && w.role != Role::Active && !w.catcher)
             .map(|(id, _)| *id)
             .collect();
         for id in new {
@@ -643,6 +704,102 @@ impl Keeper {
             generation: self.generation,
         });
         self.ensure_workers();
+    }
+
+    /// The active worker `id` died. If it is the new version of an upgrade
+    /// that rolls back, its connections go back to the old version — but
+    /// an answer it had partly sent, replayed by the old version, would
+    /// come out differently (and the connection would be closed with the
+    /// answer cut). Those connections go to a ready standby of the new
+    /// version instead, which finishes each answer with the same bytes and
+    /// hands the connection to the old version at its next commit point,
+    /// like a draining worker. Connections at a commit point are left to
+    /// the usual recovery, on the old version.
+    ///
+    /// A new version that crashed by itself (or hung) gets no such second
+    /// chance: the replay would most likely fail the same way, and going
+    /// back to the old version is what the rollback is for.
+    pub(super) fn rollback_cut_answers(&mut self, id: u32, crashed: bool) {
+        let Some(up) = &self.upgrade else {
+            return;
+        };
+        if up.candidate != id || !up.rollback || up.phase == UpgradePhase::Starting {
+            return;
+        }
+        let (gen, drain_timeout) = (up.generation, up.drain_timeout);
+        let mut cut = self.cut_answers(id);
+        if cut.is_empty() {
+            return;
+        }
+        let catcher = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.role == Role::Standby && w.generation == gen)
+            .map(|(sid, _)| *sid);
+        let sid = match (catcher, crashed) {
+            (Some(sid), false) => sid,
+            (_, true) => {
+                let n = cut.len();
+                return self.warn_other_version_replays(gen, self.generation, n, "crashed or hung");
+            }
+            (None, false) => {
+                let n = cut.len();
+                let why = "has no standby ready";
+                return self.warn_other_version_replays(gen, self.generation, n, why);
+            }
+        };
+        tracing::info!(
+            worker = sid,
+            generation = gen,
+            connections = cut.len(),
+            "rollback: a standby of the new version finishes the answers it had partly sent, \
+             then hands them to generation {}",
+            self.generation
+        );
+        cut.sort_unstable();
+        let now = Instant::now();
+        for cid in &cut {
+            if let Some(h) = self.conns.get_mut(cid) {
+                h.owner = None;
+                h.crashed = false;
+                h.since = Some(now);
+            }
+        }
+        let mut queue: std::collections::VecDeque<u64> = cut.into();
+        if let Some(s) = self.workers.get_mut(&sid) {
+            s.catcher = true;
+        }
+        self.hand_to(sid, &mut queue);
+        self.start_drain(sid, now + drain_timeout);
+        // Whatever could not be sent goes to the old version.
+        while let Some(c) = queue.pop_back() {
+            self.waiting.push_front(c);
+        }
+    }
+
+    /// Connections worker `id` holds in the middle of an answer: part of
+    /// it may have reached the client, so only the same code can replay it
+    /// byte for byte. Records are copied out and validated; one that does
+    /// not decode counts as cut.
+    fn cut_answers(&self, id: u32) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(cid, h)| h.owner == Some(id) && !self.at_commit_point(**cid, h))
+            .map(|(cid, _)| *cid)
+            .collect()
+    }
+
+    /// Says plainly that answers generation `from` had partly sent are
+    /// replayed by generation `by`: if that version answers differently,
+    /// those connections end with a clean close instead of their answer.
+    fn warn_other_version_replays(&self, from: u32, by: u32, connections: usize, why: &str) {
+        tracing::warn!(
+            generation = from,
+            replayed_by = by,
+            connections,
+            "generation {from} {why}: generation {by} replays the answers it had partly sent; \
+             one that comes out differently is closed cleanly after the bytes already sent"
+        );
     }
 
     /// A worker died: if it was the new version, the upgrade fails (and,
