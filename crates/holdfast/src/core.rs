@@ -46,8 +46,13 @@ pub const SPOOL_MAX: usize = 64 << 20;
 /// `--poison-after` overrides it).
 pub const POISON_AFTER: u16 = 2;
 /// Spool layout: the absolute input offset of its first data byte (`u64`
-/// at 0), then data from here on.
+/// at 0), how far its worker has read (`u64` at [`SPOOL_READ`]), then data
+/// from here on.
 const SPOOL_DATA: usize = 64;
+/// Where a spool says how far its current worker has read (an absolute
+/// input offset): after a crash, whether that worker was running the
+/// request in the spool. A plain store into the mapping per read.
+const SPOOL_READ: usize = 8;
 
 /// The state of one connection. The fd is held by the flavour's wrapper
 /// (a plain `OwnedFd`, or tokio's `AsyncFd`) and lent to every call.
@@ -941,6 +946,7 @@ impl Kept {
         let base = self.in_discarded;
         let oob = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
         mem.store_u64(0, base).map_err(oob)?;
+        mem.store_u64(SPOOL_READ, self.in_read).map_err(oob)?;
         self.link
             .send_spool(self.rec.conn_id, self.slot, sfd.as_fd())?;
         let want =
@@ -1001,6 +1007,7 @@ impl Kept {
             .read(off, &mut buf[..n])
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.in_read += n as u64;
+        let _ = sp.mem.store_u64(SPOOL_READ, self.in_read);
         Ok(n)
     }
 
@@ -1075,6 +1082,7 @@ impl Kept {
             ));
         }
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        let mut spool_read = 0;
         if let Some(sfd) = spool {
             // Uncommitted input [in_commit, consumed) is in the spool. If the
             // worker died after handing the spool over but before moving the
@@ -1089,6 +1097,11 @@ impl Kept {
                 return Err(bad("spool does not match the journal and the kernel"));
             }
             discard_exact(fd, end - pos.consumed)?;
+            // Whether the dead worker had read past the commit; this worker
+            // starts from the commit.
+            spool_read = mem.load_u64(SPOOL_READ).unwrap_or(u64::MAX);
+            mem.store_u64(SPOOL_READ, rec.in_commit)
+                .map_err(|_| bad("spool too small"))?;
             self.spool = Some(Spool {
                 _fd: sfd,
                 mem,
@@ -1129,15 +1142,18 @@ impl Kept {
         }
         self.state_version = rec.state_version;
         // The request was running if the dead worker had read input past
-        // the commit (peeked it, or received it into the spool) or had
-        // started its answer; input that merely arrived does not count. If
-        // its worker crashed by itself, that counts against the request;
-        // the count is stored before the request runs again, so a crash
-        // during the replay counts too.
-        let spooled_past = self.spool.as_ref().is_some_and(|sp| sp.end > rec.in_commit);
-        let running = pos.consumed.saturating_add(peeked) > rec.in_commit
-            || spooled_past
-            || rec.out_rec > rec.out_commit;
+        // the commit: peeked it (the socket's peek offset), or read it from
+        // the spool (the spool's read mark). Input that merely arrived does
+        // not count, nor output an earlier worker began: a suspect waiting
+        // for its turn (see `suspect`) has read nothing. If its worker
+        // crashed by itself, that counts against the request; the count is
+        // stored before the request runs again, so a crash during the
+        // replay counts too.
+        let running = if self.spool.is_some() {
+            spool_read > rec.in_commit
+        } else {
+            pos.consumed.saturating_add(peeked) > rec.in_commit
+        };
         let mut rec = rec;
         let count = crashed && running;
         if count {
