@@ -679,3 +679,76 @@ fn demo_startup_errors_are_clear() {
     assert!(!st.success());
     assert!(err.contains(&addr), "{err}");
 }
+
+/// Issue: `holdfast status | head -1` panicked ("failed printing to
+/// stdout: Broken pipe", exit 101). A closed stdout ends any command
+/// quietly.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    let k = hf_tests::Keeper::start(&[], &[bin("hf-testsvc").to_str().unwrap()]);
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let mut child = Command::new(bin("holdfast"))
+            .args(args)
+            .arg("--control")
+            .arg(&k.control)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // The reading end is gone before the rest is written.
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!first.is_empty());
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+/// Issue: `--hang-timeout 2s` was rejected ("invalid digit found in
+/// string"), so were `--listen localhost:PORT` and `:PORT`, and every run
+/// warned about lowering a --max-conns nobody had asked for.
+#[test]
+fn options_take_units_and_host_names() {
+    let k = hf_tests::Keeper::start(
+        &[
+            "--listen",
+            "localhost:0",
+            "--hang-timeout",
+            "2s",
+            "--hold-timeout",
+            "1.5m",
+            "--hold-kib",
+            "64MiB",
+            "--stop-timeout",
+            "5s",
+            "--max-uptime",
+            "1h",
+            "--max-rss",
+            "1GiB",
+        ],
+        &[bin("hf-testsvc").to_str().unwrap()],
+    );
+    let st = k.status().unwrap();
+    assert!(
+        st.listeners.len() >= 2,
+        "127.0.0.1:0 and localhost's addresses: {:?}",
+        st.listeners
+    );
+    assert!(
+        !k.log().contains("lowering --max-conns"),
+        "no warning about an option nobody gave:\n{}",
+        k.log()
+    );
+    assert_usage_error(
+        &["run", "--hang-timeout", "2 fortnights", "--", "x"],
+        &["fortnights", "--hang-timeout"],
+    );
+    assert_usage_error(&["run", "--hold-kib", "2GB!", "--", "x"], &["--hold-kib"]);
+    let (code, out, err) = holdfast(&["run", "--listen", ":0", "--help"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

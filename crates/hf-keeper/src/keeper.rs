@@ -296,11 +296,18 @@ impl Keeper {
         }
         let fit = hf_journal::wire::conn_budget(limit);
         if cfg.max_conns > fit {
-            tracing::warn!(
-                max_conns = cfg.max_conns,
-                open_files_limit = limit,
-                "lowering --max-conns to {fit} to fit the open-files limit"
-            );
+            if cfg.max_conns_explicit {
+                tracing::warn!(
+                    max_conns = cfg.max_conns,
+                    open_files_limit = limit,
+                    "lowering --max-conns to {fit} to fit the open-files limit"
+                );
+            } else {
+                tracing::info!(
+                    open_files_limit = limit,
+                    "holding at most {fit} connections (what the open-files limit allows)"
+                );
+            }
             cfg.max_conns = fit;
         }
         let mut ls: Vec<(TcpListener, String)> = listen::inherited()?;

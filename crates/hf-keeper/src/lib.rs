@@ -51,6 +51,10 @@ pub use keeper::run;
 /// old image can check the new binary before it execs it.
 pub const SAVED_STATE_FORMAT: u32 = 1;
 
+/// `--max-conns` when none is given (lowered to what the open-files limit
+/// allows).
+pub const DEFAULT_MAX_CONNS: u32 = 65536;
+
 /// What `holdfast run` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -62,6 +66,9 @@ pub struct Config {
     pub control: PathBuf,
     /// Maximum connections held at once; more wait in the listen backlog.
     pub max_conns: u32,
+    /// The user asked for `max_conns` (rather than the default): lowering
+    /// it to fit the open-files limit is then worth a warning.
+    pub max_conns_explicit: bool,
     /// A worker whose heartbeat stops for this long is killed and recovered
     /// like a crash (`None`: no hang detection).
     pub hang_timeout: Option<std::time::Duration>,

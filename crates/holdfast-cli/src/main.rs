@@ -14,6 +14,37 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hf_keeper::status::{self, Snapshot};
 
+mod units;
+
+/// stdout was closed (`holdfast status | head -1`): not an error worth a
+/// word, and never a panic.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// `println!` that returns an error from the enclosing function instead of
+/// panicking when stdout is gone.
+macro_rules! out {
+    () => { out!("") };
+    ($($arg:tt)+) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)+).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                anyhow::Error::new(StdoutClosed)
+            } else {
+                anyhow::Error::new(e)
+            }
+        })?
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "holdfast",
@@ -42,39 +73,43 @@ enum Cmd {
                       command."
     )]
     Run {
-        /// Address to listen on (IPv4 or [IPv6]:port); repeat for more.
-        #[arg(long = "listen", value_name = "ADDR")]
-        listen: Vec<SocketAddr>,
+        /// Address to listen on: IPv4:PORT, [IPv6]:PORT, HOST:PORT (every
+        /// address it resolves to) or :PORT (every IPv4 address); repeat for more.
+        #[arg(long = "listen", value_name = "ADDR", value_parser = units::listen)]
+        listen: Vec<Vec<SocketAddr>>,
         /// Hot standby workers kept started and initialised.
         #[arg(long, default_value_t = 1, value_name = "N")]
         standby: usize,
         /// Control socket for `holdfast status`.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
-        /// Connections held at once; more wait in the kernel's listen backlog.
+        /// Connections held at once (default: as many as the open-files limit
+        /// allows, at most 65536); more wait in the kernel's listen backlog.
         /// Lowered to fit the open-files limit (see the README).
-        #[arg(long, default_value_t = 65536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        max_conns: u32,
-        /// Kill and replace a worker whose heartbeat stops for this many
-        /// milliseconds (the tokio flavour beats by itself; 0 = off).
-        #[arg(long, default_value_t = 0, value_name = "MS")]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_conns: Option<u32>,
+        /// Kill and replace a worker whose heartbeat stops for this long
+        /// (the tokio flavour beats by itself; 0 = off). Durations take a
+        /// unit (500ms, 2s, 1m); a bare number is milliseconds.
+        #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
         hang_timeout: u64,
         /// While no worker can serve (crash loop), a connection waits at
-        /// most this many milliseconds for one...
-        #[arg(long, default_value_t = 30_000, value_name = "MS")]
+        /// most this long for one...
+        #[arg(long, default_value = "30000", value_name = "MS", value_parser = units::millis)]
         hold_timeout: u64,
         /// ...and at most this many connections wait; the rest are turned
         /// away, oldest first.
         #[arg(long, default_value_t = 10_000, value_name = "N")]
         hold_max: usize,
         /// ...and the input they have queued (in the kernel and in spools)
-        /// stays under this many KiB; the oldest are turned away first.
-        #[arg(long, default_value_t = 65_536, value_name = "KIB")]
+        /// stays under this size; the oldest are turned away first. Sizes
+        /// take a unit (512KiB, 64MiB); a bare number is KiB.
+        #[arg(long, default_value = "65536", value_name = "KIB", value_parser = units::kib)]
         hold_kib: u64,
-        /// Replace a worker one of whose requests has run this many
-        /// milliseconds from its first byte without a commit (tokio flavour;
-        /// implies --hang-timeout 500 unless given; 0 = off).
-        #[arg(long, default_value_t = 0, value_name = "MS")]
+        /// Replace a worker one of whose requests has run this long from its
+        /// first byte without a commit (tokio flavour; implies
+        /// --hang-timeout 500ms unless given; 0 = off).
+        #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
         request_deadline: u64,
         /// A request in flight during this many crashes of its worker in a
         /// row is poison: the next worker answers it with an error instead
@@ -90,22 +125,22 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
         max_generations: u16,
         /// Replace the active worker with a fresh one (a zero-loss upgrade
-        /// to the same command) once its resident memory passes this many
-        /// MiB (0 = off).
-        #[arg(long, default_value_t = 0, value_name = "MIB")]
+        /// to the same command) once its resident memory passes this size
+        /// (a bare number is MiB; 0 = off).
+        #[arg(long, default_value = "0", value_name = "MIB", value_parser = units::mib)]
         max_rss: u64,
         /// Replace the active worker with a fresh one once it has served
-        /// this many seconds (0 = off).
-        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        /// this long (a bare number is seconds; 0 = off).
+        #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = units::seconds)]
         max_uptime: u64,
         /// Replace the active worker with a fresh one once it has committed
         /// this many requests (0 = off).
         #[arg(long, default_value_t = 0, value_name = "N")]
         max_requests: u64,
-        /// After SIGTERM, requests in flight have this many milliseconds to
-        /// finish (idle connections close at once); then every connection
-        /// is closed. The default fits systemd's 90 s stop timeout.
-        #[arg(long, default_value_t = 80_000, value_name = "MS")]
+        /// After SIGTERM, requests in flight have this long to finish (idle
+        /// connections close at once); then every connection is closed. The
+        /// default fits systemd's 90 s stop timeout.
+        #[arg(long, default_value = "80s", value_name = "MS", value_parser = units::millis)]
         stop_timeout: u64,
         /// The worker command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -116,8 +151,8 @@ enum Cmd {
         long_about = "Move the service to a new version without dropping a connection.\n\n            The new version starts next to the old one. Once it is ready it takes every new \
             connection; the old version hands each of its connections over at the next commit \
             point (an idle one at once), with its state blob, and exits when it holds none. A \
-            connection still busy at the drain timeout is recovered on the new version as after a \
-            crash. If the new version exits, is not ready in time, cannot read the state blobs in \
+            connection still busy at the drain timeout is recovered on a standby of the old \
+            version, as after a crash, so its answer is finished by the version that began it. If the new version exits, is not ready in time, cannot read the state blobs in \
             use, or dies before the settle time, everything stays on (or returns to) the old \
             version and this command fails with the reason.\n\n\
             Without a command, the same command runs again (a rebuilt binary at the same path); \
@@ -130,16 +165,18 @@ enum Cmd {
         /// Control socket of the keeper.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
-        /// Milliseconds the new version may take to become ready.
-        #[arg(long, default_value_t = status::UpgradeRequest::READY_TIMEOUT_MS, value_name = "MS")]
+        /// How long the new version may take to become ready (a bare
+        /// number is milliseconds; units: 500ms, 2s, 1m).
+        #[arg(long, default_value_t = status::UpgradeRequest::READY_TIMEOUT_MS, value_name = "MS", value_parser = units::millis)]
         ready_timeout: u64,
-        /// Milliseconds the old version may take to hand its connections
-        /// over; then the rest are recovered on the new version as after a crash.
-        #[arg(long, default_value_t = status::UpgradeRequest::DRAIN_TIMEOUT_MS, value_name = "MS")]
+        /// How long the old version may take to hand its connections over;
+        /// then the rest are recovered on a standby of the old version as
+        /// after a crash.
+        #[arg(long, default_value_t = status::UpgradeRequest::DRAIN_TIMEOUT_MS, value_name = "MS", value_parser = units::millis)]
         drain_timeout: u64,
-        /// Milliseconds the new version must run without dying before the
-        /// old version's standbys retire; dying before that rolls back.
-        #[arg(long, default_value_t = status::UpgradeRequest::SETTLE_MS, value_name = "MS")]
+        /// How long the new version must run without dying before the old
+        /// version's standbys retire; dying before that rolls back.
+        #[arg(long, default_value_t = status::UpgradeRequest::SETTLE_MS, value_name = "MS", value_parser = units::millis)]
         settle: u64,
         /// Print progress as JSON lines.
         #[arg(long)]
@@ -168,8 +205,8 @@ enum Cmd {
     /// Run hf-httpd over a built-in sample site under the keeper, and show what to try.
     Demo {
         /// Where the demo listens.
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = units::listen)]
+        listen: Vec<Vec<SocketAddr>>,
         /// Control socket (default: the usual one).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
@@ -188,6 +225,7 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("holdfast: {e:#}");
             ExitCode::from(1)
@@ -226,10 +264,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             hf_keeper::run(hf_keeper::Config {
-                listen,
+                listen: listen.into_iter().flatten().collect(),
                 standby,
                 control,
-                max_conns,
+                max_conns: max_conns.unwrap_or(hf_keeper::DEFAULT_MAX_CONNS),
+                max_conns_explicit: max_conns.is_some(),
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
@@ -277,15 +316,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => anyhow::anyhow!("status through {}: {e}", path.display()),
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&snap)?);
+                out!("{}", serde_json::to_string_pretty(&snap)?);
             } else {
-                print_status(&snap);
+                print_status(&snap)?;
             }
             Ok(())
         }
-        Cmd::Demo { listen, control } => demo(listen, control),
+        Cmd::Demo { listen, control } => demo(listen.into_iter().flatten().collect(), control),
         Cmd::StateFormat => {
-            println!("{}", hf_keeper::SAVED_STATE_FORMAT);
+            out!("{}", hf_keeper::SAVED_STATE_FORMAT);
             Ok(())
         }
     }
@@ -371,10 +410,10 @@ fn upgrade(
     }
 }
 
-fn print_status(s: &Snapshot) {
-    println!("phase        {:?}", s.phase);
+fn print_status(s: &Snapshot) -> anyhow::Result<()> {
+    out!("phase        {:?}", s.phase);
     let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
-    println!(
+    out!(
         "generation   {} (live: {}; {} upgrades, {} failed)",
         s.generation,
         gens.join(", "),
@@ -382,35 +421,43 @@ fn print_status(s: &Snapshot) {
         s.failed_upgrades
     );
     if let Some(u) = &s.upgrade {
-        println!(
+        out!(
             "upgrade      to generation {}: {:?}, {}/{} connections moved, {} ms",
-            u.generation, u.phase, u.moved, u.total, u.elapsed_ms
+            u.generation,
+            u.phase,
+            u.moved,
+            u.total,
+            u.elapsed_ms
         );
     }
     if s.keeper_execs > 0 {
-        println!(
+        out!(
             "keeper pid   {} (re-executed {} times)",
-            s.keeper_pid, s.keeper_execs
+            s.keeper_pid,
+            s.keeper_execs
         );
     } else {
-        println!("keeper pid   {}", s.keeper_pid);
+        out!("keeper pid   {}", s.keeper_pid);
     }
-    println!("listening    {}", s.listeners.join(", "));
-    println!(
+    out!("listening    {}", s.listeners.join(", "));
+    out!(
         "connections  {} held, {} waiting for a worker, {} accepted in all",
-        s.connections, s.waiting, s.accepted
+        s.connections,
+        s.waiting,
+        s.accepted
     );
-    println!(
+    out!(
         "restarts     {} ({} connections recovered)",
-        s.restarts, s.recovered_connections
+        s.restarts,
+        s.recovered_connections
     );
     match s.last_recovery_us {
-        Some(us) => println!("last recovery {us} µs (death noticed → connections handed over)"),
-        None => println!("last recovery -"),
+        Some(us) => out!("last recovery {us} µs (death noticed → connections handed over)"),
+        None => out!("last recovery -"),
     }
-    println!("workers:");
+    out!("workers:");
     for w in &s.workers {
-        println!(
+        out!(
             "  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections",
             w.id,
             w.pid,
@@ -424,35 +471,37 @@ fn print_status(s: &Snapshot) {
             .next_start_in_ms
             .map(|ms| format!(", next start in {ms} ms"))
             .unwrap_or_default();
-        println!("start-ups    {} failed in a row{next}", s.start_failures);
+        out!("start-ups    {} failed in a row{next}", s.start_failures);
     }
     if s.rejuvenations > 0 {
-        println!(
+        out!(
             "rejuvenated  {} workers (--max-rss / --max-uptime / --max-requests)",
             s.rejuvenations
         );
     }
     if s.poisoned > 0 {
-        println!(
+        out!(
             "poisoned     {} requests refused (in flight during crashes in a row)",
             s.poisoned
         );
     }
     if s.turned_away > 0 {
-        println!(
+        out!(
             "turned away  {} connections (no worker could serve them in time)",
             s.turned_away
         );
     }
     if !s.last_exits.is_empty() {
-        println!("last exits:");
+        out!("last exits:");
         for e in &s.last_exits {
-            println!("  {e}");
+            out!("  {e}");
         }
     }
+    Ok(())
 }
 
-fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
+fn demo(listen: Vec<SocketAddr>, control: Option<PathBuf>) -> anyhow::Result<()> {
+    let first = listen[0];
     let exe = std::env::current_exe().context("cannot locate the holdfast binary")?;
     let httpd = exe.with_file_name("hf-httpd");
     if !httpd.exists() {
@@ -463,32 +512,31 @@ fn demo(listen: SocketAddr, control: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let site = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
     let control = control.unwrap_or_else(hf_keeper::default_control_path);
-    println!(
-        "holdfast demo: hf-httpd serving a sample site from {} on http://{listen}/",
+    out!(
+        "holdfast demo: hf-httpd serving a sample site from {} on http://{first}/",
         site.display()
     );
-    println!();
-    println!("Try, in another terminal:");
-    println!("  curl -i http://{listen}/hello.txt");
-    println!("  curl -s http://{listen}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
+    out!();
+    out!("Try, in another terminal:");
+    out!("  curl -i http://{first}/hello.txt");
+    out!("  curl -s http://{first}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
     let status = format!("{} status --control {}", exe.display(), control.display());
-    println!("  {status}    # the worker pids");
-    println!(
-        "  kill -9 <pid of the active worker>    # while the download runs: it completes, intact"
-    );
-    println!("  {status}    # restarts, last recovery time");
-    println!();
-    println!("Stop with Ctrl-C.");
+    out!("  {status}    # the worker pids");
+    out!("  kill -9 <pid of the active worker>    # while the download runs: it completes, intact");
+    out!("  {status}    # restarts, last recovery time");
+    out!();
+    out!("Stop with Ctrl-C.");
     let command = vec![
         httpd.into_os_string(),
         "--demo-site".into(),
         site.clone().into_os_string(),
     ];
     let r = hf_keeper::run(hf_keeper::Config {
-        listen: vec![listen],
+        listen,
         standby: 1,
         control,
-        max_conns: 65536,
+        max_conns: hf_keeper::DEFAULT_MAX_CONNS,
+        max_conns_explicit: false,
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,
