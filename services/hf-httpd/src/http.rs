@@ -56,6 +56,8 @@ pub enum Status {
     Forbidden,
     NotFound,
     MethodNotAllowed,
+    /// The request head did not arrive within the header timeout.
+    RequestTimeout,
     PayloadTooLarge,
     LengthRequired,
     BadGateway,
@@ -74,6 +76,7 @@ impl Status {
             Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
+            Status::RequestTimeout => 408,
             Status::PayloadTooLarge => 413,
             Status::LengthRequired => 411,
             Status::BadGateway => 502,
@@ -91,6 +94,7 @@ impl Status {
             Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
+            Status::RequestTimeout => "Request Timeout",
             Status::PayloadTooLarge => "Payload Too Large",
             Status::LengthRequired => "Length Required",
             Status::BadGateway => "Bad Gateway",
@@ -142,9 +146,12 @@ pub fn parse_with(buf: &[u8], cgi_prefix: Option<&str>) -> Parse {
 
     let (mut close_hdr, mut keep_hdr, mut body, mut chunked) = (false, false, false, false);
     let mut content_length: Option<u64> = None;
+    let mut hosts = 0;
     for h in r.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("connection") {
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("connection") {
             for tok in h.value.split(|&b| b == b',') {
                 let tok = tok.trim_ascii();
                 close_hdr |= tok.eq_ignore_ascii_case(b"close");
@@ -185,6 +192,11 @@ pub fn parse_with(buf: &[u8], cgi_prefix: Option<&str>) -> Parse {
         close: body || !keep_alive,
     };
 
+    // RFC 9112 3.2: an HTTP/1.1 request without Host, or any request with
+    // more than one, is answered 400.
+    if hosts > 1 || (hosts == 0 && !http10) {
+        return error(Status::BadRequest);
+    }
     let cgi = cgi_prefix.is_some_and(|p| origin_form(path).is_some_and(|t| t.starts_with(p)));
     let method = match method {
         "GET" => Method::Get,
@@ -308,6 +320,10 @@ pub fn resolve(root: &Path, target: &str) -> Result<PathBuf, Status> {
     let mut real = contained(&root, &p)?;
     if real.is_dir() {
         real = contained(&root, &real.join("index.html"))?;
+    } else if path.ends_with('/') && path != "/" {
+        // A file named as if it were a directory (`/file.bin/`): no such
+        // directory.
+        return Err(Status::NotFound);
     }
     // Only regular files: FIFOs or devices would block or misbehave.
     match std::fs::metadata(&real) {
@@ -496,7 +512,7 @@ mod tests {
         let (r, _) = ok(b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
         assert_eq!((r.method, r.keep_alive), (Method::Head, false));
         // bare LF line endings are tolerated
-        assert_eq!(ok(b"GET / HTTP/1.1\n\n").1, 16);
+        assert_eq!(ok(b"GET / HTTP/1.1\nHost: a\n\n").1, 24);
     }
 
     #[test]
@@ -517,13 +533,13 @@ mod tests {
     fn incomplete_and_oversize() {
         assert_eq!(parse(b""), Parse::Incomplete);
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n"), Parse::Incomplete);
-        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(err(&big), (Status::HeaderTooLarge, big.len(), true));
         // complete but too large is rejected too
         big.extend_from_slice(b"\r\n\r\n");
         assert_eq!(err(&big).0, Status::HeaderTooLarge);
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        let mut many = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
         for i in 0..70 {
             many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
         }
@@ -535,33 +551,33 @@ mod tests {
     fn methods_and_bodies() {
         let b = b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\nGET";
         assert_eq!(err(b), (Status::MethodNotAllowed, b.len() - 3, false));
-        let b = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let b = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
         assert_eq!(err(b), (Status::MethodNotAllowed, b.len() - 5, true));
-        let b = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let b = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(err(b).2);
         assert_eq!(
-            err(b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc").0,
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc").0,
             Status::PayloadTooLarge
         );
         assert!(
-            ok(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            ok(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
                 .0
                 .keep_alive
         );
         assert_eq!(
-            err(b"GET / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n").0,
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n").0,
             Status::BadRequest
         );
         assert_eq!(
-            err(b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n"),
-            (Status::BadRequest, 56, true)
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n"),
+            (Status::BadRequest, 65, true)
         );
     }
 
     #[test]
     fn cgi_requests_may_carry_a_body() {
         let cgi = Some("/cgi-bin/");
-        let b = b"POST /cgi-bin/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
         match parse_with(b, cgi) {
             Parse::Complete { req, len } => {
                 assert_eq!((req.method, req.content_length), (Method::Post, 5));
@@ -569,7 +585,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let b = b"POST /cgi-bin/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(
             parse_with(b, cgi),
             Parse::Error {
@@ -579,10 +595,10 @@ mod tests {
             }
         ));
         // Outside the CGI directory nothing changes.
-        let b = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let b = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
         assert_eq!(parse_with(b, cgi), parse(b));
         // Without CGI, a POST to /cgi-bin/ is refused like any other.
-        let b = b"POST /cgi-bin/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let b = b"POST /cgi-bin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
         assert!(matches!(
             parse(b),
             Parse::Error {
@@ -607,12 +623,12 @@ mod tests {
                 .keep_alive
         );
         assert!(
-            ok(b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n")
+            ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n")
                 .0
                 .keep_alive
         );
         assert!(
-            !ok(b"GET / HTTP/1.1\r\nConnection: foo, CLOSE\r\n\r\n")
+            !ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, CLOSE\r\n\r\n")
                 .0
                 .keep_alive
         );
@@ -625,7 +641,7 @@ mod tests {
         for b in [
             &b"\x00\x01garbage\r\n\r\n"[..],
             b"GET\r\n\r\n",
-            b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
             b"GET /\r\n\r\n",
         ] {
             assert_eq!(
@@ -647,15 +663,15 @@ mod tests {
         );
         assert_eq!(err(b"GET / FOO/1.1\r\n\r\n").0, Status::BadRequest);
         assert_eq!(
-            err(b"OPTIONS * HTTP/1.1\r\n\r\n").0,
+            err(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").0,
             Status::MethodNotAllowed
         );
         assert_eq!(
-            err(b"GET * HTTP/1.1\r\n\r\n"),
-            (Status::BadRequest, 18, true)
+            err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
+            (Status::BadRequest, 27, true)
         );
         assert_eq!(
-            err(b"GET example.com:80 HTTP/1.1\r\n\r\n").0,
+            err(b"GET example.com:80 HTTP/1.1\r\nHost: a\r\n\r\n").0,
             Status::BadRequest
         );
     }
@@ -663,17 +679,28 @@ mod tests {
     #[test]
     fn absolute_form() {
         assert_eq!(
-            ok(b"GET http://h:8/a/b?q HTTP/1.1\r\n\r\n").0.target,
+            ok(b"GET http://h:8/a/b?q HTTP/1.1\r\nHost: a\r\n\r\n")
+                .0
+                .target,
             "/a/b?q"
         );
-        assert_eq!(ok(b"GET HTTPS://h HTTP/1.1\r\n\r\n").0.target, "/");
-        assert_eq!(ok(b"GET http://h?q HTTP/1.1\r\n\r\n").0.target, "/");
-        assert_eq!(err(b"GET http:/// HTTP/1.1\r\n\r\n").0, Status::BadRequest);
+        assert_eq!(
+            ok(b"GET HTTPS://h HTTP/1.1\r\nHost: a\r\n\r\n").0.target,
+            "/"
+        );
+        assert_eq!(
+            ok(b"GET http://h?q HTTP/1.1\r\nHost: a\r\n\r\n").0.target,
+            "/"
+        );
+        assert_eq!(
+            err(b"GET http:/// HTTP/1.1\r\nHost: a\r\n\r\n").0,
+            Status::BadRequest
+        );
     }
 
     #[test]
     fn never_panics_on_prefixes() {
-        let b = b"GET http://h/%zz?\xff HTTP/1.1\r\nConnection: ,,\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+        let b = b"GET http://h/%zz?\xff HTTP/1.1\r\nHost: a\r\nConnection: ,,\r\nContent-Length: 99999999999999999999999\r\n\r\n";
         for i in 0..=b.len() {
             let _ = parse(&b[..i]);
         }
@@ -713,6 +740,16 @@ mod tests {
     }
 
     #[test]
+    fn http11_needs_exactly_one_host() {
+        assert_eq!(err(b"GET / HTTP/1.1\r\n\r\n").0, Status::BadRequest);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").0,
+            Status::BadRequest
+        );
+        assert_eq!(ok(b"GET / HTTP/1.0\r\n\r\n").0.target, "/");
+    }
+
+    #[test]
     fn resolve_files_and_dirs() {
         let (_g, _o, root) = site();
         assert_eq!(resolve(&root, "/"), Ok(root.join("index.html")));
@@ -731,6 +768,7 @@ mod tests {
         assert_eq!(resolve(&root, "/empty/"), Err(Status::NotFound));
         assert_eq!(resolve(&root, "/nope"), Err(Status::NotFound));
         assert_eq!(resolve(&root, "/index.html/x"), Err(Status::NotFound));
+        assert_eq!(resolve(&root, "/sub/a%20b.txt/"), Err(Status::NotFound));
     }
 
     #[test]

@@ -61,6 +61,11 @@ struct Args {
     /// The `Server` header's value (e.g. to tell versions apart during an upgrade).
     #[arg(long, default_value = "hf-httpd", value_name = "NAME")]
     server_name: String,
+    /// Milliseconds a request head may take from its first byte to its
+    /// end; a slower one gets 408 and the connection closes (0 = no limit).
+    /// An idle keep-alive connection is not timed.
+    #[arg(long = "header-timeout", value_name = "MS", default_value_t = 60_000)]
+    header_timeout_ms: u64,
     /// Run the executables in DIR as CGI programs at /cgi-bin/NAME.
     #[arg(long, value_name = "DIR")]
     cgi_dir: Option<PathBuf>,
@@ -103,6 +108,8 @@ pub(crate) fn fault(point: &str) {
 struct Ctx {
     root: PathBuf,
     cgi: Option<cgi::Cgi>,
+    /// A request head must be complete this long after its first byte.
+    header_timeout: Option<std::time::Duration>,
 }
 
 fn main() -> ExitCode {
@@ -167,7 +174,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(args.threads.into())
         .enable_all()
         .build()?;
-    rt.block_on(serve(Arc::new(Ctx { root, cgi }), args.listen))
+    let header_timeout = (args.header_timeout_ms > 0)
+        .then(|| std::time::Duration::from_millis(args.header_timeout_ms));
+    rt.block_on(serve(
+        Arc::new(Ctx {
+            root,
+            cgi,
+            header_timeout,
+        }),
+        args.listen,
+    ))
 }
 
 async fn serve(ctx: Arc<Ctx>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
@@ -269,15 +285,42 @@ async fn handle(mut c: Conn, ctx: &Ctx) -> std::io::Result<()> {
     }
     let cgi_prefix = ctx.cgi.as_ref().map(|_| cgi::PREFIX);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    // When the head being received started (slowloris defence).
+    let mut head_since: Option<tokio::time::Instant> = None;
     loop {
         match http::parse_with(&buf, cgi_prefix) {
             Parse::Incomplete => {
                 buf.reserve(4096);
-                if c.read_buf(&mut buf).await? == 0 {
+                let n = match ctx.header_timeout.filter(|_| !buf.is_empty()) {
+                    Some(limit) => {
+                        let deadline =
+                            *head_since.get_or_insert_with(tokio::time::Instant::now) + limit;
+                        match tokio::time::timeout_at(deadline, c.read_buf(&mut buf)).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                tracing::info!(
+                                    ms = limit.as_millis() as u64,
+                                    bytes = buf.len(),
+                                    "request head incomplete after the header timeout; closing"
+                                );
+                                let to = ErrorTo {
+                                    keep_alive: false,
+                                    http10: false,
+                                    body: true,
+                                };
+                                return error_reply(&mut c, Status::RequestTimeout, to, buf.len())
+                                    .await;
+                            }
+                        }
+                    }
+                    None => c.read_buf(&mut buf).await?,
+                };
+                if n == 0 {
                     return Ok(());
                 }
             }
             Parse::Complete { req, len } => {
+                head_since = None;
                 let keep = if c.poisoned() {
                     // This request was being served during two crashes in a
                     // row: answer 500 instead of serving it a third time.
@@ -302,6 +345,7 @@ async fn handle(mut c: Conn, ctx: &Ctx) -> std::io::Result<()> {
                 }
             }
             Parse::Error { status, len, close } => {
+                head_since = None;
                 let len = len.min(buf.len());
                 let to = ErrorTo {
                     keep_alive: !close,
