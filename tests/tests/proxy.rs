@@ -859,3 +859,44 @@ fn keepalive_and_tunnel_survive_upgrades() {
     let s = k.status().unwrap();
     assert_eq!((s.upgrades, s.restarts), (2, 0), "{s:?}");
 }
+
+/// Issue: hf-proxy answered an HTTP/1.0 request with `Connection:
+/// Keep-Alive` with `Connection: close`. It now keeps such a connection
+/// open and says so (`Connection: keep-alive`), as HTTP/1.0 clients need.
+#[test]
+fn http10_keep_alive_is_kept() {
+    let site = TempDir::new("proxy-10");
+    let (_httpd, web, files) = start_httpd(site.path(), &[3000]);
+    let k = start_proxy(&[]);
+    let mut s = TcpStream::connect(k.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (path, want) = &files[0];
+    for round in 0..3 {
+        s.write_all(
+            format!("GET http://{web}{path} HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        let end = fill_until(&mut s, &mut buf, b"\r\n\r\n")
+            .unwrap()
+            .unwrap_or_else(|| panic!("round {round}: the connection closed"));
+        let (status, headers) = split_head(&String::from_utf8_lossy(&buf[..end]));
+        assert_eq!(status, "200", "round {round}");
+        let conn = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .map(|(_, v)| v.to_ascii_lowercase());
+        assert_eq!(
+            conn.as_deref(),
+            Some("keep-alive"),
+            "round {round}: {headers:?}"
+        );
+        while buf.len() < end + want.len() {
+            assert!(read_more(&mut s, &mut buf, 1 << 16).unwrap() > 0);
+        }
+        assert!(
+            &buf[end..end + want.len()] == &want[..],
+            "round {round}: body"
+        );
+    }
+}

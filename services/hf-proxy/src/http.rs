@@ -274,7 +274,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Status> {
         method: method.to_owned(),
         target,
         http10,
-        keep_alive: !http10 && !connection.iter().any(|t| t == "close"),
+        // HTTP/1.0 keeps the connection only when the client asks
+        // (`Connection: keep-alive`), HTTP/1.1 unless it says `close`.
+        keep_alive: !connection.iter().any(|t| t == "close")
+            && (!http10 || connection.iter().any(|t| t == "keep-alive")),
         headers,
         connection,
         head_len,
@@ -460,8 +463,9 @@ impl Response {
     /// The head sent to the client: hop-by-hop fields removed (and a
     /// `Content-Length` that a transfer coding overrides), `chunked` set
     /// again if the body is relayed chunked, `Connection: close` if the
-    /// proxy closes after it, `Via` added.
-    pub fn rewrite(&self, chunked: bool, close: bool) -> Vec<u8> {
+    /// proxy closes after it — or `Connection: keep-alive` for an HTTP/1.0
+    /// client whose connection stays open (`keep_10`) — `Via` added.
+    pub fn rewrite(&self, chunked: bool, close: bool, keep_10: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head_len + 64);
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.code, self.reason).as_bytes());
         let coded = !tokens(&self.headers, "transfer-encoding").is_empty();
@@ -476,6 +480,8 @@ impl Response {
         }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
+        } else if keep_10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         out.extend_from_slice(VIA);
         out.extend_from_slice(b"\r\n");
@@ -801,7 +807,7 @@ mod tests {
         let r = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(r.framing(false), Ok(Framing::Chunked));
         assert_eq!(
-            String::from_utf8(r.rewrite(true, false)).unwrap(),
+            String::from_utf8(r.rewrite(true, false, false)).unwrap(),
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nVia: 1.1 hf-proxy\r\n\r\n"
         );
         let r = resp("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");

@@ -293,7 +293,13 @@ impl Session {
             Some(body) => (Some(body), false),
             None => self.relay_head(req, req_start)?,
         };
-        let close = !req.keep_alive || matches!(body, Some(Body::Close));
+        // A body relayed to an HTTP/1.0 client without a length (a chunked
+        // answer, dechunked for it) ends with the connection.
+        let close = !req.keep_alive
+            || matches!(
+                body,
+                Some(Body::Close) | Some(Body::Chunked { dechunk: true, .. })
+            );
         if let Some(body) = body {
             self.relay_body(req_start, body)?;
         }
@@ -390,7 +396,7 @@ impl Session {
             up.tcp.seek_read(start + resp.head_len as u64)?;
             if resp.interim() {
                 if !req.http10 {
-                    self.conn.write_all(&resp.rewrite(false, false))?;
+                    self.conn.write_all(&resp.rewrite(false, false, false))?;
                 }
                 self.commit(
                     0,
@@ -406,9 +412,12 @@ impl Session {
                 (_, f) => f,
             }
             .map_err(|why| unanswered(io::Error::new(io::ErrorKind::InvalidData, why)))?;
-            let close = !req.keep_alive || framing == Framing::Close;
+            let close = !req.keep_alive
+                || framing == Framing::Close
+                || (req.http10 && framing == Framing::Chunked);
             let chunked = framing == Framing::Chunked && !req.http10;
-            self.conn.write_all(&resp.rewrite(chunked, close))?;
+            self.conn
+                .write_all(&resp.rewrite(chunked, close, req.http10 && !close))?;
             let body = Body::start(framing, req.http10);
             if body.is_some() {
                 self.commit(0, Phase::Request { req_start, body })?;
