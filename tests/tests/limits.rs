@@ -63,7 +63,10 @@ fn small_fd_limit_lowers_max_conns_and_nobody_is_refused() {
     let _ = keeper.0.kill();
     let _ = keeper.0.wait();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("holding at most 18 connections"), "log:\n{text}");
+    assert!(
+        text.contains("holding at most 18 connections"),
+        "log:\n{text}"
+    );
 }
 
 /// An accept storm: 2,000 connections arriving at once from 40 threads,

@@ -895,7 +895,7 @@ fn http10_keep_alive_is_kept() {
             assert!(read_more(&mut s, &mut buf, 1 << 16).unwrap() > 0);
         }
         assert!(
-            &buf[end..end + want.len()] == &want[..],
+            buf[end..end + want.len()] == want[..],
             "round {round}: body"
         );
     }
