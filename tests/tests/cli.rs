@@ -752,3 +752,37 @@ fn options_take_units_and_host_names() {
     let (code, out, err) = holdfast(&["run", "--listen", ":0", "--help"]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Issue: `holdfast run -- sleep 1000` (a command not linked with the
+/// library) stayed "Starting" for ever with no word. The first start now
+/// has `--ready-timeout`: past it, `run` ends non-zero and says the likely
+/// cause.
+#[test]
+fn worker_that_never_becomes_ready_ends_run_clearly() {
+    let dir = TempDir::new("never-ready");
+    let control = dir.path().join("c.sock");
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = run_cmd(
+        Command::new(bin("holdfast"))
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-timeout",
+                "1500ms",
+            ])
+            .arg("--control")
+            .arg(&control)
+            .args(["--", "sleep", "1000"]),
+    );
+    let took = t0.elapsed();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("no worker became ready") && err.contains("linked with the holdfast library"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+}

@@ -146,6 +146,8 @@ struct Worker {
     /// The most connections it can hold, learnt when it refused some for
     /// lack of descriptors (`None`: it never did).
     room: Option<usize>,
+    /// Warned that it has not said hello (see [`HELLO_WARN`]).
+    hello_warned: bool,
 }
 
 struct Keeper {
@@ -206,6 +208,12 @@ struct Keeper {
     /// Connections were queued by an event that does not hand them out
     /// itself: hand them out once the events at hand are handled.
     dirty: bool,
+    /// Why the keeper gave up (no worker ever became ready): `run` returns
+    /// it as an error after the shutdown.
+    fatal: Option<String>,
+    /// When this keeper process started serving (a re-executed one: when
+    /// its image took over).
+    born: Instant,
     /// The accept loops, stopped when the keeper stops.
     accepting: Vec<tokio::task::AbortHandle>,
     /// A stop under way (`SIGTERM`): requests in flight finish.
@@ -268,9 +276,16 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
             }
         }
         keeper.shutdown().await;
-        Ok(())
+        match keeper.fatal.take() {
+            Some(why) => Err(KeeperError::NeverReady(why)),
+            None => Ok(()),
+        }
     })
 }
+
+/// A worker that has not said hello after this long is probably not linked
+/// with the holdfast library: worth a warning, once.
+const HELLO_WARN: Duration = Duration::from_secs(5);
 
 fn journal_offset(slot: u32) -> usize {
     hf_journal::record_offset(slot)
@@ -459,6 +474,8 @@ impl Keeper {
             upgrades: 0,
             failed_upgrades: 0,
             dirty: false,
+            fatal: None,
+            born: Instant::now(),
             reexec_to: None,
             accepting,
             stop: None,
@@ -505,6 +522,9 @@ impl Keeper {
                 return true;
             }
             Event::Tick => {
+                if self.check_first_start() {
+                    return true;
+                }
                 self.check_heartbeats();
                 self.expire_held();
                 self.check_draining();
@@ -1053,7 +1073,14 @@ impl Keeper {
         if let Some(elapsed) = handed {
             let us = elapsed.as_micros() as u64;
             self.last_recovery_us = Some(us);
-            tracing::info!(worker = id, pid, us, "recovered onto standby");
+            let connections = self.workers.get(&id).map_or(0, |w| w.owned);
+            tracing::info!(
+                worker = id,
+                pid,
+                us,
+                connections,
+                "recovered onto standby: {connections} connections handed over in {us} µs"
+            );
         } else {
             tracing::info!(worker = id, pid, "worker active");
         }
@@ -1108,6 +1135,57 @@ impl Keeper {
             ..UpgradeRequest::with_defaults()
         };
         self.start_upgrade(req, None);
+    }
+
+    /// A worker still starting: warns once if it has not even said hello
+    /// (a command not linked with the holdfast library never does), and
+    /// gives up when the first start takes longer than `--ready-timeout`.
+    /// Returns whether the keeper stops.
+    fn check_first_start(&mut self) -> bool {
+        let command = self
+            .cfg
+            .command
+            .first()
+            .map(|c| c.to_string_lossy().into_owned());
+        for (id, w) in self.workers.iter_mut() {
+            if w.role == Role::Starting
+                && !w.greeted
+                && !w.hello_warned
+                && w.started.elapsed() >= HELLO_WARN
+            {
+                w.hello_warned = true;
+                tracing::warn!(
+                    worker = *id,
+                    pid = w.pid,
+                    "worker has not said hello after {} s: is {} linked with the holdfast library?",
+                    HELLO_WARN.as_secs(),
+                    command.as_deref().unwrap_or("the command")
+                );
+            }
+        }
+        let Some(limit) = self.cfg.ready_timeout else {
+            return false;
+        };
+        if self.phase != Phase::Starting || self.active.is_some() {
+            return false;
+        }
+        if self.born.elapsed() < limit {
+            return false;
+        }
+        let greeted = self.workers.values().any(|w| w.greeted);
+        let why = format!(
+            "no worker became ready within {} ms of the start (--ready-timeout): {}",
+            limit.as_millis(),
+            if greeted {
+                "the worker connected but never reported ready (does it accept on its holdfast listener?)"
+            } else {
+                "the worker never connected to the keeper (is the command linked with the holdfast library?)"
+            }
+        );
+        tracing::error!("{why}");
+        self.fatal = Some(why);
+        self.phase = Phase::ShuttingDown;
+        true
     }
 
     /// Kills workers whose heartbeat stopped for longer than the hang
@@ -1330,6 +1408,14 @@ impl Keeper {
                 .saturating_mul(1 << self.start_failures.min(10))
                 .min(MAX_BACKOFF);
             self.spawn_after = Some(Instant::now() + backoff);
+            tracing::warn!(
+                worker = id,
+                failures = self.start_failures,
+                next_start_ms = backoff.as_millis() as u64,
+                "worker died before it was ready ({how_short}); {} failed start-ups in a row, next try in {} ms",
+                self.start_failures,
+                backoff.as_millis()
+            );
         }
         self.last_exits.push_back(exit);
         if self.last_exits.len() > EXITS_KEPT {
@@ -1561,6 +1647,7 @@ impl Keeper {
                 catcher: false,
                 exit_by: None,
                 room: None,
+                hello_warned: false,
             },
         );
         Ok(id)

@@ -69,6 +69,9 @@ pub struct Config {
     /// The user asked for `max_conns` (rather than the default): lowering
     /// it to fit the open-files limit is then worth a warning.
     pub max_conns_explicit: bool,
+    /// The first worker must be ready within this long, or `holdfast run`
+    /// ends with an error (`None`: wait for ever).
+    pub ready_timeout: Option<std::time::Duration>,
     /// A worker whose heartbeat stops for this long is killed and recovered
     /// like a crash (`None`: no hang detection).
     pub hang_timeout: Option<std::time::Duration>,
@@ -122,6 +125,8 @@ pub enum KeeperError {
     Resume(String),
     #[error("cannot start worker {0:?}: {1}")]
     Spawn(OsString, std::io::Error),
+    #[error("{0}")]
+    NeverReady(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -137,6 +137,10 @@ enum Cmd {
         /// this many requests (0 = off).
         #[arg(long, default_value_t = 0, value_name = "N")]
         max_requests: u64,
+        /// The first worker must report ready within this long, or `run`
+        /// ends with an error that says why (0 = wait for ever).
+        #[arg(long, default_value = "60s", value_name = "MS", value_parser = units::millis)]
+        ready_timeout: u64,
         /// After SIGTERM, requests in flight have this long to finish (idle
         /// connections close at once); then every connection is closed. The
         /// default fits systemd's 90 s stop timeout.
@@ -251,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_rss,
             max_uptime,
             max_requests,
+            ready_timeout,
             stop_timeout,
             command,
         } => {
@@ -269,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 control,
                 max_conns: max_conns.unwrap_or(hf_keeper::DEFAULT_MAX_CONNS),
                 max_conns_explicit: max_conns.is_some(),
+                ready_timeout: (ready_timeout > 0).then(|| Duration::from_millis(ready_timeout)),
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
@@ -537,6 +543,7 @@ fn demo(listen: Vec<SocketAddr>, control: Option<PathBuf>) -> anyhow::Result<()>
         control,
         max_conns: hf_keeper::DEFAULT_MAX_CONNS,
         max_conns_explicit: false,
+        ready_timeout: Some(Duration::from_secs(60)),
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,

@@ -538,6 +538,7 @@ impl Keeper {
                     catcher: sw.catcher,
                     exit_by: sw.exit_left_ms.map(|ms| now + Duration::from_millis(ms)),
                     room: None,
+                    hello_warned: false,
                 },
             );
         }
