@@ -55,6 +55,8 @@ enum Event {
     ControlClosed(u32),
     Died(u32),
     Status(oneshot::Sender<Snapshot>),
+    /// A scrape of `--metrics`: the text goes back on the channel.
+    Metrics(oneshot::Sender<String>),
     /// `holdfast upgrade --keeper`: re-execute the keeper; the outcome goes
     /// to this stream.
     Reexec(OwnedFd),
@@ -211,6 +213,8 @@ struct Keeper {
     /// Why the keeper gave up (no worker ever became ready): `run` returns
     /// it as an error after the shutdown.
     fatal: Option<String>,
+    /// What `--metrics` serves.
+    metrics: crate::metrics::Metrics,
     /// When this keeper process started serving (a re-executed one: when
     /// its image took over).
     born: Instant,
@@ -390,6 +394,13 @@ impl Keeper {
         let status_fd = OwnedFd::from(status.try_clone()?);
         let control_gate = Arc::new(reexec::ControlGate::default());
         serve_status(status, tx.clone(), control_gate.clone())?;
+        if let Some(addr) = cfg.metrics {
+            let l = TcpListener::bind(addr).map_err(|e| KeeperError::Bind(addr, e))?;
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(addr = %l.local_addr()?, "metrics at /metrics");
+            tokio::spawn(serve_metrics(l, tx.clone()));
+        }
         for (sig, name) in [
             (tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
             (tokio::signal::unix::SignalKind::interrupt(), "SIGINT"),
@@ -475,6 +486,7 @@ impl Keeper {
             failed_upgrades: 0,
             dirty: false,
             fatal: None,
+            metrics: crate::metrics::Metrics::new(),
             born: Instant::now(),
             reexec_to: None,
             accepting,
@@ -504,6 +516,10 @@ impl Keeper {
             Event::Died(id) => self.died(id),
             Event::Status(reply) => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::Metrics(reply) => {
+                let snap = self.snapshot();
+                let _ = reply.send(self.metrics.render(&snap));
             }
             Event::Upgrade(req, progress) => self.start_upgrade(req, progress),
             Event::Reexec(client) => self.reexec_requested(client),
@@ -1073,6 +1089,7 @@ impl Keeper {
         if let Some(elapsed) = handed {
             let us = elapsed.as_micros() as u64;
             self.last_recovery_us = Some(us);
+            self.metrics.recovered_in(elapsed.as_secs_f64());
             let connections = self.workers.get(&id).map_or(0, |w| w.owned);
             tracing::info!(
                 worker = id,
@@ -1340,6 +1357,13 @@ impl Keeper {
         if was_active {
             self.active = None;
             self.restarts += 1;
+            self.metrics.restarted(if w.hung.is_some() {
+                crate::metrics::RestartReason::Hang
+            } else if crashed {
+                crate::metrics::RestartReason::Crash
+            } else {
+                crate::metrics::RestartReason::Killed
+            });
             if crashed && served == 0 {
                 self.crash_streak += 1;
             } else {
@@ -2076,4 +2100,65 @@ fn serve_status(
         }
     });
     Ok(())
+}
+
+/// Serves `--metrics`: `GET /metrics` gets the keeper's counters as
+/// Prometheus text, anything else 404; one request per connection, and a
+/// client that takes more than 5 s over its request is dropped.
+async fn serve_metrics(listener: tokio::net::TcpListener, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(512);
+            let read = async {
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            };
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(5), read).await,
+                Ok(true)
+            ) {
+                return;
+            }
+            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            let mut parts = line.split(|b| *b == b' ');
+            let (method, path) = (parts.next(), parts.next());
+            let wanted = method == Some(b"GET")
+                && path.is_some_and(|p| p == b"/metrics" || p.starts_with(b"/metrics?"));
+            let (status, kind, body) = if wanted {
+                let (otx, orx) = oneshot::channel();
+                if tx.send(Event::Metrics(otx)).is_err() {
+                    return;
+                }
+                let Ok(text) = orx.await else { return };
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "metrics are at /metrics\n".to_owned(),
+                )
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
 }

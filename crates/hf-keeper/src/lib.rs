@@ -38,6 +38,7 @@
 pub mod control;
 mod keeper;
 mod listen;
+pub mod metrics;
 pub mod status;
 
 use std::ffi::OsString;
@@ -69,6 +70,8 @@ pub struct Config {
     /// The user asked for `max_conns` (rather than the default): lowering
     /// it to fit the open-files limit is then worth a warning.
     pub max_conns_explicit: bool,
+    /// Where to serve Prometheus metrics at `/metrics` (`None`: nowhere).
+    pub metrics: Option<SocketAddr>,
     /// The first worker must be ready within this long, or `holdfast run`
     /// ends with an error (`None`: wait for ever).
     pub ready_timeout: Option<std::time::Duration>,

@@ -137,6 +137,11 @@ enum Cmd {
         /// this many requests (0 = off).
         #[arg(long, default_value_t = 0, value_name = "N")]
         max_requests: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (restarts by
+        /// reason, connections held and recovered, recovery times, upgrades,
+        /// poison requests, turned-away connections).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
         /// The first worker must report ready within this long, or `run`
         /// ends with an error that says why (0 = wait for ever).
         #[arg(long, default_value = "60s", value_name = "MS", value_parser = units::millis)]
@@ -255,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_rss,
             max_uptime,
             max_requests,
+            metrics,
             ready_timeout,
             stop_timeout,
             command,
@@ -275,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_conns: max_conns.unwrap_or(hf_keeper::DEFAULT_MAX_CONNS),
                 max_conns_explicit: max_conns.is_some(),
                 ready_timeout: (ready_timeout > 0).then(|| Duration::from_millis(ready_timeout)),
+                metrics,
                 hang_timeout,
                 hold_timeout: Duration::from_millis(hold_timeout),
                 hold_max,
@@ -544,6 +551,7 @@ fn demo(listen: Vec<SocketAddr>, control: Option<PathBuf>) -> anyhow::Result<()>
         max_conns: hf_keeper::DEFAULT_MAX_CONNS,
         max_conns_explicit: false,
         ready_timeout: Some(Duration::from_secs(60)),
+        metrics: None,
         hang_timeout: Some(Duration::from_secs(2)),
         hold_timeout: Duration::from_secs(30),
         hold_max: 10_000,
