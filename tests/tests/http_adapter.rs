@@ -406,3 +406,39 @@ fn upgrades_under_load_move_connections_at_request_boundaries() {
     assert!(moved > 0, "no connection moved");
     assert_eq!(moved, total, "every connection moved at a request boundary");
 }
+
+/// The integration a new user tries first — hyper straight on
+/// `holdfast::tokio::Conn` (hf-naive-http, same routes) — under the same
+/// storm as hf-chat: requests fail, which is why the adapter exists and
+/// why the docs warn against it.
+#[test]
+fn naive_hyper_on_conn_fails_under_the_same_kill_storm() {
+    let exe = bin("hf-naive-http").display().to_string();
+    let mut k = Keeper::start(&[], &[&exe]);
+    let load = Load::start(
+        k.addr,
+        &[
+            (Style::KeepAlive, 10_000),
+            (Style::KeepAlive, 100_000),
+            (Style::KeepAlive, 1 << 20),
+            (Style::Pipelined(6), 3_000),
+        ],
+    );
+    load.progress(20);
+    // Kill until the clients notice (a few seconds at most): the replayed
+    // history differs (hyper's Date) or is cut.
+    let t0 = Instant::now();
+    let mut failed = false;
+    while t0.elapsed() < Duration::from_secs(8) && !failed {
+        kill_storm(&mut k, 1);
+        failed = load.clients.iter().any(|c| c.is_finished());
+    }
+    let failures = match load.finish() {
+        Ok(n) => panic!("the naive integration survived the storm ({n} requests)"),
+        Err(f) => f,
+    };
+    eprintln!(
+        "naive integration: {} of 4 clients failed: {failures:?}",
+        failures.len()
+    );
+}
