@@ -442,3 +442,62 @@ fn naive_hyper_on_conn_fails_under_the_same_kill_storm() {
         failures.len()
     );
 }
+
+fn chat_with_test_routes() -> Keeper {
+    let exe = bin("hf-chat").display().to_string();
+    Keeper::start(&[], &[&exe, "--test-routes"])
+}
+
+/// A keep-alive client whose answers come within 10 s or not at all.
+fn client(addr: SocketAddr) -> Client {
+    let mut cl = Client::connect(addr).unwrap();
+    cl.stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    cl
+}
+
+fn hello(cl: &mut Client, n: u64) {
+    let r = cl.get(&format!("/hello?n={n}")).expect("hello");
+    assert_eq!(
+        (r.status, r.body),
+        (200, format!("hello {n}\n").into_bytes())
+    );
+}
+
+/// A handler that panics ends its worker (not just its connection); the
+/// request comes back to the next worker, kills it too, and is then
+/// answered `500` by the adapter without running again. The connection
+/// stays open and serves the next request.
+#[test]
+fn panicking_handler_is_answered_500_as_poison_and_the_connection_lives_on() {
+    let k = chat_with_test_routes();
+    let mut cl = client(k.addr);
+    hello(&mut cl, 1);
+    let r = cl
+        .get("/crash")
+        .unwrap_or_else(|e| panic!("/crash: {e}\n{}", k.log()));
+    assert_eq!(r.status, 500, "{}", k.log());
+    assert!(r.header("date").is_some());
+    hello(&mut cl, 2);
+    assert_eq!(k.status().unwrap().poisoned, 1);
+}
+
+/// A handler that declares `ReplayPolicy::Error` through its `Handle` and
+/// is killed before answering is not run again: the next worker answers
+/// `500`, and the connection carries on.
+#[test]
+fn request_declared_not_to_run_twice_gets_500_after_a_crash() {
+    let mut k = chat_with_test_routes();
+    let mut cl = client(k.addr);
+    hello(&mut cl, 1);
+    cl.send(b"GET /once HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    // Time for the handler to declare its policy; it then waits forever.
+    std::thread::sleep(Duration::from_millis(1000));
+    k.kill_active();
+    let r = cl
+        .read_response(false)
+        .unwrap_or_else(|e| panic!("/once: {e}\n{}", k.log()));
+    assert_eq!(r.status, 500, "{}", k.log());
+    hello(&mut cl, 2);
+}

@@ -165,11 +165,12 @@ impl Server {
                 let framed = framer.frame(&input);
                 // `100 Continue` depends only on the head, never on how much
                 // of the body had arrived: a replay writes it again.
-                if !continued && !matches!(framed, Framed::Reject(_)) {
-                    if framer.head().is_some_and(|h| h.expect_continue) {
-                        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-                        continued = true;
-                    }
+                if !continued
+                    && !matches!(framed, Framed::Reject(_))
+                    && framer.head().is_some_and(|h| h.expect_continue)
+                {
+                    conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    continued = true;
                 }
                 match framed {
                     Framed::Complete(req) => break req,

@@ -6,6 +6,12 @@
 //!   `i` = `i mod 251`;
 //! - `POST /echo` → `200` with the request body.
 //!
+//! With `--test-routes`, two more for the tests of the adapter's failure
+//! handling: `GET /crash` panics (under a keeper that ends the worker; the
+//! request comes back as poison and gets the adapter's `500`), and
+//! `GET /once` declares that it must not run twice, then never answers (a
+//! test kills the worker; the next one answers `500` instead of running it).
+//!
 //! `hf-chat --listen ADDR` runs alone (pass-through); `holdfast run --listen
 //! ADDR -- hf-chat` runs it under the keeper.
 
@@ -17,9 +23,12 @@ use std::sync::OnceLock;
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
+use holdfast::ReplayPolicy;
+use holdfast_http::Handle;
 use serde::Deserialize;
 
 /// Length of `/big`.
@@ -31,6 +40,9 @@ struct Args {
     /// Addresses to listen on without a keeper (ignored under one).
     #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// Also serve `/crash` and `/once` (for tests).
+    #[arg(long)]
+    test_routes: bool,
 }
 
 #[derive(Deserialize)]
@@ -52,9 +64,31 @@ async fn echo(body: Bytes) -> Bytes {
     body
 }
 
+/// Panics: a request that kills its worker every time.
+async fn crash() -> &'static str {
+    panic!("/crash asked for it");
+}
+
+/// Work that must not run twice: declared before it starts, then it never
+/// finishes (until the worker is killed).
+async fn once(handle: Handle) -> Result<&'static str, StatusCode> {
+    handle
+        .replay_policy(ReplayPolicy::Error)
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    std::future::pending::<()>().await;
+    Ok("done\n")
+}
+
 /// The application: plain axum.
-fn app() -> Router {
-    Router::new()
+fn app(test_routes: bool) -> Router {
+    let router = if test_routes {
+        Router::new()
+            .route("/crash", get(crash))
+            .route("/once", get(once))
+    } else {
+        Router::new()
+    };
+    router
         .route("/hello", get(hello))
         .route("/big", get(big))
         .route("/echo", post(echo))
@@ -74,6 +108,6 @@ async fn main() -> anyhow::Result<()> {
     for a in listener.local_addrs() {
         eprintln!("hf-chat listening on {a}");
     }
-    holdfast_http::serve(listener, app()).await?;
+    holdfast_http::serve(listener, app(args.test_routes)).await?;
     Ok(())
 }
