@@ -483,23 +483,30 @@ fn panicking_handler_is_answered_500_as_poison_and_the_connection_lives_on() {
     assert_eq!(k.status().unwrap().poisoned, 1);
 }
 
-/// A handler that declares `ReplayPolicy::Error` through its `Handle` and
-/// is killed before answering is not run again: the next worker answers
-/// `500`, and the connection carries on.
+/// A request declared not to run twice — by its handler through its
+/// `Handle` (`GET /once`), or by `ReplayPolicyLayer` on its route
+/// (`POST /pay`) — and killed before answering is not run again: the next
+/// worker answers `500`, and the connection carries on.
 #[test]
 fn request_declared_not_to_run_twice_gets_500_after_a_crash() {
     let mut k = chat_with_test_routes();
     let mut cl = client(k.addr);
     hello(&mut cl, 1);
-    cl.send(b"GET /once HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    // Time for the handler to declare its policy; it then waits forever.
-    std::thread::sleep(Duration::from_millis(1000));
-    k.kill_active();
-    let r = cl
-        .read_response(false)
-        .unwrap_or_else(|e| panic!("/once: {e}\n{}", k.log()));
-    assert_eq!(r.status, 500, "{}", k.log());
-    hello(&mut cl, 2);
+    for raw in [
+        &b"GET /once HTTP/1.1\r\nHost: t\r\n\r\n"[..],
+        b"POST /pay HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        let what = String::from_utf8_lossy(&raw[..9]).into_owned();
+        cl.send(raw).unwrap();
+        // Time for the policy to be declared; the handler then waits forever.
+        std::thread::sleep(Duration::from_millis(1000));
+        k.kill_active();
+        let r = cl
+            .read_response(false)
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", k.log()));
+        assert_eq!(r.status, 500, "{what}: {}", k.log());
+        hello(&mut cl, 2);
+    }
 }
 
 /// Requests the adapter cannot frame get 400, 413 or 431 and their

@@ -24,7 +24,8 @@
 //!   the library's recorded clock, so a replayed response is byte-identical;
 //! - handlers reach the connection through a [`Handle`] (a request
 //!   extension; an axum extractor with the `axum` feature) for recorded
-//!   values and the replay policy;
+//!   values and the replay policy; [`ReplayPolicyLayer`] declares a policy
+//!   for whole routes (`POST /pay` → [`holdfast::ReplayPolicy::Error`]);
 //! - a request flagged as poison (in flight during two consecutive crashes)
 //!   gets a `500` from the adapter without reaching the service, and a
 //!   handler that panics under a keeper crashes the worker, so the request
@@ -39,6 +40,7 @@
 
 mod frame;
 mod handle;
+mod policy;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -61,6 +63,7 @@ use tower_service::Service;
 
 use crate::frame::{Framed, Framer};
 pub use crate::handle::Handle;
+pub use crate::policy::{ReplayPolicyLayer, WithReplayPolicy};
 
 /// Errors a service or a body may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -10,7 +10,8 @@
 //! handling: `GET /crash` panics (under a keeper that ends the worker; the
 //! request comes back as poison and gets the adapter's `500`), and
 //! `GET /once` declares that it must not run twice, then never answers (a
-//! test kills the worker; the next one answers `500` instead of running it).
+//! test kills the worker; the next one answers `500` instead of running it);
+//! `POST /pay` is the same with its policy set by `ReplayPolicyLayer`.
 //!
 //! `hf-chat --listen ADDR` runs alone (pass-through); `holdfast run --listen
 //! ADDR -- hf-chat` runs it under the keeper.
@@ -28,7 +29,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
 use holdfast::ReplayPolicy;
-use holdfast_http::Handle;
+use holdfast_http::{Handle, ReplayPolicyLayer};
 use serde::Deserialize;
 
 /// Length of `/big`.
@@ -79,12 +80,23 @@ async fn once(handle: Handle) -> Result<&'static str, StatusCode> {
     Ok("done\n")
 }
 
+/// Work that must not run twice, declared so by its route's layer; never
+/// finishes (until the worker is killed).
+async fn pay() -> &'static str {
+    std::future::pending::<()>().await;
+    "paid\n"
+}
+
 /// The application: plain axum.
 fn app(test_routes: bool) -> Router {
     let router = if test_routes {
         Router::new()
             .route("/crash", get(crash))
             .route("/once", get(once))
+            .route(
+                "/pay",
+                post(pay).layer(ReplayPolicyLayer::new(ReplayPolicy::Error)),
+            )
     } else {
         Router::new()
     };
