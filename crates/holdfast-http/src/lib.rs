@@ -65,6 +65,9 @@ use crate::frame::{Framed, Framer};
 pub use crate::handle::Handle;
 pub use crate::policy::{ReplayPolicyLayer, WithReplayPolicy};
 
+/// How much the adapter reads at a time while framing a request.
+const READ_SIZE: usize = 64 * 1024;
+
 /// Errors a service or a body may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -184,14 +187,12 @@ impl Server {
                     }
                     Framed::Partial => {}
                 }
-                let mut chunk = [0u8; 64 * 1024];
-                let n = conn.read(&mut chunk).await?;
-                if n == 0 {
+                input.reserve(READ_SIZE);
+                if conn.read_buf(&mut input).await? == 0 {
                     // The client left (or, between requests, the connection
                     // went to a new version): nothing to answer.
                     return Ok(());
                 }
-                input.extend_from_slice(&chunk[..n]);
             };
 
             if conn.poisoned() {
