@@ -1,0 +1,91 @@
+//! What a handler reaches of its connection.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use holdfast::tokio::Conn;
+use holdfast::ReplayPolicy;
+
+/// The connection of the request being handled, as a request extension
+/// (`req.extensions().get::<Handle>()`, or the axum extractor).
+///
+/// A replayed request must produce the same response bytes: values that
+/// differ from run to run (the time, a random id) go through
+/// [`Handle::now`] / [`Handle::record`], which return on replay what they
+/// returned the first time. A handle is good for its own request only:
+/// once the response is written its methods fail (`poisoned` and the
+/// other flags read `false`).
+#[derive(Clone)]
+pub struct Handle {
+    conn: Arc<Mutex<Option<Conn>>>,
+}
+
+impl Handle {
+    pub(crate) fn new(conn: Arc<Mutex<Option<Conn>>>) -> Handle {
+        Handle { conn }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> io::Result<T>) -> io::Result<T> {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(conn) => f(conn),
+            None => Err(io::Error::other("the request of this handle is over")),
+        }
+    }
+
+    fn flag(&self, f: impl FnOnce(&Conn) -> bool) -> bool {
+        self.with(|c| Ok(f(c))).unwrap_or(false)
+    }
+
+    /// The current time in seconds since the epoch, recorded: a replay of
+    /// this request gets the same value.
+    pub fn now(&self) -> io::Result<u64> {
+        self.with(|c| c.now())
+    }
+
+    /// A value recorded for this request: the first run keeps what `make`
+    /// returns, a replay gets it back. Call in the same order on every run.
+    pub fn record(&self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
+        self.with(|c| c.record(make))
+    }
+
+    /// What a new worker does with this request if this one dies before
+    /// answering it; declare it before doing what must not happen twice.
+    /// With [`ReplayPolicy::Error`] the next worker answers `500`.
+    pub fn replay_policy(&self, policy: ReplayPolicy) -> io::Result<()> {
+        self.with(|c| c.replay_policy(policy))
+    }
+
+    /// The request was in flight during two consecutive crashes. The
+    /// adapter answers such a request with `500` before it reaches the
+    /// service, so a handler sees `false` here.
+    pub fn poisoned(&self) -> bool {
+        self.flag(Conn::poisoned)
+    }
+
+    /// The connection was served by a worker that died.
+    pub fn recovered(&self) -> bool {
+        self.flag(Conn::recovered)
+    }
+
+    /// The response being written re-creates what a dead worker had
+    /// already sent (it is checked, not sent again).
+    pub fn replaying(&self) -> bool {
+        self.flag(Conn::replaying)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Handle {
+    type Rejection = (http::StatusCode, &'static str);
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Handle, Self::Rejection> {
+        parts.extensions.get::<Handle>().cloned().ok_or((
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "not served by holdfast_http",
+        ))
+    }
+}

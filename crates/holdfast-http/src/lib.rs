@@ -1,0 +1,415 @@
+//! # holdfast-http — hyper, tower and axum services under holdfast, zero-loss
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), holdfast::Error> {
+//! use axum::{routing::get, Router};
+//! let app: Router = Router::new().route("/", get(|| async { "hello\n" }));
+//! let listener = holdfast::tokio::Listener::bind(&["127.0.0.1:8080".parse().unwrap()]).await?;
+//! holdfast_http::serve(listener, app).await
+//! # }
+//! ```
+//!
+//! Serving hyper straight on a [`holdfast::tokio::Conn`] compiles but is not
+//! zero-loss: nothing commits, hyper writes its own `Date`, and hyper reads
+//! ahead, so nobody knows where one request ends. This adapter does, for
+//! HTTP/1.1 with keep-alive and pipelining:
+//!
+//! - it frames each request itself from the (peeked) input — the head, then
+//!   a `Content-Length` or chunked body — and refuses what it cannot frame
+//!   unambiguously (400, 413, 431, then the connection closes);
+//! - it hands hyper exactly one request at a time, so a commit never covers
+//!   bytes of the next one, and commits that request's bytes once its whole
+//!   response is written and flushed;
+//! - hyper's automatic `Date` is off: the adapter adds a `Date` taken from
+//!   the library's recorded clock, so a replayed response is byte-identical;
+//! - handlers reach the connection through a [`Handle`] (a request
+//!   extension; an axum extractor with the `axum` feature) for recorded
+//!   values and the replay policy; [`ReplayPolicyLayer`] declares a policy
+//!   for whole routes (`POST /pay` → [`holdfast::ReplayPolicy::Error`]);
+//! - a request flagged as poison (in flight during two consecutive crashes)
+//!   gets a `500` from the adapter without reaching the service, and a
+//!   handler that panics under a keeper crashes the worker, so the request
+//!   is replayed (then refused as poison) instead of its connection closing.
+//!
+//! Limits: HTTP/1.1 (and 1.0) only — HTTP/2 is not served, a client that
+//! sends its preface gets a 400; request bodies are held in memory up to
+//! [`Server::max_request_size`]; protocol upgrades (WebSocket) are not
+//! supported yet.
+
+#![forbid(unsafe_code)]
+
+mod frame;
+mod handle;
+mod policy;
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use holdfast::tokio::{Conn, Listener};
+use holdfast::Mode;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tower_service::Service;
+
+use crate::frame::{Framed, Framer};
+pub use crate::handle::Handle;
+pub use crate::policy::{ReplayPolicyLayer, WithReplayPolicy};
+
+/// How much the adapter reads at a time while framing a request.
+const READ_SIZE: usize = 64 * 1024;
+
+/// Errors a service or a body may return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves `service` on every connection of `listener` with the default
+/// [`Server`] settings, until the keeper asks this worker to stop.
+pub async fn serve<S, B>(listener: Listener, service: S) -> Result<(), holdfast::Error>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::new().serve(listener, service).await
+}
+
+/// The adapter's settings.
+#[derive(Clone, Debug)]
+pub struct Server {
+    max_head: usize,
+    max_request: usize,
+}
+
+impl Default for Server {
+    fn default() -> Server {
+        Server {
+            max_head: 64 * 1024,
+            max_request: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Server {
+    pub fn new() -> Server {
+        Server::default()
+    }
+
+    /// Largest request head (request line and headers) accepted; a larger
+    /// one gets a 431. Default 64 KiB.
+    pub fn max_head_size(mut self, bytes: usize) -> Server {
+        self.max_head = bytes;
+        self
+    }
+
+    /// Largest whole request (head and body) accepted; a larger one gets a
+    /// 413. The request stays uncommitted until it is answered, so this
+    /// also bounds what the library's spool holds for it (at most 64 MiB).
+    /// Default 16 MiB.
+    pub fn max_request_size(mut self, bytes: usize) -> Server {
+        self.max_request = bytes;
+        self
+    }
+
+    /// Serves `service` on every connection of `listener` until the keeper
+    /// asks this worker to stop (pass-through: until the listener fails).
+    pub async fn serve<S, B>(
+        self,
+        mut listener: Listener,
+        service: S,
+    ) -> Result<(), holdfast::Error>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let kept = matches!(listener.mode(), Mode::Kept(_));
+        let settings = Arc::new(self);
+        while let Some(conn) = listener.accept().await? {
+            let service = service.clone();
+            let settings = settings.clone();
+            tokio::spawn(async move {
+                if let Err(e) = settings.serve_connection(conn, service, kept).await {
+                    tracing::debug!(error = %e, "HTTP connection ended");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// One connection: frame a request, let hyper answer it, commit, repeat.
+    async fn serve_connection<S, B>(&self, mut conn: Conn, service: S, kept: bool) -> io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        // Input read but not yet answered: the start of the next request,
+        // and any pipelined requests behind it.
+        let mut input: Vec<u8> = Vec::new();
+        loop {
+            let mut framer = Framer::new(self.max_head, self.max_request);
+            let mut continued = false;
+            let req = loop {
+                let framed = framer.frame(&input);
+                // `100 Continue` depends only on the head, never on how much
+                // of the body had arrived: a replay writes it again.
+                if !continued
+                    && !matches!(framed, Framed::Reject(_))
+                    && framer.head().is_some_and(|h| h.expect_continue)
+                {
+                    conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    continued = true;
+                }
+                match framed {
+                    Framed::Complete(req) => break req,
+                    Framed::Reject(status) => {
+                        let date = http_date(conn.now()?);
+                        conn.write_all(&plain_response(status, &date, true)).await?;
+                        return conn.commit_and_close(input.len()).await;
+                    }
+                    Framed::Partial => {}
+                }
+                input.reserve(READ_SIZE);
+                if conn.read_buf(&mut input).await? == 0 {
+                    // The client left (or, between requests, the connection
+                    // went to a new version): nothing to answer.
+                    return Ok(());
+                }
+            };
+
+            if conn.poisoned() {
+                // This request was in flight in two crashes in a row: refuse
+                // it without running the service again.
+                let date = http_date(conn.now()?);
+                let response = plain_response(StatusCode::INTERNAL_SERVER_ERROR, &date, req.close);
+                conn.write_all(&response).await?;
+                input.drain(..req.len);
+                if req.close {
+                    return conn.commit_and_close(req.len).await;
+                }
+                conn.commit(req.len, &[]).await?;
+                continue;
+            }
+
+            let date = HeaderValue::from_str(&http_date(conn.now()?))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let request_bytes = if req.expect_continue {
+                // Answered above: hyper must not send a second one.
+                without_expect(&input[..req.head_len], &input[req.head_len..req.len])
+            } else {
+                Bytes::copy_from_slice(&input[..req.len])
+            };
+            let slot = Arc::new(Mutex::new(Some(conn)));
+            let close = Arc::new(AtomicBool::new(req.close));
+            let io = OneRequest {
+                input: request_bytes,
+                conn: slot.clone(),
+            };
+            let adapted = Adapted {
+                inner: service.clone(),
+                handle: Handle::new(slot.clone()),
+                date,
+                close: close.clone(),
+                kept,
+            };
+            let served = http1::Builder::new()
+                .auto_date_header(false)
+                .half_close(true)
+                .keep_alive(true)
+                .serve_connection(io, adapted)
+                .without_shutdown()
+                .await;
+            // The request is over: handles a handler kept see none from now.
+            let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            conn = taken.ok_or_else(|| io::Error::other("connection lost"))?;
+            if let Err(e) = served {
+                // A body or service error cut the response short: the client
+                // cannot tell where it ends, so the connection ends here.
+                return Err(io::Error::other(e));
+            }
+            input.drain(..req.len);
+            if close.load(Ordering::Relaxed) {
+                return conn.commit_and_close(req.len).await;
+            }
+            conn.commit(req.len, &[]).await?;
+        }
+    }
+}
+
+/// A complete response the adapter writes itself (errors, poison).
+fn plain_response(status: StatusCode, date: &str, close: bool) -> Vec<u8> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let connection = if close { "connection: close\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {} {reason}\r\ndate: {date}\r\ncontent-length: 0\r\n{connection}\r\n",
+        status.as_u16()
+    )
+    .into_bytes()
+}
+
+/// The request with its `Expect` header lines left out.
+fn without_expect(head: &[u8], body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(head.len() + body.len());
+    for line in head.split_inclusive(|&b| b == b'\n') {
+        let name = line.split(|&b| b == b':').next().unwrap_or(b"");
+        if !name.eq_ignore_ascii_case(b"expect") {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// An HTTP date (IMF-fixdate) for seconds since the epoch; clamped because
+/// `httpdate` refuses years past 9999.
+fn http_date(secs: u64) -> String {
+    const MAX: u64 = 253_402_300_799;
+    httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(MAX)))
+}
+
+/// What hyper sees as its connection: one framed request to read, then end
+/// of input; writes go to the real connection.
+struct OneRequest {
+    input: Bytes,
+    conn: Arc<Mutex<Option<Conn>>>,
+}
+
+impl OneRequest {
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut Conn>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(conn) => f(Pin::new(conn)),
+            None => Poll::Ready(Err(io::Error::other("connection lost"))),
+        }
+    }
+}
+
+impl hyper::rt::Read for OneRequest {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let n = this.input.len().min(buf.remaining());
+        buf.put_slice(&this.input.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl hyper::rt::Write for OneRequest {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.with_conn(|c| c.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with_conn(|c| c.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The adapter decides when the connection ends, after the commit.
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The user's service as hyper sees it: with the [`Handle`] in the
+/// request's extensions and a recorded `Date` on the response.
+struct Adapted<S> {
+    inner: S,
+    handle: Handle,
+    date: HeaderValue,
+    close: Arc<AtomicBool>,
+    kept: bool,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Adapted<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let date = self.date.clone();
+        let close = self.close.clone();
+        let kept = self.kept;
+        req.extensions_mut().insert(self.handle.clone());
+        let answer = async move {
+            poll_fn(|cx| inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let mut response = inner.call(req).await.map_err(Into::into)?;
+            let headers = response.headers_mut();
+            headers.entry(http::header::DATE).or_insert(date);
+            let closes = headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            if closes {
+                close.store(true, Ordering::Relaxed);
+            }
+            Ok(response)
+        };
+        Box::pin(CrashOnPanic {
+            inner: Box::pin(answer),
+            kept,
+        })
+    }
+}
+
+/// Under a keeper, a handler that panics crashes the worker: its request
+/// is then replayed by the next worker (and refused as poison if it kills
+/// that one too) instead of its connection closing with the task. Without
+/// a keeper the panic unwinds as usual.
+struct CrashOnPanic<F> {
+    inner: Pin<Box<F>>,
+    kept: bool,
+}
+
+impl<F: Future> Future for CrashOnPanic<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let kept = self.kept;
+        let inner = self.inner.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(p) => p,
+            Err(_) if kept => {
+                tracing::error!(
+                    "a request handler panicked; ending this worker so the request is replayed"
+                );
+                std::process::abort();
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    }
+}
