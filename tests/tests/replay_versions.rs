@@ -123,3 +123,45 @@ fn rollback_never_splices_two_versions_answers() {
         body.len()
     );
 }
+
+/// The same command is one build: a download whose client stopped reading
+/// through two drain timeouts of an upgrade to the same command is replayed
+/// by the new generation and completes. (Seen: it was closed after 4.6 of
+/// 8 MiB when the check took every generation for another version.)
+#[test]
+fn stalled_download_survives_an_upgrade_to_the_same_command() {
+    let dir = TempDir::new("same-build");
+    let files = make_site(dir.path(), &[8 << 20]);
+    let (path, want) = files[0].clone();
+    let cmd = httpd(dir.path(), "same");
+    let k = Keeper::start(&[], &cmd.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut sock = connect_small_rcvbuf(k.addr, 64 * 1024).unwrap();
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    sock.read_exact(&mut got).unwrap();
+    // The client stops reading; the old version and its catcher are both
+    // still busy at their drain timeouts, so the new generation replays.
+    let (code, out, err) = k.upgrade(&["--drain-timeout", "500", "--settle", "100"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest)
+        .unwrap_or_else(|e| panic!("{e} after {} more bytes\n{}", rest.len(), k.log()));
+    got.extend_from_slice(&rest);
+    assert_eq!(
+        got.len() - head_end,
+        want.len(),
+        "the whole file arrived\n{}",
+        k.log()
+    );
+    assert!(got[head_end..] == want[..], "the file's bytes");
+}

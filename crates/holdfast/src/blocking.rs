@@ -281,12 +281,13 @@ impl Conn {
     /// service can vouch for: a replay that differs would reach the client
     /// spliced onto the first run's bytes.
     ///
-    /// The vouching holds within one version of the service: the worker's
-    /// generation is recorded with the output (one recorded value, 5 bytes
-    /// of the record's room), and a replay by a worker of another generation
-    /// — a rollback, or a new version taking over a request an old one left
-    /// half-answered — closes the connection cleanly instead of sending
-    /// bytes it cannot check.
+    /// The vouching holds within one build of the service: a digest of the
+    /// worker's executable and arguments is recorded with the output (one
+    /// recorded value, 5 bytes of the record's room), and a replay by a
+    /// worker of another build — a rollback, or a new version taking over a
+    /// request an old one left half-answered — closes the connection cleanly
+    /// instead of sending bytes it cannot check. The same command upgraded
+    /// or rejuvenated replays as usual.
     pub fn skip_output_check(&mut self) {
         self.core.skip_output_check();
     }

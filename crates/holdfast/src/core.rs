@@ -331,11 +331,13 @@ impl Core {
     ///
     /// "By construction" holds for one build of the service only: another
     /// version may write other bytes (a different head, say). So the
-    /// worker's generation is recorded with the first call of a request, and
-    /// a replay by a worker of another generation is refused: its next write
-    /// closes the connection cleanly rather than splice two versions'
-    /// answers. Should the record have no room left, the output stays
-    /// checked.
+    /// worker's build identity (its executable and arguments, see
+    /// `worker::build_identity`) is recorded with the first call of a
+    /// request, and a replay by a worker of another build is refused: its
+    /// next write closes the connection cleanly rather than splice two
+    /// versions' answers. An upgrade to the same command, or a
+    /// rejuvenation, replays as usual. Should the record have no room
+    /// left, the output stays checked.
     pub(crate) fn skip_output_check(&mut self) {
         let Some(k) = &mut self.kept else {
             return;
@@ -344,7 +346,7 @@ impl Core {
             return;
         }
         k.unchecked_window = true;
-        let own = k.link.id.generation.to_le_bytes();
+        let own = k.link.build.to_le_bytes();
         let recorded = match k.next_recorded() {
             Ok(Some(v)) => Some(v == own),
             Ok(None) => match k.keep_recorded(&own) {

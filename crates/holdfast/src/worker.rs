@@ -60,6 +60,35 @@ pub(crate) struct Link {
     held: Arc<AtomicUsize>,
     /// Suspects run one at a time (see [`SuspectGate`]).
     pub(crate) suspects: SuspectGate,
+    /// Which build of the service this is (see [`build_identity`]).
+    pub(crate) build: u32,
+}
+
+/// A digest of what decides the bytes a service writes: its executable
+/// (device, inode, size, modification time: a rebuilt binary is another
+/// file) and its arguments. Two workers with the same identity regenerate
+/// output the service declared unchecked byte for byte; workers of
+/// another version (another binary or other arguments) may not.
+fn build_identity() -> u32 {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut h = 0u32;
+    if let Ok(m) = std::fs::metadata("/proc/self/exe") {
+        for v in [
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+        ] {
+            h = crc32c::crc32c_append(h, &v.to_le_bytes());
+        }
+    }
+    for a in std::env::args_os() {
+        h = crc32c::crc32c_append(h, a.as_bytes());
+        h = crc32c::crc32c_append(h, &[0]);
+    }
+    h
 }
 
 /// Requests that were running when a worker crashed by itself are
@@ -326,6 +355,7 @@ impl Link {
             channels: Mutex::new(Stash::default()),
             arrived: std::sync::Condvar::new(),
             suspects: SuspectGate::default(),
+            build: build_identity(),
             budget,
             held: Arc::new(AtomicUsize::new(0)),
         })))
