@@ -74,6 +74,12 @@ pub const ENV_POISON_AFTER: &str = "HOLDFAST_POISON_AFTER";
 /// milliseconds (absent: no deadline).
 pub const ENV_REQUEST_DEADLINE_MS: &str = "HOLDFAST_REQUEST_DEADLINE_MS";
 
+/// An input spool (a memfd the keeper holds for a connection whose request
+/// outgrew the socket buffer) keeps at this offset how far the worker that
+/// has it read (an absolute input offset, `u64` little-endian): after a
+/// crash, whether that worker was running the spooled request.
+pub const SPOOL_READ_MARK: usize = 8;
+
 /// The journal starts with one page reserved for its own header and
 /// per-worker data; connection records follow, [`record::RECORD_SIZE`]
 /// bytes each.

@@ -1486,9 +1486,14 @@ impl Keeper {
             .collect();
         mine.sort_unstable();
         for cid in mine.iter().rev() {
+            let ran = crashed
+                && self
+                    .conns
+                    .get(cid)
+                    .is_some_and(|h| ran_request(&self.journal, *cid, h));
             if let Some(h) = self.conns.get_mut(cid) {
                 h.owner = None;
-                h.crashed = crashed;
+                h.crashed = ran;
                 h.since = Some(t0);
                 h.lost_since.get_or_insert(t0);
             }
@@ -1780,6 +1785,42 @@ fn signal_worker(pid: u32, sig: Signal) {
     } else {
         let _ = rustix::process::kill_process(pid, sig);
     }
+}
+
+/// Whether the worker that just died had read the request in flight on `h`
+/// (input past its commit): the socket's peek offset, or its spool's read
+/// mark, compared with the journal's commit. Only such a request counts a
+/// crash towards poison (`CONN_CRASHED`). The evidence is then wiped, so a
+/// worker that dies before it even took the connection up cannot count the
+/// same reading twice. Anything unreadable counts (as before this check).
+fn ran_request(journal: &SharedMem, cid: u64, h: &Held) -> bool {
+    let mut raw = [0u8; RECORD_SIZE];
+    if journal.read(journal_offset(h.slot), &mut raw).is_err() {
+        return true;
+    }
+    let Ok(rec) = hf_journal::record::pick(&raw, cid) else {
+        return true;
+    };
+    if let Some(sp) = &h.spool {
+        let mut mark = [0u8; 8];
+        let off = hf_journal::SPOOL_READ_MARK as u64;
+        let ran = match rustix::io::pread(sp, &mut mark, off) {
+            Ok(8) => u64::from_le_bytes(mark) > rec.in_commit,
+            _ => true,
+        };
+        let _ = rustix::io::pwrite(sp, &rec.in_commit.to_le_bytes(), off);
+        return ran;
+    }
+    let peeked = match hf_sys::tcp::peek_off(&h.fd) {
+        Ok(o) => u64::try_from(o).unwrap_or(0),
+        Err(_) => return true,
+    };
+    let ran = match hf_sys::tcp::stream_positions(&h.fd) {
+        Ok(p) => p.consumed.saturating_add(peeked) > rec.in_commit,
+        Err(_) => true,
+    };
+    let _ = hf_sys::tcp::set_peek_off(&h.fd, 0);
+    ran
 }
 
 /// Input a held connection has waiting: in the kernel's receive queue and,

@@ -50,9 +50,9 @@ pub const POISON_AFTER: u16 = 2;
 /// from here on.
 const SPOOL_DATA: usize = 64;
 /// Where a spool says how far its current worker has read (an absolute
-/// input offset): after a crash, whether that worker was running the
-/// request in the spool. A plain store into the mapping per read.
-const SPOOL_READ: usize = 8;
+/// input offset): after a crash, the keeper reads whether that worker was
+/// running the request in the spool. A plain store into the mapping per read.
+const SPOOL_READ: usize = hf_journal::SPOOL_READ_MARK;
 
 /// The state of one connection. The fd is held by the flavour's wrapper
 /// (a plain `OwnedFd`, or tokio's `AsyncFd`) and lent to every call.
@@ -1062,10 +1062,6 @@ impl Kept {
                 "connection reset or closed while no worker had it",
             ));
         }
-        // How far past the consumed input the dead worker had peeked: the
-        // offset belongs to the socket, so it outlives the worker. Read
-        // before anything here consumes input (which moves it back).
-        let peeked = hf_sys::tcp::peek_off(fd).map_or(0, |o| u64::try_from(o).unwrap_or(0));
         // The service said the request in flight must not run again: close
         // the connection if it asked so, or if part of the answer is out
         // (an error cannot follow it).
@@ -1084,7 +1080,6 @@ impl Kept {
             ));
         }
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-        let mut spool_read = 0;
         if let Some(sfd) = spool {
             // Uncommitted input [in_commit, consumed) is in the spool. If the
             // worker died after handing the spool over but before moving the
@@ -1099,9 +1094,7 @@ impl Kept {
                 return Err(bad("spool does not match the journal and the kernel"));
             }
             discard_exact(fd, end - pos.consumed)?;
-            // Whether the dead worker had read past the commit; this worker
-            // starts from the commit.
-            spool_read = mem.load_u64(SPOOL_READ).unwrap_or(u64::MAX);
+            // This worker starts reading from the commit.
             mem.store_u64(SPOOL_READ, rec.in_commit)
                 .map_err(|_| bad("spool too small"))?;
             self.spool = Some(Spool {
@@ -1143,21 +1136,15 @@ impl Kept {
             });
         }
         self.state_version = rec.state_version;
-        // The request was running if the dead worker had read input past
-        // the commit: peeked it (the socket's peek offset), or read it from
-        // the spool (the spool's read mark). Input that merely arrived does
-        // not count, nor output an earlier worker began: a suspect waiting
-        // for its turn (see `suspect`) has read nothing. If its worker
-        // crashed by itself, that counts against the request; the count is
-        // stored before the request runs again, so a crash during the
-        // replay counts too.
-        let running = if self.spool.is_some() {
-            spool_read > rec.in_commit
-        } else {
-            pos.consumed.saturating_add(peeked) > rec.in_commit
-        };
+        // `crashed` (CONN_CRASHED) says the keeper found that the dead
+        // worker, which crashed by itself, was running the request: it had
+        // read input past the commit (the socket's peek offset, or the
+        // spool's read mark). Input that merely arrived does not count, nor
+        // a worker that never took the connection up. That counts against
+        // the request; the count is stored before the request runs again,
+        // so a crash during the replay counts too.
         let mut rec = rec;
-        let count = crashed && running;
+        let count = crashed;
         if count {
             rec.deaths = rec.deaths.saturating_add(1);
         }
@@ -1170,7 +1157,7 @@ impl Kept {
                 conn = conn_id,
                 input_offset = rec.in_commit,
                 crashes = rec.deaths,
-                "poison request crashed its worker although it was flagged: closing the connection"
+                "request ran during more consecutive crashes than --poison-after allows: closing the connection"
             );
             fin(fd);
             return Err(io::Error::new(
@@ -1180,21 +1167,20 @@ impl Kept {
         }
         self.poisoned = after > 0 && rec.deaths >= after;
         if self.poisoned && !no_replay && pos.written > rec.out_commit {
-            // Part of its answer is out: an error cannot follow it.
-            tracing::warn!(
+            // Part of its answer is out, so an error cannot follow it. It
+            // may also be a bystander that a fresh request's crashes caught
+            // twice while it ran: it runs once more, alone (a suspect); a
+            // third crash with it running closes it (above).
+            tracing::info!(
                 conn = conn_id,
                 input_offset = rec.in_commit,
                 crashes = rec.deaths,
-                "poison request whose answer had begun: closing the connection"
+                "request whose answer had begun ran during consecutive crashes: running it once more, alone"
             );
-            fin(fd);
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "poison request with its answer begun; connection closed",
-            ));
+            self.poisoned = false;
         }
         // Still a suspect of an earlier crash: it runs alone.
-        self.suspect = crashed && rec.deaths > 0 && !self.poisoned;
+        self.suspect = rec.deaths > 0 && !self.poisoned;
         if no_replay {
             tracing::warn!(
                 conn = conn_id,
