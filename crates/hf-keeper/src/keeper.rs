@@ -1952,7 +1952,20 @@ async fn read_control(id: u32, fd: AsyncFd<OwnedFd>, tx: mpsc::UnboundedSender<E
         let mut fds = Vec::new();
         match guard.try_io(|f| fdpass::recv(f.get_ref(), &mut buf, &mut fds, true)) {
             Err(_would_block) => continue,
-            Ok(Ok(0)) | Ok(Err(_)) => {
+            Ok(Ok(0)) => {
+                let _ = tx.send(Event::ControlClosed(id));
+                break;
+            }
+            Ok(Err(e)) => {
+                // The worker is stopped (its connections recovered): say
+                // why, or the SIGKILL that follows has no reason in the log.
+                // A truncated message (fds the keeper had no room for) is
+                // the usual cause: the keeper's open-files limit.
+                tracing::warn!(
+                    worker = id,
+                    error = %e,
+                    "cannot read the worker's control socket; stopping that worker"
+                );
                 let _ = tx.send(Event::ControlClosed(id));
                 break;
             }
