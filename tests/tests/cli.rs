@@ -786,3 +786,67 @@ fn worker_that_never_becomes_ready_ends_run_clearly() {
         "{took:?}"
     );
 }
+
+/// Issue: there was no config file. `holdfast run --config FILE` takes
+/// every option of `run` from TOML (durations with units, the command);
+/// the command line wins; an unknown key is an error that names it.
+#[test]
+fn config_file_runs_and_the_command_line_wins() {
+    let dir = TempDir::new("config");
+    let port = free_port();
+    let metrics = free_port();
+    let file = dir.path().join("holdfast.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\n\
+             control = \"c.sock\"\n\
+             standby = 1\n\
+             hang_timeout = \"2s\"\n\
+             hold_kib = \"64MiB\"\n\
+             metrics = \"127.0.0.1:{metrics}\"\n\
+             command = [\"{}\"]\n",
+            bin("hf-testsvc").display()
+        ),
+    )
+    .unwrap();
+    let control = dir.path().join("c.sock");
+    let keeper = Proc(
+        Command::new(bin("holdfast"))
+            .args(["run", "--standby", "2", "--config"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The control socket from the file (relative to it), two standbys from
+    // the command line.
+    let st = wait_status(&control, "two standbys", Duration::from_secs(20), |s| {
+        s.workers.iter().filter(|w| w.role == Role::Standby).count() == 2
+    });
+    assert_eq!(st.listeners, [format!("127.0.0.1:{port}")]);
+    let mut c = LineClient::connect(format!("127.0.0.1:{port}").parse().unwrap(), "configured");
+    c.request(1, 100, 0);
+    let mut m = std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut m, &mut text).unwrap();
+    assert!(text.contains("holdfast_generation 1"), "{text}");
+    drop(keeper);
+
+    std::fs::write(
+        &file,
+        "listen = [\"127.0.0.1:0\"]\nhang_timout = \"1s\"\ncommand = [\"x\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_cmd(
+        Command::new(bin("holdfast"))
+            .args(["run", "--config"])
+            .arg(&file),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("hang_timout"), "names the unknown key: {err}");
+}

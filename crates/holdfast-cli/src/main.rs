@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hf_keeper::status::{self, Snapshot};
 
+mod config;
 mod units;
 
 /// stdout was closed (`holdfast status | head -1`): not an error worth a
@@ -151,8 +152,13 @@ enum Cmd {
         /// default fits systemd's 90 s stop timeout.
         #[arg(long, default_value = "80s", value_name = "MS", value_parser = units::millis)]
         stop_timeout: u64,
+        /// Options from a TOML file: keys as the long options with `_` for
+        /// `-` (`hang_timeout = "500ms"`, `listen = ["127.0.0.1:8080"]`),
+        /// and `command = ["./svc", "--flag"]`; the command line wins.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// The worker command and its arguments (after `--`).
-        #[arg(last = true, required = true, value_name = "CMD")]
+        #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
         command: Vec<OsString>,
     },
     /// Move the service to a new version without dropping a connection.
@@ -223,7 +229,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
@@ -232,6 +242,62 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let configured = match (&mut cli.cmd, matches.subcommand_matches("run")) {
+        (
+            Cmd::Run {
+                config: Some(path),
+                listen,
+                standby,
+                control,
+                max_conns,
+                hang_timeout,
+                hold_timeout,
+                hold_max,
+                hold_kib,
+                request_deadline,
+                poison_after,
+                unavailable,
+                max_generations,
+                max_rss,
+                max_uptime,
+                max_requests,
+                metrics,
+                ready_timeout,
+                stop_timeout,
+                command,
+            },
+            Some(m),
+        ) => config::apply(
+            path,
+            m,
+            config::RunOptions {
+                listen,
+                standby,
+                control,
+                max_conns,
+                hang_timeout,
+                hold_timeout,
+                hold_max,
+                hold_kib,
+                request_deadline,
+                poison_after,
+                unavailable,
+                max_generations,
+                max_rss,
+                max_uptime,
+                max_requests,
+                metrics,
+                ready_timeout,
+                stop_timeout,
+                command,
+            },
+        ),
+        _ => Ok(()),
+    };
+    if let Err(e) = configured {
+        eprintln!("holdfast: {e:#}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
@@ -264,6 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ready_timeout,
             stop_timeout,
             command,
+            config: _,
         } => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
             let hang_timeout = (hang_timeout > 0).then(|| Duration::from_millis(hang_timeout));
