@@ -435,3 +435,41 @@ fn program_answer_survives_upgrade_and_keeper_reexec() {
         "{s:?}"
     );
 }
+
+/// A program whose output stops short of its Content-Length: the client's
+/// answer ends there (a close it can tell), and the log has no false alarm
+/// (it used to warn twice that the worker let go of channels of a
+/// connection it did not own: the unhold came after the close).
+#[test]
+fn short_cgi_answer_closes_without_false_warnings() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let (_tmp, www, cgi) = site();
+    let short = cgi.join("short.sh");
+    std::fs::write(
+        &short,
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\nContent-Length: 100\\r\\n\\r\\nonly this'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = keeper(&www, &cgi, &[]);
+    let mut s = std::net::TcpStream::connect(k.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /cgi-bin/short.sh HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("a clean close");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("\r\n\r\nonly this"), "{text}");
+    hf_tests::eventually(Duration::from_secs(5), "the short answer logged", || {
+        k.log()
+            .contains("short of its Content-Length")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !k.log().contains("does not own"),
+        "no false warnings:\n{}",
+        k.log()
+    );
+}

@@ -638,11 +638,12 @@ async fn finish(c: &mut Conn, run: Run, framing: Framing, left: u64) -> io::Resu
     };
     if keep {
         c.commit(0, &[]).await?;
+        let _ = c.unhold(TAG_PIPE);
+        let _ = c.unhold(TAG_SPOOL);
     } else {
+        // The keeper lets go of a closed connection's channels with it.
         c.commit_and_close(0).await?;
     }
-    let _ = c.unhold(TAG_PIPE);
-    let _ = c.unhold(TAG_SPOOL);
     Ok(keep)
 }
 
