@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use hf_tests::free_port;
 use hf_tests::testsvc::{keeper, LineClient};
 
 fn scrape(port: u16, path: &str) -> (String, String) {
@@ -27,9 +26,14 @@ fn value(text: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn metrics_follow_kills_and_upgrades() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut k = keeper(&["--metrics", &addr], &[]);
+    // Port 0: a port picked beforehand could be taken meanwhile by the
+    // keeper's own listener (also port 0). The keeper logs the address.
+    let mut k = keeper(&["--metrics", "127.0.0.1:0"], &[]);
+    let port: u16 = hf_tests::eventually(Duration::from_secs(5), "the metrics address", || {
+        let log = k.log();
+        let line = log.lines().find(|l| l.contains("metrics at /metrics"))?;
+        line.rsplit(':').next()?.trim().parse().ok()
+    });
     let (head, text) = scrape(port, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert!(head.contains("application/openmetrics-text"), "{head}");
