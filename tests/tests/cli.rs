@@ -850,3 +850,20 @@ fn config_file_runs_and_the_command_line_wins() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("hang_timout"), "names the unknown key: {err}");
 }
+
+/// `--log-format json`: one JSON object a line, for a log collector.
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let k = Keeper::start(
+        &["--log-format", "json"],
+        &[bin("hf-testsvc").to_str().unwrap()],
+    );
+    let log = k.log();
+    let keeper_lines: Vec<&str> = log.lines().filter(|l| l.contains("\"hf_keeper")).collect();
+    assert!(!keeper_lines.is_empty(), "{log}");
+    for l in keeper_lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["fields"]["message"].is_string(), "{l}");
+        assert!(v["level"].is_string(), "{l}");
+    }
+}
