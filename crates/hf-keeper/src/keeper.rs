@@ -830,10 +830,7 @@ impl Keeper {
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Refused { conn_id, slot } => self.refused(id, conn_id, slot),
             Msg::Spool { conn_id, slot } => {
-                let owned = self
-                    .conns
-                    .get(&conn_id)
-                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let owned = self.owns(id, conn_id, slot);
                 let spool = fds.pop().filter(|fd| {
                     rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
                         s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
@@ -859,10 +856,7 @@ impl Keeper {
                 }
             }
             Msg::Hold { conn_id, slot, tag } => {
-                let owned = self
-                    .conns
-                    .get(&conn_id)
-                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let owned = self.owns(id, conn_id, slot);
                 let (Some(fd), true) = (fds.pop(), owned) else {
                     tracing::warn!(
                         worker = id,
@@ -893,20 +887,13 @@ impl Keeper {
                 ),
             },
             Msg::Poisoned { conn_id, slot } => {
-                if self
-                    .conns
-                    .get(&conn_id)
-                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot)
-                {
+                if self.owns(id, conn_id, slot) {
                     self.poisoned += 1;
                     tracing::warn!(worker = id, conn = conn_id, "poison request refused");
                 }
             }
             Msg::Closed { conn_id, slot } => {
-                let owned = self
-                    .conns
-                    .get(&conn_id)
-                    .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+                let owned = self.owns(id, conn_id, slot);
                 if owned {
                     self.drop_conn(conn_id);
                 } else {
@@ -999,6 +986,15 @@ impl Keeper {
         h.hold(id, conn_id, tag, fd);
     }
 
+    /// Whether worker `id` holds connection `conn_id` in journal slot
+    /// `slot`: the one check before acting on anything a worker says about
+    /// a connection.
+    fn owns(&self, id: u32, conn_id: u64, slot: u32) -> bool {
+        self.conns
+            .get(&conn_id)
+            .is_some_and(|h| h.owner == Some(id) && h.slot == slot)
+    }
+
     fn drop_conn(&mut self, conn_id: u64) {
         if let Some(h) = self.conns.remove(&conn_id) {
             if let Some((id, w)) = h.owner.and_then(|o| Some(o).zip(self.workers.get_mut(&o))) {
@@ -1025,10 +1021,7 @@ impl Keeper {
     /// before that hand-out, and that worker gets no more than it holds
     /// now until it closes some.
     fn refused(&mut self, id: u32, conn_id: u64, slot: u32) {
-        let owned = self
-            .conns
-            .get(&conn_id)
-            .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+        let owned = self.owns(id, conn_id, slot);
         if !owned {
             tracing::warn!(
                 worker = id,

@@ -15,7 +15,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use serde::Deserialize;
 
-use crate::units;
+use crate::{units, RunArgs};
 
 /// A number, or text with a unit.
 #[derive(Deserialize)]
@@ -58,33 +58,9 @@ struct File {
     command: Option<Vec<String>>,
 }
 
-/// The `run` options a config file may set (the command line's values,
-/// which the file's replace unless they were given on the command line).
-pub struct RunOptions<'a> {
-    pub listen: &'a mut Vec<Vec<std::net::SocketAddr>>,
-    pub standby: &'a mut usize,
-    pub control: &'a mut Option<PathBuf>,
-    pub max_conns: &'a mut Option<u32>,
-    pub hang_timeout: &'a mut u64,
-    pub hold_timeout: &'a mut u64,
-    pub hold_max: &'a mut usize,
-    pub hold_kib: &'a mut u64,
-    pub request_deadline: &'a mut u64,
-    pub poison_after: &'a mut u16,
-    pub unavailable: &'a mut Option<PathBuf>,
-    pub max_generations: &'a mut u16,
-    pub max_rss: &'a mut u64,
-    pub max_uptime: &'a mut u64,
-    pub max_requests: &'a mut u64,
-    pub metrics: &'a mut Option<std::net::SocketAddr>,
-    pub ready_timeout: &'a mut u64,
-    pub stop_timeout: &'a mut u64,
-    pub command: &'a mut Vec<std::ffi::OsString>,
-}
-
 /// Reads `path` and applies it to `o`, except where `m` says the command
 /// line gave the option.
-pub fn apply(path: &Path, m: &ArgMatches, o: RunOptions<'_>) -> anyhow::Result<()> {
+pub fn apply(path: &Path, m: &ArgMatches, o: &mut RunArgs) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
     let f: File = toml::from_str(&text).with_context(|| format!("--config {}", path.display()))?;
@@ -94,69 +70,69 @@ pub fn apply(path: &Path, m: &ArgMatches, o: RunOptions<'_>) -> anyhow::Result<(
     let ctx = |key: &str| format!("--config {}: {key}", path.display());
 
     if let (Some(v), true) = (f.listen, from_file("listen")) {
-        *o.listen = v
+        o.listen = v
             .iter()
             .map(|a| units::listen(a).map_err(|e| anyhow::anyhow!(e)))
             .collect::<anyhow::Result<_>>()
             .with_context(|| ctx("listen"))?;
     }
     if let (Some(v), true) = (f.standby, from_file("standby")) {
-        *o.standby = v;
+        o.standby = v;
     }
     if let (Some(v), true) = (f.control, from_file("control")) {
-        *o.control = Some(here(v));
+        o.control = Some(here(v));
     }
     if let (Some(v), true) = (f.max_conns, from_file("max_conns")) {
         if !(1..=1_000_000).contains(&v) {
             bail!("{}: {v} is not in 1..=1000000", ctx("max_conns"));
         }
-        *o.max_conns = Some(v);
+        o.max_conns = Some(v);
     }
     let ms: fn(&str) -> Result<u64, String> = units::millis;
     for (key, value, dst) in [
-        ("hang_timeout", f.hang_timeout, &mut *o.hang_timeout),
-        ("hold_timeout", f.hold_timeout, &mut *o.hold_timeout),
+        ("hang_timeout", f.hang_timeout, &mut o.hang_timeout),
+        ("hold_timeout", f.hold_timeout, &mut o.hold_timeout),
         (
             "request_deadline",
             f.request_deadline,
-            &mut *o.request_deadline,
+            &mut o.request_deadline,
         ),
-        ("ready_timeout", f.ready_timeout, &mut *o.ready_timeout),
-        ("stop_timeout", f.stop_timeout, &mut *o.stop_timeout),
+        ("ready_timeout", f.ready_timeout, &mut o.ready_timeout),
+        ("stop_timeout", f.stop_timeout, &mut o.stop_timeout),
     ] {
         if let (Some(v), true) = (value, from_file(key)) {
             *dst = v.parse(&ctx(key), ms)?;
         }
     }
     if let (Some(v), true) = (f.hold_kib, from_file("hold_kib")) {
-        *o.hold_kib = v.parse(&ctx("hold_kib"), units::kib)?;
+        o.hold_kib = v.parse(&ctx("hold_kib"), units::kib)?;
     }
     if let (Some(v), true) = (f.max_rss, from_file("max_rss")) {
-        *o.max_rss = v.parse(&ctx("max_rss"), units::mib)?;
+        o.max_rss = v.parse(&ctx("max_rss"), units::mib)?;
     }
     if let (Some(v), true) = (f.max_uptime, from_file("max_uptime")) {
-        *o.max_uptime = v.parse(&ctx("max_uptime"), units::seconds)?;
+        o.max_uptime = v.parse(&ctx("max_uptime"), units::seconds)?;
     }
     if let (Some(v), true) = (f.hold_max, from_file("hold_max")) {
-        *o.hold_max = v;
+        o.hold_max = v;
     }
     if let (Some(v), true) = (f.poison_after, from_file("poison_after")) {
-        *o.poison_after = v;
+        o.poison_after = v;
     }
     if let (Some(v), true) = (f.unavailable, from_file("unavailable")) {
-        *o.unavailable = Some(here(v));
+        o.unavailable = Some(here(v));
     }
     if let (Some(v), true) = (f.max_generations, from_file("max_generations")) {
         if !(2..=64).contains(&v) {
             bail!("{}: {v} is not in 2..=64", ctx("max_generations"));
         }
-        *o.max_generations = v;
+        o.max_generations = v;
     }
     if let (Some(v), true) = (f.max_requests, from_file("max_requests")) {
-        *o.max_requests = v;
+        o.max_requests = v;
     }
     if let (Some(v), true) = (f.metrics, from_file("metrics")) {
-        *o.metrics = Some(
+        o.metrics = Some(
             v.parse()
                 .map_err(|e| anyhow::anyhow!("{}: {v:?}: {e}", ctx("metrics")))?,
         );
@@ -165,7 +141,7 @@ pub fn apply(path: &Path, m: &ArgMatches, o: RunOptions<'_>) -> anyhow::Result<(
         if v.is_empty() {
             bail!("{}: empty", ctx("command"));
         }
-        *o.command = v.into_iter().map(Into::into).collect();
+        o.command = v.into_iter().map(Into::into).collect();
     }
     if o.command.is_empty() {
         bail!("no worker command: give it after `--` or as `command = [...]` in the config file");

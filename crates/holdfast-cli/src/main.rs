@@ -83,94 +83,7 @@ enum Cmd {
                       or SIGINT closes everything at once, still cleanly; SIGHUP upgrades to the same \
                       command."
     )]
-    Run {
-        /// Address to listen on: IPv4:PORT, [IPv6]:PORT, HOST:PORT (every
-        /// address it resolves to) or :PORT (every IPv4 address); repeat for more.
-        #[arg(long = "listen", value_name = "ADDR", value_parser = units::listen)]
-        listen: Vec<Vec<SocketAddr>>,
-        /// Hot standby workers kept started and initialised.
-        #[arg(long, default_value_t = 1, value_name = "N")]
-        standby: usize,
-        /// Control socket for `holdfast status`.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Connections held at once (default: as many as the open-files limit
-        /// allows, at most 65536); more wait in the kernel's listen backlog.
-        /// Lowered to fit the open-files limit (see the README).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        max_conns: Option<u32>,
-        /// Kill and replace a worker whose heartbeat stops for this long
-        /// (the tokio flavour beats by itself; 0 = off). Durations take a
-        /// unit (500ms, 2s, 1m); a bare number is milliseconds.
-        #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
-        hang_timeout: u64,
-        /// While no worker can serve (crash loop), a connection waits at
-        /// most this long for one...
-        #[arg(long, default_value = "30000", value_name = "MS", value_parser = units::millis)]
-        hold_timeout: u64,
-        /// ...and at most this many connections wait; the rest are turned
-        /// away, oldest first.
-        #[arg(long, default_value_t = 10_000, value_name = "N")]
-        hold_max: usize,
-        /// ...and the input they have queued (in the kernel and in spools)
-        /// stays under this size; the oldest are turned away first. Sizes
-        /// take a unit (512KiB, 64MiB); a bare number is KiB.
-        #[arg(long, default_value = "65536", value_name = "KIB", value_parser = units::kib)]
-        hold_kib: u64,
-        /// Replace a worker one of whose requests has run this long from its
-        /// first byte without a commit (tokio flavour; implies
-        /// --hang-timeout 500ms unless given; 0 = off).
-        #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
-        request_deadline: u64,
-        /// A request in flight during this many crashes of its worker in a
-        /// row is poison: the next worker answers it with an error instead
-        /// of running it (0: never).
-        #[arg(long, default_value_t = 2, value_name = "K")]
-        poison_after: u16,
-        /// File with the bytes a turned-away connection gets before a clean
-        /// close (e.g. an HTTP 503 response); without it, just the close.
-        #[arg(long, value_name = "FILE")]
-        unavailable: Option<PathBuf>,
-        /// Most versions live at once during back-to-back upgrades (the
-        /// serving one and those still handing connections over).
-        #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
-        max_generations: u16,
-        /// Replace the active worker with a fresh one (a zero-loss upgrade
-        /// to the same command) once its resident memory passes this size
-        /// (a bare number is MiB; 0 = off).
-        #[arg(long, default_value = "0", value_name = "MIB", value_parser = units::mib)]
-        max_rss: u64,
-        /// Replace the active worker with a fresh one once it has served
-        /// this long (a bare number is seconds; 0 = off).
-        #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = units::seconds)]
-        max_uptime: u64,
-        /// Replace the active worker with a fresh one once it has committed
-        /// this many requests (0 = off).
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        max_requests: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics (restarts by
-        /// reason, connections held and recovered, recovery times, upgrades,
-        /// poison requests, turned-away connections).
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<SocketAddr>,
-        /// The first worker must report ready within this long, or `run`
-        /// ends with an error that says why (0 = wait for ever).
-        #[arg(long, default_value = "60s", value_name = "MS", value_parser = units::millis)]
-        ready_timeout: u64,
-        /// After SIGTERM, requests in flight have this long to finish (idle
-        /// connections close at once); then every connection is closed. The
-        /// default fits systemd's 90 s stop timeout.
-        #[arg(long, default_value = "80s", value_name = "MS", value_parser = units::millis)]
-        stop_timeout: u64,
-        /// Options from a TOML file: keys as the long options with `_` for
-        /// `-` (`hang_timeout = "500ms"`, `listen = ["127.0.0.1:8080"]`),
-        /// and `command = ["./svc", "--flag"]`; the command line wins.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The worker command and its arguments (after `--`).
-        #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
-        command: Vec<OsString>,
-    },
+    Run(RunArgs),
     /// Move the service to a new version without dropping a connection.
     #[command(
         long_about = "Move the service to a new version without dropping a connection.\n\n            The new version starts next to the old one. Once it is ready it takes every new \
@@ -238,6 +151,97 @@ enum Cmd {
     },
 }
 
+/// The options of `holdfast run` (also what `--config` may set).
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Address to listen on: IPv4:PORT, [IPv6]:PORT, HOST:PORT (every
+    /// address it resolves to) or :PORT (every IPv4 address); repeat for more.
+    #[arg(long = "listen", value_name = "ADDR", value_parser = units::listen)]
+    pub listen: Vec<Vec<SocketAddr>>,
+    /// Hot standby workers kept started and initialised.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub standby: usize,
+    /// Control socket for `holdfast status`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Connections held at once (default: as many as the open-files limit
+    /// allows, at most 65536); more wait in the kernel's listen backlog.
+    /// Lowered to fit the open-files limit (see the README).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_conns: Option<u32>,
+    /// Kill and replace a worker whose heartbeat stops for this long
+    /// (the tokio flavour beats by itself; 0 = off). Durations take a
+    /// unit (500ms, 2s, 1m); a bare number is milliseconds.
+    #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
+    pub hang_timeout: u64,
+    /// While no worker can serve (crash loop), a connection waits at
+    /// most this long for one...
+    #[arg(long, default_value = "30000", value_name = "MS", value_parser = units::millis)]
+    pub hold_timeout: u64,
+    /// ...and at most this many connections wait; the rest are turned
+    /// away, oldest first.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub hold_max: usize,
+    /// ...and the input they have queued (in the kernel and in spools)
+    /// stays under this size; the oldest are turned away first. Sizes
+    /// take a unit (512KiB, 64MiB); a bare number is KiB.
+    #[arg(long, default_value = "65536", value_name = "KIB", value_parser = units::kib)]
+    pub hold_kib: u64,
+    /// Replace a worker one of whose requests has run this long from its
+    /// first byte without a commit (tokio flavour; implies
+    /// --hang-timeout 500ms unless given; 0 = off).
+    #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
+    pub request_deadline: u64,
+    /// A request in flight during this many crashes of its worker in a
+    /// row is poison: the next worker answers it with an error instead
+    /// of running it (0: never).
+    #[arg(long, default_value_t = 2, value_name = "K")]
+    pub poison_after: u16,
+    /// File with the bytes a turned-away connection gets before a clean
+    /// close (e.g. an HTTP 503 response); without it, just the close.
+    #[arg(long, value_name = "FILE")]
+    pub unavailable: Option<PathBuf>,
+    /// Most versions live at once during back-to-back upgrades (the
+    /// serving one and those still handing connections over).
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
+    pub max_generations: u16,
+    /// Replace the active worker with a fresh one (a zero-loss upgrade
+    /// to the same command) once its resident memory passes this size
+    /// (a bare number is MiB; 0 = off).
+    #[arg(long, default_value = "0", value_name = "MIB", value_parser = units::mib)]
+    pub max_rss: u64,
+    /// Replace the active worker with a fresh one once it has served
+    /// this long (a bare number is seconds; 0 = off).
+    #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = units::seconds)]
+    pub max_uptime: u64,
+    /// Replace the active worker with a fresh one once it has committed
+    /// this many requests (0 = off).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max_requests: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (restarts by
+    /// reason, connections held and recovered, recovery times, upgrades,
+    /// poison requests, turned-away connections).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// The first worker must report ready within this long, or `run`
+    /// ends with an error that says why (0 = wait for ever).
+    #[arg(long, default_value = "60s", value_name = "MS", value_parser = units::millis)]
+    pub ready_timeout: u64,
+    /// After SIGTERM, requests in flight have this long to finish (idle
+    /// connections close at once); then every connection is closed. The
+    /// default fits systemd's 90 s stop timeout.
+    #[arg(long, default_value = "80s", value_name = "MS", value_parser = units::millis)]
+    pub stop_timeout: u64,
+    /// Options from a TOML file: keys as the long options with `_` for
+    /// `-` (`hang_timeout = "500ms"`, `listen = ["127.0.0.1:8080"]`),
+    /// and `command = ["./svc", "--flag"]`; the command line wins.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The worker command and its arguments (after `--`).
+    #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
@@ -256,55 +260,10 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
     let configured = match (&mut cli.cmd, matches.subcommand_matches("run")) {
-        (
-            Cmd::Run {
-                config: Some(path),
-                listen,
-                standby,
-                control,
-                max_conns,
-                hang_timeout,
-                hold_timeout,
-                hold_max,
-                hold_kib,
-                request_deadline,
-                poison_after,
-                unavailable,
-                max_generations,
-                max_rss,
-                max_uptime,
-                max_requests,
-                metrics,
-                ready_timeout,
-                stop_timeout,
-                command,
-            },
-            Some(m),
-        ) => config::apply(
-            path,
-            m,
-            config::RunOptions {
-                listen,
-                standby,
-                control,
-                max_conns,
-                hang_timeout,
-                hold_timeout,
-                hold_max,
-                hold_kib,
-                request_deadline,
-                poison_after,
-                unavailable,
-                max_generations,
-                max_rss,
-                max_uptime,
-                max_requests,
-                metrics,
-                ready_timeout,
-                stop_timeout,
-                command,
-            },
-        ),
+        (Cmd::Run(args), Some(m)) => match args.config.clone() {
+            Some(path) => config::apply(&path, m, args),
+            None => Ok(()),
+        },
         _ => Ok(()),
     };
     if let Err(e) = configured {
@@ -323,7 +282,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Run {
+        Cmd::Run(RunArgs {
             listen,
             standby,
             control,
@@ -344,7 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stop_timeout,
             command,
             config: _,
-        } => {
+        }) => {
             let control = control.unwrap_or_else(hf_keeper::default_control_path);
             let hang_timeout = (hang_timeout > 0).then(|| Duration::from_millis(hang_timeout));
             let unavailable = match unavailable {

@@ -147,10 +147,7 @@ impl Keeper {
     /// with a FIN; if a request arrived since the worker let it go, it goes
     /// back to a worker to be answered.
     pub(super) fn released_at_stop(&mut self, id: u32, conn_id: u64, slot: u32) {
-        let owned = self
-            .conns
-            .get(&conn_id)
-            .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+        let owned = self.owns(id, conn_id, slot);
         if !owned {
             tracing::warn!(
                 worker = id,

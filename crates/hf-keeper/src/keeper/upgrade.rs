@@ -422,10 +422,7 @@ impl Keeper {
             .workers
             .get(&id)
             .is_some_and(|w| w.role == Role::Draining);
-        let owned = self
-            .conns
-            .get(&conn_id)
-            .is_some_and(|h| h.owner == Some(id) && h.slot == slot);
+        let owned = self.owns(id, conn_id, slot);
         if !(draining && owned) {
             tracing::warn!(
                 worker = id,
