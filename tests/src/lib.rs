@@ -37,6 +37,25 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The Python that has the test clients' libraries (`websockets`):
+/// `$HOLDFAST_PYTHON`, else the venv `.ci/run` makes in `target/pyenv`,
+/// else `python3`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOLDFAST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("python3")
+}
+
+/// A script of `tests/py`.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
 /// Polls `cond` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -14,15 +14,20 @@ use holdfast::ReplayPolicy;
 /// [`Handle::now`] / [`Handle::record`], which return on replay what they
 /// returned the first time. A handle is good for its own request only:
 /// once the response is written its methods fail (`poisoned` and the
-/// other flags read `false`).
+/// other flags read `false`). In a WebSocket upgrade run again to resume
+/// the WebSocket, `now` and `record` return fresh values, unrecorded: the
+/// callback should take what it needs from the WebSocket's state.
 #[derive(Clone)]
 pub struct Handle {
     conn: Arc<Mutex<Option<Conn>>>,
+    /// The request is a WebSocket upgrade run again to resume it: nothing
+    /// is recorded (its answer is not sent).
+    resumed: bool,
 }
 
 impl Handle {
-    pub(crate) fn new(conn: Arc<Mutex<Option<Conn>>>) -> Handle {
-        Handle { conn }
+    pub(crate) fn new(conn: Arc<Mutex<Option<Conn>>>, resumed: bool) -> Handle {
+        Handle { conn, resumed }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Conn) -> io::Result<T>) -> io::Result<T> {
@@ -40,12 +45,20 @@ impl Handle {
     /// The current time in seconds since the epoch, recorded: a replay of
     /// this request gets the same value.
     pub fn now(&self) -> io::Result<u64> {
+        if self.resumed {
+            return Ok(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()));
+        }
         self.with(|c| c.now())
     }
 
     /// A value recorded for this request: the first run keeps what `make`
     /// returns, a replay gets it back. Call in the same order on every run.
     pub fn record(&self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
+        if self.resumed {
+            return Ok(make());
+        }
         self.with(|c| c.record(make))
     }
 
@@ -53,6 +66,9 @@ impl Handle {
     /// answering it; declare it before doing what must not happen twice.
     /// With [`ReplayPolicy::Error`] the next worker answers `500`.
     pub fn replay_policy(&self, policy: ReplayPolicy) -> io::Result<()> {
+        if self.resumed {
+            return Ok(());
+        }
         self.with(|c| c.replay_policy(policy))
     }
 

@@ -33,14 +33,15 @@
 //!
 //! Limits: HTTP/1.1 (and 1.0) only — HTTP/2 is not served, a client that
 //! sends its preface gets a 400; request bodies are held in memory up to
-//! [`Server::max_request_size`]; protocol upgrades (WebSocket) are not
-//! supported yet.
+//! [`Server::max_request_size`]; the only protocol upgrade served is
+//! WebSocket, through [`ws::WebSocketUpgrade`] (see [`ws`]).
 
 #![forbid(unsafe_code)]
 
 mod frame;
 mod handle;
 mod policy;
+pub mod ws;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -161,6 +162,9 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        if ws::is_ws_blob(conn.state().1) {
+            return resume_websocket(conn, service, kept).await;
+        }
         // Input read but not yet answered: the start of the next request,
         // and any pipelined requests behind it.
         let mut input: Vec<u8> = Vec::new();
@@ -219,24 +223,26 @@ impl Server {
             };
             let slot = Arc::new(Mutex::new(Some(conn)));
             let close = Arc::new(AtomicBool::new(req.close));
+            let switched = Arc::new(AtomicBool::new(false));
+            let upgrades = ws::Upgrades {
+                slot: Arc::default(),
+                resumed: false,
+            };
             let io = OneRequest {
                 input: request_bytes,
                 conn: slot.clone(),
+                discard: false,
             };
             let adapted = Adapted {
                 inner: service.clone(),
-                handle: Handle::new(slot.clone()),
+                handle: Handle::new(slot.clone(), false),
                 date,
                 close: close.clone(),
+                switched: switched.clone(),
+                upgrades: upgrades.clone(),
                 kept,
             };
-            let served = http1::Builder::new()
-                .auto_date_header(false)
-                .half_close(true)
-                .keep_alive(true)
-                .serve_connection(io, adapted)
-                .without_shutdown()
-                .await;
+            let served = serve_one(io, adapted).await;
             // The request is over: handles a handler kept see none from now.
             let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             conn = taken.ok_or_else(|| io::Error::other("connection lost"))?;
@@ -245,6 +251,19 @@ impl Server {
                 // cannot tell where it ends, so the connection ends here.
                 return Err(io::Error::other(e));
             }
+            let upgrade = upgrades
+                .slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let (Some(reg), true) = (upgrade, switched.load(Ordering::Relaxed)) {
+                // The 101 is out: from here on the connection is a
+                // WebSocket, and its blob says how to resume it.
+                let head = ws::keep_head(&mut conn, &input[..req.head_len])?;
+                input.drain(..req.len);
+                conn.commit(req.len, &ws::blob(&head, &reg.state)).await?;
+                return run_websocket(conn, input, head, reg, false, kept).await;
+            }
             input.drain(..req.len);
             if close.load(Ordering::Relaxed) {
                 return conn.commit_and_close(req.len).await;
@@ -252,6 +271,113 @@ impl Server {
             conn.commit(req.len, &[]).await?;
         }
     }
+}
+
+/// Runs a WebSocket's callback, then closes what the application left open.
+async fn run_websocket(
+    conn: Conn,
+    input: Vec<u8>,
+    head: ws::Head,
+    reg: ws::Registered,
+    resumed: bool,
+    kept: bool,
+) -> io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let socket = ws::WebSocket::new(conn, input, head, reg.state, resumed, reg.max_message, tx);
+    CrashOnPanic {
+        inner: (reg.callback)(socket),
+        kept,
+    }
+    .await;
+    let Ok(back) = rx.await else {
+        return Ok(());
+    };
+    if back.moved || back.ended {
+        return Ok(());
+    }
+    // The application returned without closing: close normally.
+    let mut conn = back.conn;
+    conn.write_all(&ws::close_frame(1000)).await?;
+    conn.commit_and_close(back.uncommitted).await
+}
+
+/// A new worker carries on with a WebSocket: the upgrade request runs
+/// through the service again (its response unsent) to find the callback,
+/// which gets the committed state.
+async fn resume_websocket<S, B>(mut conn: Conn, service: S, kept: bool) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let Some((head_kind, state)) = ws::parse_blob(conn.state().1) else {
+        tracing::warn!("a WebSocket's saved state is unreadable; closing it (1011)");
+        conn.write_all(&ws::close_frame(1011)).await?;
+        return conn.commit_and_close(0).await;
+    };
+    let head = ws::load_head(&mut conn, &head_kind)?;
+    tracing::debug!(head = %String::from_utf8_lossy(&head), "resuming a WebSocket");
+    let switched = Arc::new(AtomicBool::new(false));
+    let upgrades = ws::Upgrades {
+        slot: Arc::default(),
+        resumed: true,
+    };
+    let io = OneRequest {
+        input: Bytes::from(head),
+        conn: Arc::new(Mutex::new(None)),
+        discard: true,
+    };
+    let adapted = Adapted {
+        inner: service,
+        handle: Handle::new(Arc::new(Mutex::new(None)), true),
+        date: HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        close: Arc::new(AtomicBool::new(false)),
+        switched: switched.clone(),
+        upgrades: upgrades.clone(),
+        kept,
+    };
+    let served = serve_one(io, adapted).await;
+    let upgrade = upgrades
+        .slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    match (upgrade, switched.load(Ordering::Relaxed), served) {
+        (Some(mut reg), true, Ok(_)) => {
+            reg.state = state;
+            run_websocket(conn, Vec::new(), head_kind, reg, true, kept).await
+        }
+        (_, _, served) => {
+            // This version no longer upgrades that request (its route
+            // changed): the client is told the server is going away.
+            tracing::warn!(error = ?served.err(), "a resumed WebSocket's request no longer upgrades; closing it (1001)");
+            conn.write_all(&ws::close_frame(1001)).await?;
+            conn.commit_and_close(0).await
+        }
+    }
+}
+
+/// hyper answers the one request `io` holds; its own `Date` is off.
+async fn serve_one<S, B>(io: OneRequest, adapted: Adapted<S>) -> Result<(), hyper::Error>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    http1::Builder::new()
+        .auto_date_header(false)
+        .half_close(true)
+        .keep_alive(true)
+        .serve_connection(io, adapted)
+        .without_shutdown()
+        .await
+        .map(|_| ())
 }
 
 /// A complete response the adapter writes itself (errors, poison).
@@ -290,6 +416,9 @@ fn http_date(secs: u64) -> String {
 struct OneRequest {
     input: Bytes,
     conn: Arc<Mutex<Option<Conn>>>,
+    /// Output goes nowhere: a resumed WebSocket's upgrade answer, which
+    /// the client already has.
+    discard: bool,
 }
 
 impl OneRequest {
@@ -324,10 +453,16 @@ impl hyper::rt::Write for OneRequest {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.discard {
+            return Poll::Ready(Ok(buf.len()));
+        }
         self.with_conn(|c| c.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.discard {
+            return Poll::Ready(Ok(()));
+        }
         self.with_conn(|c| c.poll_flush(cx))
     }
 
@@ -344,6 +479,9 @@ struct Adapted<S> {
     handle: Handle,
     date: HeaderValue,
     close: Arc<AtomicBool>,
+    /// The response switched protocols.
+    switched: Arc<AtomicBool>,
+    upgrades: ws::Upgrades,
     kept: bool,
 }
 
@@ -361,13 +499,18 @@ where
         let mut inner = self.inner.clone();
         let date = self.date.clone();
         let close = self.close.clone();
+        let switched = self.switched.clone();
         let kept = self.kept;
         req.extensions_mut().insert(self.handle.clone());
+        req.extensions_mut().insert(self.upgrades.clone());
         let answer = async move {
             poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
             let mut response = inner.call(req).await.map_err(Into::into)?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                switched.store(true, Ordering::Relaxed);
+            }
             let headers = response.headers_mut();
             headers.entry(http::header::DATE).or_insert(date);
             let closes = headers
@@ -390,12 +533,12 @@ where
 /// is then replayed by the next worker (and refused as poison if it kills
 /// that one too) instead of its connection closing with the task. Without
 /// a keeper the panic unwinds as usual.
-struct CrashOnPanic<F> {
+struct CrashOnPanic<F: ?Sized> {
     inner: Pin<Box<F>>,
     kept: bool,
 }
 
-impl<F: Future> Future for CrashOnPanic<F> {
+impl<F: Future + ?Sized> Future for CrashOnPanic<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {

@@ -783,6 +783,15 @@ impl Core {
         Ok(v)
     }
 
+    /// The next value a dead worker recorded in this window, if this is a
+    /// replay and one is left; records nothing (see `tokio::Conn::replayed`).
+    pub(crate) fn replayed(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let Some(k) = &mut self.kept else {
+            return Ok(None);
+        };
+        Ok(k.next_recorded()?.map(<[u8]>::to_vec))
+    }
+
     /// [`Core::record`] for a fixed-size value, without allocating.
     pub(crate) fn record_fixed<const N: usize>(
         &mut self,

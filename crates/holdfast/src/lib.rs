@@ -93,6 +93,7 @@ mod blocking;
 pub mod guide {}
 mod core;
 pub mod held;
+pub mod shared;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 mod worker;

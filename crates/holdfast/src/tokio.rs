@@ -281,6 +281,25 @@ impl Conn {
             .commit(self.io.get_ref().as_fd(), consumed, version, state)
     }
 
+    /// [`Conn::commit`] for code driven by `poll_*` (an adapter's I/O
+    /// object): ready once replayed output held back for verification is on
+    /// the socket, then commits at once (a store into shared memory). No
+    /// lock, no waker of its own: call again with the same arguments after
+    /// `Pending`.
+    pub fn poll_commit(
+        &mut self,
+        cx: &mut Context<'_>,
+        consumed: usize,
+        state: &[u8],
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_flush_pending(cx))?;
+        let v = self.core.state_version();
+        Poll::Ready(
+            self.core
+                .commit(self.io.get_ref().as_fd(), consumed, v, state),
+        )
+    }
+
     /// Commits the last request of this connection and closes it; see
     /// [`crate::Conn::commit_and_close`].
     pub async fn commit_and_close(&mut self, consumed: usize) -> io::Result<()> {
@@ -292,6 +311,14 @@ impl Conn {
     /// See [`crate::Conn::record`].
     pub fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
         self.core.record(make)
+    }
+
+    /// For adapters that record their own choices: the next value a dead
+    /// worker recorded since the last commit, if this window is a replay
+    /// and one is left (`None` otherwise). Records nothing; a later
+    /// [`Conn::record`] records the value a fresh run chose.
+    pub fn replayed(&mut self) -> io::Result<Option<Vec<u8>>> {
+        self.core.replayed()
     }
 
     /// The current time in seconds since the epoch, recorded.

@@ -4,7 +4,15 @@
 //! - `GET /hello?n=N` → `200 text/plain`, `hello N\n`;
 //! - `GET /big` → `200 application/octet-stream`, 2,097,152 bytes, byte
 //!   `i` = `i mod 251`;
-//! - `POST /echo` → `200` with the request body.
+//! - `POST /echo` → `200` with the request body;
+//! - `GET /ws/{room}?name=NAME[&since=S]` → a WebSocket. Each text message
+//!   a member sends is appended once to the room's log (a
+//!   [`holdfast::shared::Log`] in `--data-dir`) with the next sequence
+//!   number and delivered, as `{"seq":N,"from":"NAME","text":"…"}`, to
+//!   every member joined at that moment, the sender included; `since`
+//!   first delivers the logged messages after `S`. Across crashes and
+//!   upgrades: every message logged exactly once, every member receives
+//!   every message logged while it is joined exactly once, in order.
 //!
 //! With `--test-routes`, two more for the tests of the adapter's failure
 //! handling: `GET /crash` panics (under a keeper that ends the worker; the
@@ -18,17 +26,23 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Bytes;
-use axum::extract::Query;
+use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
+use holdfast::shared::Log;
 use holdfast::ReplayPolicy;
+use holdfast_http::ws::{Event, Message, WebSocket, WebSocketUpgrade};
 use holdfast_http::{Handle, ReplayPolicyLayer};
 use serde::Deserialize;
 
@@ -44,6 +58,208 @@ struct Args {
     /// Also serve `/crash` and `/once` (for tests).
     #[arg(long)]
     test_routes: bool,
+    /// Where the rooms' logs live (one file per room), shared by every
+    /// worker and version.
+    #[arg(long, default_value = "hf-chat-data")]
+    data_dir: PathBuf,
+    /// For tests: SIGKILL the process at every N-th passage through a
+    /// point where a crash is hardest to survive — `after-append:N` (a
+    /// message logged, its input not yet committed) or `after-send:N`
+    /// (messages delivered, not yet committed).
+    #[arg(long, hide = true, value_parser = parse_fault)]
+    fault: Option<(Fault, u64)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    AfterAppend,
+    AfterSend,
+}
+
+fn parse_fault(s: &str) -> Result<(Fault, u64), String> {
+    let (point, n) = s.split_once(':').ok_or("expected POINT:N")?;
+    let n: u64 = n.parse().map_err(|e| format!("{e}"))?;
+    let point = match point {
+        "after-append" => Fault::AfterAppend,
+        "after-send" => Fault::AfterSend,
+        _ => return Err(format!("unknown fault point {point}")),
+    };
+    Ok((point, n.max(1)))
+}
+
+static FAULT: OnceLock<Option<(Fault, u64)>> = OnceLock::new();
+
+/// Aborts at every N-th passage through `point` (see `--fault`).
+fn fault(point: Fault) {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if let Some(&Some((p, n))) = FAULT.get() {
+        if p == point && COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n == n - 1 {
+            // As a SIGKILL from outside would, at exactly this point.
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// The rooms' logs, opened once per process.
+struct Rooms {
+    dir: PathBuf,
+    open: Mutex<HashMap<String, Arc<Log>>>,
+}
+
+impl Rooms {
+    fn log(&self, room: &str) -> std::io::Result<Arc<Log>> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = open.get(room) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(Log::open(self.dir.join(format!("room-{room}.log")))?);
+        open.insert(room.to_owned(), l.clone());
+        Ok(l)
+    }
+}
+
+#[derive(Deserialize)]
+struct Join {
+    name: String,
+    since: Option<u64>,
+}
+
+/// A member's state, committed with each event: who it is in the log, how
+/// many messages it has appended, the last seq delivered to it.
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    key: u64,
+    sent: u64,
+    delivered: u64,
+}
+
+impl Member {
+    fn encode(&self) -> Vec<u8> {
+        [self.key, self.sent, self.delivered]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn decode(b: &[u8]) -> Option<Member> {
+        let v = |i: usize| {
+            Some(u64::from_le_bytes(
+                b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        (b.len() == 24).then_some(())?;
+        Some(Member {
+            key: v(0)?,
+            sent: v(1)?,
+            delivered: v(2)?,
+        })
+    }
+}
+
+fn valid_room(room: &str) -> bool {
+    (1..=64).contains(&room.len())
+        && !room.starts_with('.')
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The upgrade: who the member is and where its delivery starts are
+/// decided here, recorded, and committed with the 101.
+async fn ws_room(
+    ws: WebSocketUpgrade,
+    Path(room): Path<String>,
+    Query(join): Query<Join>,
+    State(rooms): State<Arc<Rooms>>,
+    handle: Handle,
+) -> Response {
+    if !valid_room(&room) || join.name.is_empty() || join.name.len() > 64 {
+        return (StatusCode::BAD_REQUEST, "bad room or name\n").into_response();
+    }
+    let log = match rooms.log(&room) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(room, error = %e, "cannot open the room's log");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    };
+    let recorded = |v: u64| -> Option<u64> {
+        let b = handle.record(|| v.to_le_bytes().to_vec()).ok()?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    };
+    let key = recorded(
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish(),
+    );
+    let joined = match join.since {
+        Some(s) => Some(s),
+        None => recorded(log.last_seq().unwrap_or(0)),
+    };
+    let (Some(key), Some(delivered)) = (key, joined) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let first = Member {
+        key,
+        sent: 0,
+        delivered,
+    };
+    let name = join.name;
+    ws.state(first.encode())
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = member(socket, log, name).await {
+                tracing::debug!(error = %e, "member left");
+            }
+        })
+}
+
+/// One member: append what it says once, deliver what the room logs.
+async fn member(mut socket: WebSocket, log: Arc<Log>, name: String) -> std::io::Result<()> {
+    let mut me =
+        Member::decode(socket.state()).ok_or_else(|| std::io::Error::other("bad member state"))?;
+    loop {
+        match socket.next(log.wait_beyond(me.delivered)).await? {
+            Event::Message(Message::Text(text)) => {
+                let mut entry = Vec::with_capacity(1 + name.len() + text.len());
+                entry.push(name.len() as u8);
+                entry.extend_from_slice(name.as_bytes());
+                entry.extend_from_slice(text.as_bytes());
+                log.append(me.key, me.sent + 1, &entry)?;
+                fault(Fault::AfterAppend);
+                me.sent += 1;
+                socket.commit(&me.encode()).await?;
+            }
+            Event::Message(Message::Binary(_)) => socket.commit(&me.encode()).await?,
+            Event::Ready(ready) => {
+                ready?;
+                for e in log.since(me.delivered)? {
+                    socket.send(Message::Text(render(&e))).await?;
+                    me.delivered = e.seq;
+                }
+                fault(Fault::AfterSend);
+                socket.commit(&me.encode()).await?;
+            }
+            Event::Closed | Event::Moved => return Ok(()),
+        }
+    }
+}
+
+/// A logged message as members receive it.
+fn render(e: &holdfast::shared::Entry) -> String {
+    let n = usize::from(e.data.first().copied().unwrap_or(0));
+    let from = e.data.get(1..1 + n).unwrap_or_default();
+    let text = e.data.get(1 + n..).unwrap_or_default();
+    let json = |b: &[u8]| serde_json::Value::from(String::from_utf8_lossy(b)).to_string();
+    format!(
+        r#"{{"seq":{},"from":{},"text":{}}}"#,
+        e.seq,
+        json(from),
+        json(text)
+    )
 }
 
 #[derive(Deserialize)]
@@ -88,7 +304,7 @@ async fn pay() -> &'static str {
 }
 
 /// The application: plain axum.
-fn app(test_routes: bool) -> Router {
+fn app(test_routes: bool, rooms: Arc<Rooms>) -> Router {
     let router = if test_routes {
         Router::new()
             .route("/crash", get(crash))
@@ -104,6 +320,7 @@ fn app(test_routes: bool) -> Router {
         .route("/hello", get(hello))
         .route("/big", get(big))
         .route("/echo", post(echo))
+        .route("/ws/{room}", get(ws_room).with_state(rooms))
         // The adapter's own limit applies (16 MiB); axum's 2 MiB default
         // would refuse the larger bodies it accepts.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -116,10 +333,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    FAULT.get_or_init(|| args.fault);
+    std::fs::create_dir_all(&args.data_dir)?;
+    let rooms = Arc::new(Rooms {
+        dir: args.data_dir.clone(),
+        open: Mutex::default(),
+    });
     let listener = holdfast::tokio::Listener::bind(&args.listen).await?;
     for a in listener.local_addrs() {
         eprintln!("hf-chat listening on {a}");
     }
-    holdfast_http::serve(listener, app(args.test_routes)).await?;
+    holdfast_http::serve(listener, app(args.test_routes, rooms)).await?;
     Ok(())
 }
