@@ -10,6 +10,7 @@
 //! target/release/hf-bench storm      [--secs 10] [--conns 64] [--every-ms 50]
 //! target/release/hf-bench upgrade    [--idle 1000,10000] [--rounds 3] [--secs 8] [--every-ms 1000]
 //! target/release/hf-bench services   [--only cgi,resume,proxy,ftp,memory] [--rounds 5] [--downloads 4]
+//! target/release/hf-bench websocket  [--rounds 5] [--msgs 500] [--kills 10] [--idle 1000,10000]
 //! target/release/hf-bench all
 //! target/release/hf-bench faults
 //! target/release/hf-bench report     [--quick] --out results/DIR   (or bench/run [--quick])
@@ -30,6 +31,7 @@ mod services;
 mod storm;
 mod throughput;
 mod upgrade;
+mod websocket;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -68,6 +70,10 @@ enum Cmd {
     /// hf-proxy and hf-ftpd throughput; kill → next byte of a download,
     /// resumed vs replayed in full; keeper memory at idle connections.
     Services(services::Args),
+    /// hf-chat's WebSocket rooms: message round trip alone vs kept
+    /// (interleaved), the stall across a SIGKILL and across an upgrade,
+    /// idle WebSockets moved by `holdfast upgrade`.
+    Websocket(websocket::Args),
     /// All of them with their defaults, and one summary table.
     All,
     /// Figures for faults beyond crashes, one summary table: what watching
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
         Cmd::Upgrade(a) => step("upgrade", upgrade::run(&a)),
         Cmd::Services(a) => step("services", services::run(&a)),
         Cmd::Report(a) => step("report", report::run(&a)),
+        Cmd::Websocket(a) => step("websocket", websocket::run(&a)),
         Cmd::All => {
             // Each subcommand's own defaults, parsed as if given alone.
             let defaults = |sub: &str| Cli::try_parse_from(["hf-bench", sub]).map(|c| c.cmd);

@@ -76,6 +76,10 @@ pub struct Args {
     /// request. wrk is not used then.
     #[arg(long)]
     pub close: bool,
+    /// Serve hf-chat's `GET /hello?n=1` (axum on holdfast-http) instead of
+    /// hf-httpd's files.
+    #[arg(long)]
+    pub chat: bool,
     /// Do not use wrk even when it is installed (shorter runs).
     #[arg(long)]
     pub no_wrk: bool,
@@ -105,27 +109,14 @@ enum Host {
 }
 
 impl Server {
-    /// hf-httpd alone, the same binary, its own listener.
-    fn alone(httpd: &Path, root: &Path) -> anyhow::Result<Server> {
-        Server::spawn_alone(
-            "plain",
-            &[httpd.as_os_str(), "--root".as_ref(), root.as_os_str()],
-            &root.join("plain.log"),
-        )
+    /// The service alone, the same binary, its own listener.
+    fn alone(svc: &[&OsStr], root: &Path) -> anyhow::Result<Server> {
+        Server::spawn_alone("plain", svc, &root.join("plain.log"))
     }
 
     /// hf-httpd under a keeper (one standby) with `extra` options.
-    fn kept(
-        name: &'static str,
-        httpd: &Path,
-        root: &Path,
-        extra: &[&str],
-    ) -> anyhow::Result<Server> {
-        Server::spawn_kept(
-            name,
-            extra,
-            &[httpd.as_os_str(), "--root".as_ref(), root.as_os_str()],
-        )
+    fn kept(name: &'static str, svc: &[&OsStr], extra: &[&str]) -> anyhow::Result<Server> {
+        Server::spawn_kept(name, extra, svc)
     }
 
     /// `cmd` (a service on the holdfast library) run alone, in pass-through
@@ -553,20 +544,17 @@ fn run_wrk(
 /// `--hang-timeout`.
 fn start_pair(
     a: &Args,
-    httpd: &Path,
+    svc: &[&OsStr],
     root: &Path,
     files: &[(String, Vec<u8>)],
     round: usize,
 ) -> anyhow::Result<(Server, Server)> {
     let pair = match a.hang_timeout {
-        None => (
-            Server::alone(httpd, root)?,
-            Server::kept("kept", httpd, root, &[])?,
-        ),
+        None => (Server::alone(svc, root)?, Server::kept("kept", svc, &[])?),
         Some(ms) => {
             let ms = ms.to_string();
-            let start_a = || Server::kept("A", httpd, root, &[]);
-            let start_b = || Server::kept("B", httpd, root, &["--hang-timeout", &ms]);
+            let start_a = || Server::kept("A", svc, &[]);
+            let start_b = || Server::kept("B", svc, &["--hang-timeout", &ms]);
             if round.is_multiple_of(2) {
                 let sa = start_a()?;
                 (sa, start_b()?)
@@ -738,6 +726,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         Some(_) => "heartbeat",
     };
     let what = match a.hang_timeout {
+        None if a.chat => "hf-chat (axum on holdfast-http) alone vs under the keeper".to_owned(),
         None => "hf-httpd alone vs under the keeper".to_owned(),
         Some(ms) => format!(
             "hf-httpd under the keeper without --hang-timeout (A) vs with --hang-timeout {ms} (B{})",
@@ -757,9 +746,29 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
         },
         a.client_threads
     );
-    let httpd = bin("hf-httpd")?;
     let site = TempDir::new("site");
-    let files = write_site(site.path(), &a.sizes)?;
+    let (svc_cmd, files): (Vec<std::ffi::OsString>, _) = if a.chat {
+        // hf-chat's `/hello` (axum on holdfast-http); its rooms' data dir
+        // is unused here.
+        (
+            vec![
+                bin("hf-chat")?.into_os_string(),
+                "--data-dir".into(),
+                site.path().as_os_str().to_owned(),
+            ],
+            vec![("/hello?n=1".to_owned(), b"hello 1\n".to_vec())],
+        )
+    } else {
+        (
+            vec![
+                bin("hf-httpd")?.into_os_string(),
+                "--root".into(),
+                site.path().as_os_str().to_owned(),
+            ],
+            write_site(site.path(), &a.sizes)?,
+        )
+    };
+    let httpd: Vec<&OsStr> = svc_cmd.iter().map(|s| s.as_os_str()).collect();
 
     let mut pair = start_pair(a, &httpd, site.path(), &files, 0)?;
     let (na, nb) = (pair.0.name, pair.1.name);
@@ -777,7 +786,7 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
             .enumerate()
             .map(|(i, (cpu, wake))| {
                 let who = match (&srv.host, i) {
-                    (Host::Alone(_), _) => "hf-httpd",
+                    (Host::Alone(_), _) => srv.prog.as_str(),
                     (Host::Kept(_), 0) => "keeper",
                     (Host::Kept(_), _) => "worker",
                 };
