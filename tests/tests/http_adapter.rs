@@ -588,3 +588,75 @@ fn hf_chat_runs_alone_with_the_same_answers() {
     assert!(r.body == big_body());
     assert_eq!(r.header("content-type"), Some("application/octet-stream"));
 }
+
+/// Runs the load generator `make(addr)` builds (a client nobody here
+/// wrote) against hf-chat while the worker is killed every 100–200 ms;
+/// returns its stdout.
+fn outside_client_under_kills(make: impl FnOnce(SocketAddr) -> std::process::Command) -> String {
+    let mut k = chat();
+    let child = make(k.addr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("load generator (see .ci/run)");
+    let out = std::thread::spawn(move || child.wait_with_output());
+    std::thread::sleep(Duration::from_millis(200));
+    let kills = kill_storm(&mut k, 3);
+    let out = out.join().unwrap().expect("load generator output");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills >= 10, "only {kills} kills");
+    text
+}
+
+/// The number after `label` in a load generator's report.
+fn figure(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
+    text[at + label.len()..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after {label:?} in:\n{text}"))
+}
+
+/// ApacheBench with keep-alive (HTTP/1.0 `Connection: Keep-Alive`),
+/// `/hello`, through a kill storm: not one failed request, wrong length or
+/// non-2xx answer.
+#[test]
+fn ab_keepalive_under_a_kill_storm() {
+    let text = outside_client_under_kills(|addr| {
+        let mut c = std::process::Command::new("ab");
+        c.args(["-k", "-c", "8", "-t", "4", "-n", "1000000"])
+            .arg(format!("http://{addr}/hello?n=42"));
+        c
+    });
+    assert_eq!(figure(&text, "Failed requests:"), 0, "{text}");
+    assert!(!text.contains("Non-2xx"), "{text}");
+    assert!(figure(&text, "Complete requests:") > 1000, "{text}");
+}
+
+/// h2load in HTTP/1.1 mode, four requests pipelined per connection,
+/// through a kill storm: every request succeeds.
+#[test]
+fn h2load_pipelined_under_a_kill_storm() {
+    let text = outside_client_under_kills(|addr| {
+        let mut c = std::process::Command::new("h2load");
+        c.args(["--h1", "-c", "8", "-m", "4", "-D", "4"])
+            .arg(format!("http://{addr}/hello?n=7"));
+        c
+    });
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" 0 failed, 0 errored, 0 timeout"), "{line}");
+    assert!(figure(line, "requests:") > 1000, "{line}");
+}
