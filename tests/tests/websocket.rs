@@ -217,6 +217,29 @@ fn a_room_survives_upgrades_and_kills() {
     );
 }
 
+#[test]
+fn an_upgrade_to_a_new_member_format_carries_the_room_on() {
+    // v1 saves members in 24 bytes (state version 1); the upgrade brings a
+    // build that saves 32 (version 2) and reads both; kills follow.
+    let data = TempDir::new("chat");
+    let mut k = chat(&data);
+    let exe = bin("hf-chat").display().to_string();
+    let dir = data.path().display().to_string();
+    let mut client = room_client(&k, &["--members", "4", "--per", "100", "--gap", "0.03"]);
+    let mut upgraded = false;
+    while_running(&mut client, Duration::from_millis(250), |n| {
+        if n == 1 {
+            let (code, out, err) = k.upgrade(&[], &[&exe, "--data-dir", &dir, "--member-v2"]);
+            assert_eq!(code, 0, "upgrade failed: {out} {err}");
+            upgraded = true;
+        } else if n > 1 {
+            k.kill_active();
+        }
+    });
+    finish(client, &k);
+    assert!(upgraded, "the client finished before the upgrade");
+}
+
 /// Opens a WebSocket by hand; returns the stream after the 101.
 fn raw_ws(k: &Keeper, room: &str) -> TcpStream {
     let mut s = TcpStream::connect(k.addr).unwrap();

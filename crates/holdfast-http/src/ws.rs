@@ -134,6 +134,8 @@ struct Inner {
     out: Vec<u8>,
     head: Head,
     state: Vec<u8>,
+    /// The schema version of `state` (see [`holdfast::Options`]).
+    state_version: u16,
     /// The application received a message or sent one since the commit.
     dirty: bool,
     resumed: bool,
@@ -197,8 +199,10 @@ impl WebSocket {
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
+        let state_version = conn.state().0;
         WebSocket {
             inner: Some(Inner {
+                state_version,
                 conn,
                 ctx: WebSocketContext::new(Role::Server, Some(config)),
                 input,
@@ -231,6 +235,14 @@ impl WebSocket {
     /// (empty on a new connection).
     pub fn state(&self) -> &[u8] {
         self.inner.as_ref().map_or(&[], |i| &i.state)
+    }
+
+    /// The schema version of [`WebSocket::state`]: after an upgrade, the
+    /// version the previous build wrote (one of those this build declares
+    /// it reads, [`holdfast::Options::reads_state_versions`]); after this
+    /// build's first commit, its own.
+    pub fn state_version(&self) -> u16 {
+        self.inner.as_ref().map_or(0, |i| i.state_version)
     }
 
     /// This WebSocket was served by a worker that is gone (a crash, a hang,
@@ -502,6 +514,7 @@ impl Inner {
         self.write_out().await?;
         let blob = blob(&self.head, &self.state);
         self.conn.commit(self.safe, &blob).await?;
+        self.state_version = self.conn.state().0;
         self.input.drain(..self.safe);
         if self.input.is_empty() && self.input.capacity() > 64 * 1024 {
             // An idle WebSocket keeps no large buffer.

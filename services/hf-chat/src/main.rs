@@ -68,7 +68,14 @@ struct Args {
     /// (messages delivered, not yet committed).
     #[arg(long, hide = true, value_parser = parse_fault)]
     fault: Option<(Fault, u64)>,
+    /// For tests of upgrades that change a state blob's schema: save
+    /// members in format 2 (state version 2), still reading format 1.
+    #[arg(long, hide = true)]
+    member_v2: bool,
 }
+
+/// The member format this build writes (see `--member-v2`).
+static MEMBER_V2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -128,34 +135,46 @@ struct Join {
 }
 
 /// A member's state, committed with each event: who it is in the log, how
-/// many messages it has appended, the last seq delivered to it.
+/// many messages it has appended, the last seq delivered to it; format 2
+/// adds where it joined.
 #[derive(Clone, Copy, Debug)]
 struct Member {
     key: u64,
     sent: u64,
     delivered: u64,
+    joined: u64,
 }
 
 impl Member {
     fn encode(&self) -> Vec<u8> {
-        [self.key, self.sent, self.delivered]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect()
+        let mut v = vec![self.key, self.sent, self.delivered];
+        if MEMBER_V2.load(std::sync::atomic::Ordering::Relaxed) {
+            v.push(self.joined);
+        }
+        v.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 
-    fn decode(b: &[u8]) -> Option<Member> {
+    /// A member saved in format `version` (1: 24 bytes, 2: 32 bytes).
+    fn decode(version: u16, b: &[u8]) -> Option<Member> {
         let v = |i: usize| {
             Some(u64::from_le_bytes(
                 b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
             ))
         };
-        (b.len() == 24).then_some(())?;
-        Some(Member {
+        let m = Member {
             key: v(0)?,
             sent: v(1)?,
             delivered: v(2)?,
-        })
+            joined: 0,
+        };
+        match (version, b.len()) {
+            (1, 24) => Some(Member {
+                joined: m.delivered,
+                ..m
+            }),
+            (2, 32) => Some(Member { joined: v(3)?, ..m }),
+            _ => None,
+        }
     }
 }
 
@@ -206,6 +225,7 @@ async fn ws_room(
         key,
         sent: 0,
         delivered,
+        joined: delivered,
     };
     let name = join.name;
     ws.state(first.encode())
@@ -219,8 +239,12 @@ async fn ws_room(
 
 /// One member: append what it says once, deliver what the room logs.
 async fn member(mut socket: WebSocket, log: Arc<Log>, name: String) -> std::io::Result<()> {
-    let mut me =
-        Member::decode(socket.state()).ok_or_else(|| std::io::Error::other("bad member state"))?;
+    let mut me = Member::decode(socket.state_version(), socket.state()).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "unreadable member state (version {})",
+            socket.state_version()
+        ))
+    })?;
     loop {
         match socket.next(log.wait_beyond(me.delivered)).await? {
             Event::Message(Message::Text(text)) => {
@@ -339,7 +363,15 @@ async fn main() -> anyhow::Result<()> {
         dir: args.data_dir.clone(),
         open: Mutex::default(),
     });
-    let listener = holdfast::tokio::Listener::bind(&args.listen).await?;
+    let opts = if args.member_v2 {
+        MEMBER_V2.store(true, std::sync::atomic::Ordering::Relaxed);
+        holdfast::Options::new()
+            .state_version(2)
+            .reads_state_versions(1..=2)
+    } else {
+        holdfast::Options::new()
+    };
+    let listener = holdfast::tokio::Listener::bind_with(&args.listen, &opts).await?;
     for a in listener.local_addrs() {
         eprintln!("hf-chat listening on {a}");
     }
