@@ -853,7 +853,7 @@ const FONTS: [&str; 4] = [
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
 ];
 
-fn load_font() -> anyhow::Result<()> {
+pub(crate) fn load_font() -> anyhow::Result<()> {
     use plotters::style::{register_font, FontStyle};
     let path = FONTS
         .iter()

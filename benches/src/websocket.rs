@@ -28,6 +28,15 @@ pub struct Args {
     /// Idle WebSockets moved by one `holdfast upgrade`, per run.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub idle: Vec<usize>,
+    /// Also draw connected clients over time through two deploys, the same
+    /// chat service as a plain process restarted vs under holdfast
+    /// (`holdfast upgrade`), into this PNG.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+    /// Clients in the deploy plot (each reconnects like a browser: after
+    /// 100 ms, doubling up to 1.6 s).
+    #[arg(long, default_value_t = 200)]
+    pub plot_clients: usize,
 }
 
 /// A client WebSocket on a raw socket (masked frames out, plain frames in).
@@ -405,7 +414,230 @@ fn idle_moves(a: &Args) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Connected clients sampled every 10 ms: (seconds, connected).
+type Series = Vec<(f64, usize)>;
+
+const DEPLOYS: [f64; 2] = [1.0, 3.0];
+const PLOT_SECS: f64 = 5.0;
+
+/// `clients` members of one room that reconnect when dropped, counted
+/// while `deploy` runs at each of [`DEPLOYS`]; returns the series and the
+/// number of disconnections.
+fn connected_over_time(
+    addr: SocketAddr,
+    clients: usize,
+    mut deploy: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(Series, usize)> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let connected = Arc::new(AtomicUsize::new(0));
+    let drops = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..clients {
+        let (connected, drops, stop) = (connected.clone(), drops.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut backoff = Duration::from_millis(100);
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut ws) = Ws::open(addr, "deploy", &format!("c{i}")) else {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(1600));
+                    continue;
+                };
+                backoff = Duration::from_millis(100);
+                let _ = ws.s.set_read_timeout(Some(Duration::from_millis(100)));
+                connected.fetch_add(1, Ordering::Relaxed);
+                let mut b = [0u8; 4096];
+                let dropped = loop {
+                    if stop.load(Ordering::Relaxed) {
+                        break false;
+                    }
+                    match ws.s.read(&mut b) {
+                        Ok(0) => break true,
+                        Ok(_) if b[0] == 0x88 => break true,
+                        Ok(_) => {}
+                        Err(e)
+                            if e.kind() == ErrorKind::WouldBlock
+                                || e.kind() == ErrorKind::TimedOut => {}
+                        Err(_) => break true,
+                    }
+                };
+                connected.fetch_sub(1, Ordering::Relaxed);
+                if dropped {
+                    drops.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(backoff);
+                }
+            }
+        }));
+    }
+    // All connected before the clock starts.
+    let t = Instant::now();
+    while connected.load(Ordering::Relaxed) < clients && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drops.store(0, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let mut series = Series::new();
+    let mut next = 0;
+    while t0.elapsed().as_secs_f64() < PLOT_SECS {
+        let now = t0.elapsed().as_secs_f64();
+        if next < DEPLOYS.len() && now >= DEPLOYS[next] {
+            deploy()?;
+            next += 1;
+        }
+        series.push((
+            t0.elapsed().as_secs_f64(),
+            connected.load(Ordering::Relaxed),
+        ));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok((series, drops.load(Ordering::Relaxed)))
+}
+
+fn deploy_plot(a: &Args, path: &std::path::Path) -> anyhow::Result<Vec<Row>> {
+    let n = a.plot_clients;
+    // The same service as a plain process: a deploy stops it and starts
+    // the new one on the same port.
+    let data = TempDir::new("bench-chat");
+    let addr = free_port()?;
+    let spawn = |i: usize| -> anyhow::Result<Proc> {
+        let mut p = Proc::spawn(
+            Command::new(bin("hf-chat")?)
+                .args(["--listen", &addr.to_string(), "--data-dir"])
+                .arg(data.path()),
+            &data.path().join(format!("plain{i}.log")),
+        )?;
+        wait_listening(addr, &mut p, "hf-chat", Duration::from_secs(10))?;
+        Ok(p)
+    };
+    let mut current = Some(spawn(0)?);
+    let mut gen = 0;
+    let (plain, plain_drops) = connected_over_time(addr, n, || {
+        if let Some(mut p) = current.take() {
+            p.stop(Duration::from_secs(5));
+        }
+        gen += 1;
+        current = Some(spawn(gen)?);
+        Ok(())
+    })?;
+    drop(current);
+
+    let data = TempDir::new("bench-chat");
+    let cmd = chat_cmd(&data);
+    let refs: Vec<&OsStr> = cmd.iter().map(|s| s.as_os_str()).collect();
+    let k = Keeper::start(1, &refs)?;
+    let (kept, kept_drops) = connected_over_time(k.addr, n, || {
+        // In the background: the deploy takes as long as it takes.
+        let control = k.control.clone();
+        let cmd = cmd.clone();
+        std::thread::spawn(move || {
+            let _ = Command::new(bin("holdfast").expect("holdfast"))
+                .arg("upgrade")
+                .arg("--control")
+                .arg(&control)
+                .arg("--")
+                .args(&cmd)
+                .output();
+        });
+        Ok(())
+    })?;
+    k.stop();
+
+    let min = |s: &Series| s.iter().map(|p| p.1).min().unwrap_or(0);
+    println!(
+        "deploys at {DEPLOYS:?} s, {n} clients: plain restart: {plain_drops} disconnections, as few as {} connected; holdfast upgrade: {kept_drops} disconnections, as few as {} connected",
+        min(&plain),
+        min(&kept)
+    );
+    crate::report::load_font()?;
+    draw_deploys(path, n, &plain, &kept)?;
+    println!("plot: {}", path.display());
+    Ok(vec![
+        Row::new(
+            "websocket",
+            format!("{n} chat clients, two deploys: plain process restarted"),
+            format!(
+                "{plain_drops} disconnections; as few as {} connected",
+                min(&plain)
+            ),
+        ),
+        Row::new(
+            "websocket",
+            format!("{n} chat clients, two deploys: holdfast upgrade"),
+            format!(
+                "{kept_drops} disconnections; as few as {} connected",
+                min(&kept)
+            ),
+        ),
+    ])
+}
+
+fn draw_deploys(
+    path: &std::path::Path,
+    n: usize,
+    plain: &Series,
+    kept: &Series,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let pe = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing: {e}");
+    let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| pe(&e))?;
+    let mut ch = ChartBuilder::on(&root)
+        .caption(
+            format!("Connected chat clients through two deploys ({n} clients)"),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..PLOT_SECS, 0f64..(n as f64 * 1.1))
+        .map_err(|e| pe(&e))?;
+    ch.configure_mesh()
+        .x_desc("seconds")
+        .y_desc("connected")
+        .draw()
+        .map_err(|e| pe(&e))?;
+    for d in DEPLOYS {
+        ch.draw_series(LineSeries::new(
+            [(d, 0.0), (d, n as f64 * 1.1)],
+            BLACK.mix(0.3),
+        ))
+        .map_err(|e| pe(&e))?;
+    }
+    let red = RGBColor(200, 40, 40);
+    let green = RGBColor(40, 150, 60);
+    ch.draw_series(LineSeries::new(
+        plain.iter().map(|&(t, c)| (t, c as f64)),
+        red.stroke_width(2),
+    ))
+    .map_err(|e| pe(&e))?
+    .label("plain process, restarted on deploy")
+    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], red.stroke_width(2)));
+    ch.draw_series(LineSeries::new(
+        kept.iter().map(|&(t, c)| (t, c as f64)),
+        green.stroke_width(2),
+    ))
+    .map_err(|e| pe(&e))?
+    .label("under holdfast, holdfast upgrade")
+    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], green.stroke_width(2)));
+    ch.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| pe(&e))?;
+    root.present().map_err(|e| pe(&e))?;
+    Ok(())
+}
+
 pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
+    if let Some(path) = &a.plot {
+        return deploy_plot(a, path);
+    }
     let mut rows = latency(a)?;
     rows.extend(stalls(a)?);
     rows.extend(idle_moves(a)?);

@@ -19,7 +19,8 @@ pub struct Listener {
 }
 
 enum Inner {
-    Pass(Vec<TcpListener>),
+    /// Listeners, and the state version this build writes.
+    Pass(Vec<TcpListener>, u16),
     Kept {
         link: Arc<Link>,
         queue: VecDeque<Handed>,
@@ -94,7 +95,7 @@ impl Listener {
                     })
                     .collect::<io::Result<Vec<_>>>()?;
                 Ok(Listener {
-                    inner: Inner::Pass(ls),
+                    inner: Inner::Pass(ls, opts.state_version),
                 })
             }
         }
@@ -114,7 +115,7 @@ impl Listener {
 
     pub fn mode(&self) -> Mode {
         match &self.inner {
-            Inner::Pass(_) => Mode::PassThrough,
+            Inner::Pass(..) => Mode::PassThrough,
             Inner::Kept { link, .. } => Mode::Kept(link.id),
         }
     }
@@ -122,7 +123,7 @@ impl Listener {
     /// Bound addresses in pass-through mode (empty under a keeper).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         match &self.inner {
-            Inner::Pass(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Inner::Pass(ls, _) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
             Inner::Kept { .. } => Vec::new(),
         }
     }
@@ -131,12 +132,12 @@ impl Listener {
     /// stop.
     pub fn accept(&mut self) -> Result<Option<Conn>, Error> {
         match &mut self.inner {
-            Inner::Pass(ls) => {
+            Inner::Pass(ls, version) => {
                 let idx = if ls.len() == 1 { 0 } else { wait_any(ls)? };
                 let (s, _) = ls[idx].accept()?;
                 Ok(Some(Conn {
                     fd: OwnedFd::from(s),
-                    core: Core::pass_through(false),
+                    core: Core::pass_through(false, *version),
                 }))
             }
             Inner::Kept { link, queue, buf } => loop {

@@ -58,6 +58,9 @@ const SPOOL_READ: usize = hf_journal::SPOOL_READ_MARK;
 /// (a plain `OwnedFd`, or tokio's `AsyncFd`) and lent to every call.
 pub(crate) struct Core {
     kept: Option<Box<Kept>>,
+    /// Pass-through: the state version this build writes (what `state`
+    /// reports, with no state).
+    pass_version: u16,
     nonblocking: bool,
     closed: bool,
     /// Handed back to the keeper for a new version (see [`Core::release`]).
@@ -166,9 +169,10 @@ pub(crate) fn divergence() -> io::Error {
 }
 
 impl Core {
-    pub(crate) fn pass_through(nonblocking: bool) -> Core {
+    pub(crate) fn pass_through(nonblocking: bool, state_version: u16) -> Core {
         Core {
             kept: None,
+            pass_version: state_version,
             nonblocking,
             closed: false,
             released: false,
@@ -245,6 +249,7 @@ impl Core {
         }
         Ok(Core {
             kept: Some(Box::new(kept)),
+            pass_version: 1,
             nonblocking,
             closed: false,
             released: false,
@@ -385,7 +390,7 @@ impl Core {
     pub(crate) fn state(&self) -> (u16, &[u8]) {
         match &self.kept {
             Some(k) => (k.state_version, k.rec.state()),
-            None => (0, &[]),
+            None => (self.pass_version, &[]),
         }
     }
 
@@ -529,7 +534,9 @@ impl Core {
 
     /// The state blob version `commit` saves when the service names none.
     pub(crate) fn state_version(&self) -> u16 {
-        self.kept.as_ref().map_or(1, |k| k.link.state_version)
+        self.kept
+            .as_ref()
+            .map_or(self.pass_version, |k| k.link.state_version)
     }
 
     /// Handed back to the keeper for a new version: the service should drop it.

@@ -32,7 +32,8 @@ pub struct Listener {
 }
 
 enum Inner {
-    Pass(Vec<TcpListener>),
+    /// Listeners, and the state version this build writes.
+    Pass(Vec<TcpListener>, u16),
     Kept {
         link: Arc<Link>,
         control: AsyncFd<OwnedFd>,
@@ -114,7 +115,7 @@ impl Listener {
                     ls.push(l);
                 }
                 Ok(Listener {
-                    inner: Inner::Pass(ls),
+                    inner: Inner::Pass(ls, opts.state_version),
                 })
             }
         }
@@ -122,7 +123,7 @@ impl Listener {
 
     pub fn mode(&self) -> Mode {
         match &self.inner {
-            Inner::Pass(_) => Mode::PassThrough,
+            Inner::Pass(..) => Mode::PassThrough,
             Inner::Kept { link, .. } => Mode::Kept(link.id),
         }
     }
@@ -130,7 +131,7 @@ impl Listener {
     /// Bound addresses in pass-through mode (empty under a keeper).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         match &self.inner {
-            Inner::Pass(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Inner::Pass(ls, _) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
             Inner::Kept { .. } => Vec::new(),
         }
     }
@@ -138,7 +139,7 @@ impl Listener {
     /// The next connection; `Ok(None)` when the keeper asks this worker to stop.
     pub async fn accept(&mut self) -> Result<Option<Conn>, Error> {
         match &mut self.inner {
-            Inner::Pass(ls) => {
+            Inner::Pass(ls, version) => {
                 let s = poll_fn(|cx| {
                     for l in ls.iter() {
                         if let Poll::Ready(r) = l.poll_accept(cx) {
@@ -149,7 +150,7 @@ impl Listener {
                 })
                 .await?;
                 let fd = OwnedFd::from(s.into_std()?);
-                Ok(Some(Conn::new(fd, Core::pass_through(true))?))
+                Ok(Some(Conn::new(fd, Core::pass_through(true, *version))?))
             }
             Inner::Kept {
                 link,
