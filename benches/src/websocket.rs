@@ -328,7 +328,7 @@ fn idle_moves(a: &Args) -> anyhow::Result<Vec<Row>> {
     let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
     let mut rows = Vec::new();
     for &n in &a.idle {
-        if 2 * n as u64 + 256 > limit {
+        if n as u64 + 256 > limit / 2 {
             println!("skipping {n} idle WebSockets: RLIMIT_NOFILE is {limit}");
             continue;
         }
