@@ -23,11 +23,31 @@ pub struct Handle {
     /// The request is a WebSocket upgrade run again to resume it: nothing
     /// is recorded (its answer is not sent).
     resumed: bool,
+    /// The request resumes a stream from this progress.
+    progress: Option<Arc<[u8]>>,
 }
 
 impl Handle {
-    pub(crate) fn new(conn: Arc<Mutex<Option<Conn>>>, resumed: bool) -> Handle {
-        Handle { conn, resumed }
+    pub(crate) fn new(
+        conn: Arc<Mutex<Option<Conn>>>,
+        resumed: bool,
+        progress: Option<Arc<[u8]>>,
+    ) -> Handle {
+        Handle {
+            conn,
+            resumed,
+            progress,
+        }
+    }
+
+    /// The request is run again to resume a [`Resumable`] stream after the
+    /// item that committed this progress: produce only the items after it.
+    /// `None` when the request is new (and always in pass-through mode).
+    /// See [`crate::stream`].
+    ///
+    /// [`Resumable`]: crate::stream::Resumable
+    pub fn progress(&self) -> Option<Vec<u8>> {
+        self.progress.as_deref().map(<[u8]>::to_vec)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Conn) -> io::Result<T>) -> io::Result<T> {
@@ -64,9 +84,12 @@ impl Handle {
 
     /// What a new worker does with this request if this one dies before
     /// answering it; declare it before doing what must not happen twice.
-    /// With [`ReplayPolicy::Error`] the next worker answers `500`.
+    /// With [`ReplayPolicy::Error`] the next worker answers `500`. On a
+    /// run that resumes a stream ([`Handle::progress`] is `Some`) it does
+    /// nothing: that request already ran, and a crash resumes its stream
+    /// from the next progress rather than running it again.
     pub fn replay_policy(&self, policy: ReplayPolicy) -> io::Result<()> {
-        if self.resumed {
+        if self.resumed || self.progress.is_some() {
             return Ok(());
         }
         self.with(|c| c.replay_policy(policy))

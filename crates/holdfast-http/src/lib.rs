@@ -26,6 +26,13 @@
 //!   extension; an axum extractor with the `axum` feature) for recorded
 //!   values and the replay policy; [`ReplayPolicyLayer`] declares a policy
 //!   for whole routes (`POST /pay` → [`holdfast::ReplayPolicy::Error`]);
+//! - a streaming response whose body is a [`stream::Resumable`] (Server-Sent
+//!   Events, long downloads) commits after each item it writes, with the
+//!   item's *progress* in the connection's state: after a crash, or when
+//!   `holdfast upgrade` moves the connection, the next worker runs the
+//!   request again with that progress ([`Handle::progress`],
+//!   [`stream::Progress`]) and sends only what follows (see [`stream`]);
+//!   any other response is regenerated from its start after a crash;
 //! - a request flagged as poison (in flight during two consecutive crashes)
 //!   gets a `500` from the adapter without reaching the service, and a
 //!   handler that panics under a keeper crashes the worker, so the request
@@ -41,6 +48,7 @@
 mod frame;
 mod handle;
 mod policy;
+pub mod stream;
 pub mod ws;
 
 use std::future::{poll_fn, Future};
@@ -49,7 +57,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -165,6 +173,12 @@ impl Server {
         if ws::is_ws_blob(conn.state().1) {
             return resume_websocket(conn, service, kept).await;
         }
+        if stream::is_blob(conn.state().1) {
+            match resume_stream(conn, service.clone(), kept).await? {
+                Some(c) => conn = c,
+                None => return Ok(()),
+            }
+        }
         // Input read but not yet answered: the start of the next request,
         // and any pipelined requests behind it.
         let mut input: Vec<u8> = Vec::new();
@@ -228,29 +242,39 @@ impl Server {
                 slot: Arc::default(),
                 resumed: false,
             };
-            let io = OneRequest {
-                input: request_bytes,
-                conn: slot.clone(),
-                discard: false,
-            };
+            let tracker = stream::Tracker::new(request_bytes.clone(), req.len);
             let adapted = Adapted {
                 inner: service.clone(),
-                handle: Handle::new(slot.clone(), false),
+                handle: Handle::new(slot.clone(), false, None),
                 date,
                 close: close.clone(),
                 switched: switched.clone(),
                 upgrades: upgrades.clone(),
+                stream: tracker.slot.clone(),
                 kept,
+            };
+            let io = OneRequest {
+                input: request_bytes,
+                conn: slot.clone(),
+                discard: false,
+                tracker,
             };
             let served = serve_one(io, adapted).await;
             // The request is over: handles a handler kept see none from now.
             let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             conn = taken.ok_or_else(|| io::Error::other("connection lost"))?;
-            if let Err(e) = served {
+            let io = match served {
+                Ok(io) => io,
+                // Moved to a new version at an item of a resumable stream:
+                // it carries on there.
+                Err(_) if conn.moved() => return Ok(()),
                 // A body or service error cut the response short: the client
                 // cannot tell where it ends, so the connection ends here.
-                return Err(io::Error::other(e));
-            }
+                Err(e) => return Err(io::Error::other(e)),
+            };
+            // A resumable stream's first progress commit consumed the
+            // request's input already.
+            let consumed = if io.tracker.committed() { 0 } else { req.len };
             let upgrade = upgrades
                 .slot
                 .lock()
@@ -266,11 +290,104 @@ impl Server {
             }
             input.drain(..req.len);
             if close.load(Ordering::Relaxed) {
-                return conn.commit_and_close(req.len).await;
+                return conn.commit_and_close(consumed).await;
             }
-            conn.commit(req.len, &[]).await?;
+            conn.commit(consumed, &[]).await?;
+            if io.tracker.holds_request() {
+                conn.unhold(stream::REQUEST_TAG)?;
+            }
         }
     }
+}
+
+/// A new worker carries on with a resumable stream (see [`stream`]): its
+/// request runs through the service again with the committed progress, the
+/// regenerated head is not sent, and the items after the commit are. Gives
+/// the connection back for its next request, if it stays open.
+async fn resume_stream<S, B>(mut conn: Conn, service: S, kept: bool) -> io::Result<Option<Conn>>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // Closing is all that is left when the stream cannot go on: the client
+    // sees a chunked body end without its last chunk, not a reset.
+    let give_up = |why: String| {
+        tracing::warn!("a resumable stream cannot continue ({why}); closing its connection");
+    };
+    let Some(saved) = stream::parse_blob(conn.state().1) else {
+        give_up("its saved state is unreadable".into());
+        conn.commit_and_close(0).await?;
+        return Ok(None);
+    };
+    let request = match stream::load_request(&mut conn, &saved.request) {
+        Ok(r) => r,
+        Err(e) => {
+            give_up(e.to_string());
+            conn.commit_and_close(0).await?;
+            return Ok(None);
+        }
+    };
+    let close_after = match Framer::new(usize::MAX, usize::MAX).frame(&request) {
+        Framed::Complete(r) if r.len == request.len() => r.close,
+        _ => {
+            give_up("its saved request is not one request".into());
+            conn.commit_and_close(0).await?;
+            return Ok(None);
+        }
+    };
+    if conn.poisoned() {
+        give_up("it was in flight during consecutive crashes".into());
+        conn.commit_and_close(0).await?;
+        return Ok(None);
+    }
+    tracing::debug!(progress = saved.progress.len(), "resuming a stream");
+    let slot = Arc::new(Mutex::new(Some(conn)));
+    let close = Arc::new(AtomicBool::new(close_after));
+    let tracker = stream::Tracker::resuming(&saved);
+    let adapted = Adapted {
+        inner: service,
+        handle: Handle::new(slot.clone(), false, Some(saved.progress.into())),
+        // The head is not sent: no `Date` to record.
+        date: HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        close: close.clone(),
+        switched: Arc::new(AtomicBool::new(false)),
+        upgrades: ws::Upgrades {
+            slot: Arc::default(),
+            resumed: false,
+        },
+        stream: tracker.slot.clone(),
+        kept,
+    };
+    let io = OneRequest {
+        input: Bytes::from(request),
+        conn: slot.clone(),
+        discard: false,
+        tracker,
+    };
+    let served = serve_one(io, adapted).await;
+    let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let mut conn = taken.ok_or_else(|| io::Error::other("connection lost"))?;
+    let io = match served {
+        Ok(io) => io,
+        Err(_) if conn.moved() => return Ok(None),
+        Err(e) => {
+            give_up(e.to_string());
+            return Err(io::Error::other(e));
+        }
+    };
+    if close.load(Ordering::Relaxed) {
+        conn.commit_and_close(0).await?;
+        return Ok(None);
+    }
+    conn.commit(0, &[]).await?;
+    if io.tracker.holds_request() {
+        conn.unhold(stream::REQUEST_TAG)?;
+    }
+    Ok(Some(conn))
 }
 
 /// Runs a WebSocket's callback, then closes what the application left open.
@@ -329,14 +446,16 @@ where
         input: Bytes::from(head),
         conn: Arc::new(Mutex::new(None)),
         discard: true,
+        tracker: stream::Tracker::off(),
     };
     let adapted = Adapted {
         inner: service,
-        handle: Handle::new(Arc::new(Mutex::new(None)), true),
+        handle: Handle::new(Arc::new(Mutex::new(None)), true, None),
         date: HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
         close: Arc::new(AtomicBool::new(false)),
         switched: switched.clone(),
         upgrades: upgrades.clone(),
+        stream: stream::LinkSlot::default(),
         kept,
     };
     let served = serve_one(io, adapted).await;
@@ -361,7 +480,7 @@ where
 }
 
 /// hyper answers the one request `io` holds; its own `Date` is off.
-async fn serve_one<S, B>(io: OneRequest, adapted: Adapted<S>) -> Result<(), hyper::Error>
+async fn serve_one<S, B>(io: OneRequest, adapted: Adapted<S>) -> Result<OneRequest, hyper::Error>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -377,7 +496,7 @@ where
         .serve_connection(io, adapted)
         .without_shutdown()
         .await
-        .map(|_| ())
+        .map(|parts| parts.io)
 }
 
 /// A complete response the adapter writes itself (errors, poison).
@@ -419,16 +538,18 @@ struct OneRequest {
     /// Output goes nowhere: a resumed WebSocket's upgrade answer, which
     /// the client already has.
     discard: bool,
+    /// Commits at the items of a resumable response.
+    tracker: stream::Tracker,
 }
 
 impl OneRequest {
     fn with_conn<T>(
-        &self,
-        f: impl FnOnce(Pin<&mut Conn>) -> Poll<io::Result<T>>,
+        &mut self,
+        f: impl FnOnce(&mut Conn, &mut stream::Tracker) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_mut() {
-            Some(conn) => f(Pin::new(conn)),
+            Some(conn) => f(conn, &mut self.tracker),
             None => Poll::Ready(Err(io::Error::other("connection lost"))),
         }
     }
@@ -456,14 +577,18 @@ impl hyper::rt::Write for OneRequest {
         if self.discard {
             return Poll::Ready(Ok(buf.len()));
         }
-        self.with_conn(|c| c.poll_write(cx, buf))
+        self.get_mut()
+            .with_conn(|c, tracker| tracker.poll_write(c, cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.discard {
             return Poll::Ready(Ok(()));
         }
-        self.with_conn(|c| c.poll_flush(cx))
+        self.get_mut().with_conn(|c, tracker| {
+            ready!(tracker.poll_due(c, cx))?;
+            Pin::new(c).poll_flush(cx)
+        })
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -482,6 +607,8 @@ struct Adapted<S> {
     /// The response switched protocols.
     switched: Arc<AtomicBool>,
     upgrades: ws::Upgrades,
+    /// Where a resumable response's link goes, for the I/O layer.
+    stream: stream::LinkSlot,
     kept: bool,
 }
 
@@ -500,6 +627,7 @@ where
         let date = self.date.clone();
         let close = self.close.clone();
         let switched = self.switched.clone();
+        let stream = self.stream.clone();
         let kept = self.kept;
         req.extensions_mut().insert(self.handle.clone());
         req.extensions_mut().insert(self.upgrades.clone());
@@ -510,6 +638,13 @@ where
             let mut response = inner.call(req).await.map_err(Into::into)?;
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 switched.store(true, Ordering::Relaxed);
+            }
+            if let Some(stream::StreamLink(link)) = response.extensions_mut().remove() {
+                // Under a keeper, the I/O layer commits at its items.
+                if kept {
+                    link.attach();
+                    *stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+                }
             }
             let headers = response.headers_mut();
             headers.entry(http::header::DATE).or_insert(date);

@@ -5,6 +5,13 @@
 //! - `GET /big` → `200 application/octet-stream`, 2,097,152 bytes, byte
 //!   `i` = `i mod 251`;
 //! - `POST /echo` → `200` with the request body;
+//! - `GET /events?n=N[&every_ms=MS]` → Server-Sent Events
+//!   (`text/event-stream`): `N` events `id: i\ndata: event i\n\n`, one
+//!   every 10 ms (`every_ms`; 0: as fast as the client reads), as a
+//!   [`Resumable`] stream with progress `i`: after a crash or an upgrade
+//!   the stream goes on after the last event committed, and the client
+//!   gets every event once (a client that reconnects by itself may send
+//!   `Last-Event-ID` to start after it);
 //! - `GET /ws/{room}?name=NAME[&since=S]` → a WebSocket. Each text message
 //!   a member sends is appended once to the room's log (a
 //!   [`holdfast::shared::Log`] in `--data-dir`) with the next sequence
@@ -34,7 +41,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,6 +49,7 @@ use axum::Router;
 use clap::Parser;
 use holdfast::shared::Log;
 use holdfast::ReplayPolicy;
+use holdfast_http::stream::{Progress, Resumable};
 use holdfast_http::ws::{Event, Message, WebSocket, WebSocketUpgrade};
 use holdfast_http::{Handle, ReplayPolicyLayer};
 use serde::Deserialize;
@@ -305,6 +313,56 @@ async fn echo(body: Bytes) -> Bytes {
     body
 }
 
+#[derive(Deserialize)]
+struct Events {
+    n: u64,
+    every_ms: Option<u64>,
+}
+
+/// The default pace of `/events`, in milliseconds.
+const EVENT_EVERY_MS: u64 = 10;
+
+/// Server-Sent Events, resumable: each event's progress is its id, and a
+/// new worker resuming the stream starts after the last one committed.
+async fn events(
+    Query(q): Query<Events>,
+    Progress(progress): Progress,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let resumed = progress.and_then(|p| Some(u64::from_le_bytes(p.try_into().ok()?)));
+    if let Some(after) = resumed {
+        tracing::info!("resuming /events after event {after}");
+    }
+    let after = resumed.unwrap_or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    let n = q.n;
+    let every = std::time::Duration::from_millis(q.every_ms.unwrap_or(EVENT_EVERY_MS));
+    let items = futures_util::stream::unfold(after, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if !every.is_zero() {
+            tokio::time::sleep(every).await;
+        }
+        let i = i + 1;
+        Some((
+            (format!("id: {i}\ndata: event {i}\n\n"), i.to_le_bytes()),
+            i,
+        ))
+    });
+    (
+        [
+            (CONTENT_TYPE, "text/event-stream"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        Resumable::new(items),
+    )
+}
+
 /// Panics: a request that kills its worker every time.
 async fn crash() -> &'static str {
     panic!("/crash asked for it");
@@ -344,6 +402,7 @@ fn app(test_routes: bool, rooms: Arc<Rooms>) -> Router {
         .route("/hello", get(hello))
         .route("/big", get(big))
         .route("/echo", post(echo))
+        .route("/events", get(events))
         .route("/ws/{room}", get(ws_room).with_state(rooms))
         // The adapter's own limit applies (16 MiB); axum's 2 MiB default
         // would refuse the larger bodies it accepts.
