@@ -374,6 +374,9 @@ fn idle_moves(a: &Args) -> anyhow::Result<Vec<Row>> {
         // Still served, by the new version: one message per room reaches
         // every member.
         let mut dead = 0;
+        for c in &mut conns {
+            c.s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        }
         for i in (0..n).step_by(100) {
             conns[i].send(&format!("after-{i}"))?;
         }

@@ -240,6 +240,36 @@ fn an_upgrade_to_a_new_member_format_carries_the_room_on() {
     assert!(upgraded, "the client finished before the upgrade");
 }
 
+#[test]
+fn many_rooms_share_one_inotify_instance_per_process() {
+    // 150 rooms: one inotify instance each would pass the default
+    // per-user limit of 128 across the two versions of an upgrade.
+    let data = TempDir::new("chat");
+    let mut k = chat(&data);
+    let mut members: Vec<TcpStream> = (0..150).map(|i| raw_ws(&k, &format!("r{i}"))).collect();
+    let exe = bin("hf-chat").display().to_string();
+    let dir = data.path().display().to_string();
+    let (code, out, err) = k.upgrade(&[], &[&exe, "--data-dir", &dir]);
+    assert_eq!(code, 0, "upgrade failed: {out} {err}");
+    for (i, s) in members.iter_mut().enumerate() {
+        s.write_all(&frame(1, true, format!("hi {i}").as_bytes()))
+            .unwrap();
+    }
+    for (i, s) in members.iter_mut().enumerate() {
+        let want = format!(r#"{{"seq":1,"from":"raw","text":"hi {i}"}}"#);
+        let mut m = vec![0u8; 2 + want.len()];
+        s.read_exact(&mut m).unwrap();
+        assert_eq!(String::from_utf8_lossy(&m[2..]), want);
+    }
+    let pid = k.active_pid();
+    let inotify = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("inotify"))
+        .count();
+    assert_eq!(inotify, 1, "inotify instances in the worker");
+}
+
 /// Opens a WebSocket by hand; returns the stream after the 101.
 fn raw_ws(k: &Keeper, room: &str) -> TcpStream {
     let mut s = TcpStream::connect(k.addr).unwrap();

@@ -6,8 +6,8 @@
 //! worker and be seen by every version while an upgrade moves connections
 //! from the old to the new. [`Log`] is a file: every worker of every version
 //! opens the same path, appends under an exclusive `flock`, and reads what
-//! the others appended; a change wakes every waiting reader (`inotify`, one
-//! watch per process and file, nothing woken while idle).
+//! the others appended; a change wakes every waiting reader (one `inotify`
+//! instance per process, one watch per file, nothing woken while idle).
 //!
 //! ## Exactly once
 //!
@@ -69,8 +69,9 @@ pub struct Log {
     path: PathBuf,
     file: File,
     index: Mutex<Index>,
+    /// What wakes this process's waiters (`None`: no inotify; they poll).
     #[cfg(feature = "tokio")]
-    changes: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+    changes: std::sync::OnceLock<Option<tokio::sync::watch::Sender<u64>>>,
 }
 
 #[derive(Default)]
@@ -212,7 +213,7 @@ impl Log {
         ix.entries.push(Arc::new(entry));
         drop(ix);
         #[cfg(feature = "tokio")]
-        if let Some(tx) = self.changes.get() {
+        if let Some(Some(tx)) = self.changes.get() {
             tx.send_modify(|v| *v += 1);
         }
         Ok(seq)
@@ -236,10 +237,31 @@ impl Log {
     }
 
     /// Waits until the log holds an entry after `seq`, appended by any
-    /// process. Cancel-safe.
+    /// process. Cancel-safe. Woken by the process's inotify watch; should
+    /// no watch be possible (the per-user inotify limits), it looks every
+    /// 50 ms instead.
     #[cfg(feature = "tokio")]
     pub async fn wait_beyond(&self, seq: u64) -> io::Result<()> {
-        let mut rx = self.watch()?.subscribe();
+        let tx = self
+            .changes
+            .get_or_init(|| match watcher::subscribe(&self.path) {
+                Ok(tx) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(
+                        log = %self.path.display(),
+                        error = %e,
+                        "no inotify watch on the log; looking for new entries every 50 ms"
+                    );
+                    None
+                }
+            });
+        let Some(tx) = tx else {
+            while self.last_seq()? <= seq {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            return Ok(());
+        };
+        let mut rx = tx.subscribe();
         loop {
             rx.borrow_and_update();
             if self.last_seq()? > seq {
@@ -250,43 +272,87 @@ impl Log {
             }
         }
     }
+}
 
-    /// One inotify watch per log and process, read by a task that tells
-    /// every waiter.
-    #[cfg(feature = "tokio")]
-    fn watch(&self) -> io::Result<&tokio::sync::watch::Sender<u64>> {
-        if let Some(tx) = self.changes.get() {
-            return Ok(tx);
-        }
-        use rustix::fs::inotify;
+/// One inotify instance per process (the per-user limit is 128 by
+/// default), one watch per log file, and a task that tells each file's
+/// waiters.
+#[cfg(feature = "tokio")]
+mod watcher {
+    use std::collections::HashMap;
+    use std::io;
+    use std::mem::MaybeUninit;
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use rustix::fs::inotify;
+    use tokio::sync::watch::Sender;
+
+    type Subs = Arc<Mutex<HashMap<i32, Sender<u64>>>>;
+
+    struct Watcher {
+        fd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
+        subs: Subs,
+    }
+
+    static WATCHER: OnceLock<Option<Watcher>> = OnceLock::new();
+
+    fn start() -> io::Result<Watcher> {
         let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
-        inotify::add_watch(&fd, &self.path, inotify::WatchFlags::MODIFY)?;
-        let afd = hf_sys::reactor::register(fd)?;
-        let (tx, _) = tokio::sync::watch::channel(0u64);
-        let tx = self.changes.get_or_init(|| tx).clone();
+        let fd = Arc::new(hf_sys::reactor::register(fd)?);
+        let subs: Subs = Arc::default();
+        let (afd, map) = (fd.clone(), subs.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
+            let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
             loop {
                 let Ok(mut guard) = afd.readable().await else {
                     return;
                 };
+                let mut fired = Vec::new();
+                let mut reader = inotify::Reader::new(afd.get_ref(), &mut buf);
                 loop {
-                    match rustix::io::read(afd.get_ref(), &mut buf) {
-                        Ok(n) if n > 0 => continue,
+                    match reader.next() {
+                        Ok(ev) => fired.push(ev.wd()),
                         Err(rustix::io::Errno::INTR) => continue,
                         Err(rustix::io::Errno::AGAIN) => {
                             guard.clear_ready();
                             break;
                         }
-                        _ => return,
+                        Err(_) => return,
                     }
                 }
-                tx.send_modify(|v| *v += 1);
+                fired.sort_unstable();
+                fired.dedup();
+                let map = map.lock().unwrap_or_else(|e| e.into_inner());
+                for wd in fired {
+                    if let Some(tx) = map.get(&wd) {
+                        tx.send_modify(|v| *v += 1);
+                    }
+                }
             }
         });
-        self.changes
-            .get()
-            .ok_or_else(|| io::Error::other("log watch not set"))
+        Ok(Watcher { fd, subs })
+    }
+
+    /// The sender that fires when the file at `path` is written.
+    pub(super) fn subscribe(path: &Path) -> io::Result<Sender<u64>> {
+        let w = WATCHER
+            .get_or_init(|| match start() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no inotify instance for shared logs");
+                    None
+                }
+            })
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no inotify instance"))?;
+        let wd = inotify::add_watch(w.fd.get_ref(), path, inotify::WatchFlags::MODIFY)?;
+        let mut map = w.subs.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map
+            .entry(wd)
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .clone())
     }
 }
 
