@@ -203,10 +203,6 @@ impl Keeper {
         }
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
