@@ -73,6 +73,10 @@ pub const ENV_POISON_AFTER: &str = "HOLDFAST_POISON_AFTER";
 /// Environment variable with the keeper's `--request-deadline` in
 /// milliseconds (absent: no deadline).
 pub const ENV_REQUEST_DEADLINE_MS: &str = "HOLDFAST_REQUEST_DEADLINE_MS";
+/// Environment variable set (to `1`) when the keeper watches heartbeats
+/// (`--hang-timeout`): only then does a worker's runtime beat, so an idle
+/// worker is not woken otherwise.
+pub const ENV_HEARTBEAT: &str = "HOLDFAST_HEARTBEAT";
 
 /// An input spool (a memfd the keeper holds for a connection whose request
 /// outgrew the socket buffer) keeps at this offset how far the worker that

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,6 +153,9 @@ struct Worker {
 }
 
 struct Keeper {
+    /// The tick is wanted (see `needs_tick`), and what wakes its task.
+    tick_need: Arc<AtomicBool>,
+    tick_wake: Arc<tokio::sync::Notify>,
     cfg: Config,
     tx: mpsc::UnboundedSender<Event>,
     journal_fd: OwnedFd,
@@ -253,6 +256,7 @@ pub fn run(cfg: Config) -> Result<(), KeeperError> {
                 }
             }
             keeper.flush();
+            keeper.arm_tick();
             if keeper.reexec_to.is_some() {
                 // Control-socket clients get their answers first, then
                 // everything queued is handled (no accepted connection may
@@ -427,16 +431,27 @@ impl Keeper {
                 }
             });
         }
+        // The tick runs only while something needs a clock (see
+        // `needs_tick`): an idle keeper with default options sleeps.
+        let tick_need = Arc::new(AtomicBool::new(true));
+        let tick_wake = Arc::new(tokio::sync::Notify::new());
         {
             let period = cfg
                 .hang_timeout
                 .map_or(TICK, |t| (t / 4).min(TICK))
                 .max(Duration::from_millis(10));
             let tx = tx.clone();
+            let (need, wake) = (tick_need.clone(), tick_wake.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
+                    if !need.load(Ordering::Acquire) {
+                        // `notify_one` leaves a permit if it comes first.
+                        wake.notified().await;
+                        tick.reset();
+                        continue;
+                    }
                     tick.tick().await;
                     if tx.send(Event::Tick).is_err() {
                         return;
@@ -445,6 +460,8 @@ impl Keeper {
             });
         }
         let k = Keeper {
+            tick_need,
+            tick_wake,
             cfg,
             tx,
             journal_fd,
@@ -562,6 +579,31 @@ impl Keeper {
             }
         }
         self.stopped()
+    }
+
+    /// Whether anything waits on the clock: a first start, timeouts of
+    /// waiting connections, heartbeats, drains, an upgrade, a stop,
+    /// rejuvenation. With none, the tick stops until the next event.
+    fn needs_tick(&self) -> bool {
+        let c = &self.cfg;
+        self.phase != Phase::Serving
+            || c.hang_timeout.is_some()
+            || c.max_rss.is_some()
+            || c.max_uptime.is_some()
+            || c.max_requests.is_some()
+            || !self.waiting.is_empty()
+            || self.upgrade.is_some()
+            || self.stop.is_some()
+            || self.workers.values().any(|w| {
+                !matches!(w.role, Role::Active | Role::Standby) || w.generation != self.generation
+            })
+    }
+
+    fn arm_tick(&self) {
+        let need = self.needs_tick();
+        if self.tick_need.swap(need, Ordering::AcqRel) != need && need {
+            self.tick_wake.notify_one();
+        }
     }
 
     fn arm_retry(&mut self, after: Duration) {
@@ -1621,6 +1663,9 @@ impl Keeper {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID");
+        if self.cfg.hang_timeout.is_some() {
+            cmd.env(hf_journal::ENV_HEARTBEAT, "1");
+        }
         if let Some(d) = self.cfg.request_deadline {
             cmd.env(
                 hf_journal::ENV_REQUEST_DEADLINE_MS,

@@ -55,43 +55,11 @@ impl Listener {
         match Link::from_env(opts)? {
             Some(link) => {
                 let control = hf_sys::reactor::register(link.control().try_clone_to_owned()?)?;
-                // The heartbeat is a task on the service's own runtime: if
-                // the runtime stops running tasks (a task blocks its thread,
-                // a deadlock), the counter stops and the keeper's
-                // `--hang-timeout` replaces the worker.
-                // The first beat happens here, not in the task: a runtime
-                // blocked before the task was ever polled must still be
-                // seen as a worker that beat once and then stopped.
-                link.beat(1);
-                let beat = link.clone();
-                ::tokio::spawn(async move {
-                    let mut tick = ::tokio::time::interval(HEARTBEAT);
-                    let mut n = 1u64;
-                    let mut stuck = false;
-                    loop {
-                        tick.tick().await;
-                        // A request past its deadline stops the heartbeat:
-                        // the keeper then replaces this worker like a hung
-                        // one, and the request is replayed (or, after
-                        // repeated deaths, refused as poison).
-                        let late = match (beat.deadline, beat.oldest_request()) {
-                            (Some(limit), Some(age)) => age > limit,
-                            _ => false,
-                        };
-                        if late {
-                            if !stuck {
-                                tracing::warn!(
-                                    "a request ran past --request-deadline; stopping the heartbeat"
-                                );
-                                stuck = true;
-                            }
-                            continue;
-                        }
-                        stuck = false;
-                        n += 1;
-                        beat.beat(n);
-                    }
-                });
+                // The heartbeat (see `spawn_heartbeat`), only when the keeper watches heartbeats: otherwise an
+                // idle worker has nothing to wake for.
+                if link.heartbeat {
+                    spawn_heartbeat(link.clone());
+                }
                 link.ready()?;
                 Ok(Listener {
                     inner: Inner::Kept {
@@ -480,6 +448,43 @@ impl AsyncWrite for Conn {
         this.core.close(this.io.get_ref().as_fd());
         Poll::Ready(Ok(()))
     }
+}
+
+/// The heartbeat: a task on the service's own runtime bumps a counter in
+/// the journal every [`HEARTBEAT`]; if the runtime stops running tasks (a
+/// task blocks its thread, a deadlock), the counter stops and the keeper's
+/// `--hang-timeout` replaces the worker. The first beat happens here, not
+/// in the task: a runtime blocked before the task was ever polled must
+/// still be seen as a worker that beat once and then stopped.
+fn spawn_heartbeat(link: Arc<Link>) {
+    link.beat(1);
+    let beat = link;
+    ::tokio::spawn(async move {
+        let mut tick = ::tokio::time::interval(HEARTBEAT);
+        let mut n = 1u64;
+        let mut stuck = false;
+        loop {
+            tick.tick().await;
+            // A request past its deadline stops the heartbeat:
+            // the keeper then replaces this worker like a hung
+            // one, and the request is replayed (or, after
+            // repeated deaths, refused as poison).
+            let late = match (beat.deadline, beat.oldest_request()) {
+                (Some(limit), Some(age)) => age > limit,
+                _ => false,
+            };
+            if late {
+                if !stuck {
+                    tracing::warn!("a request ran past --request-deadline; stopping the heartbeat");
+                    stuck = true;
+                }
+                continue;
+            }
+            stuck = false;
+            n += 1;
+            beat.beat(n);
+        }
+    });
 }
 
 /// Registers a descriptor the service opened (a held channel's pipe or

@@ -31,6 +31,8 @@ pub(crate) struct Link {
     pub(crate) poison_after: u16,
     /// Longest a request may run, from its first byte to its commit.
     pub(crate) deadline: Option<std::time::Duration>,
+    /// The keeper watches heartbeats (`--hang-timeout`).
+    pub(crate) heartbeat: bool,
     /// When each connection's request in flight started (nanoseconds since
     /// `epoch`, 0 = none); read by the heartbeat to enforce `deadline`.
     busy: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicU64>>>,
@@ -345,6 +347,7 @@ impl Link {
             id,
             poison_after,
             deadline,
+            heartbeat: std::env::var_os(hf_journal::ENV_HEARTBEAT).is_some_and(|v| v == "1"),
             busy: std::sync::Mutex::new(Vec::new()),
             epoch: std::time::Instant::now(),
             state_version: opts.state_version,
