@@ -1,0 +1,54 @@
+//! # holdfast-tls — TLS connections that survive the worker
+//!
+//! A TLS 1.3 session served by a holdfast worker outlives the worker: after
+//! a SIGKILL, a hang or an upgrade the next worker continues the same
+//! session, and the client sees nothing but a short stall.
+//!
+//! The handshake is rustls's. Once it is done, this crate runs the record
+//! layer itself (this kernel has no kTLS), with rustls's AEAD
+//! (`MessageEncrypter`/`MessageDecrypter`) and HKDF, and keeps the session's
+//! state — cipher suite, both traffic secrets, both record sequence numbers,
+//! and where inside a record the last commit fell — in the connection's
+//! journal record with the service's own state blob. See `docs/tls.md`.
+//!
+//! - Input: a commit of plaintext up to some point consumes ciphertext up
+//!   to the start of the record holding that point and records the offset
+//!   in it; the next worker decrypts that record again and skips the offset.
+//! - Output: record boundaries depend only on the sequence of plaintext
+//!   writes, so a replayed answer encrypts (same key, same sequence numbers)
+//!   into the same bytes, and holdfast's replay suppresses what the client
+//!   already has and checks the rest.
+//! - TLS 1.2 is served by rustls alone: it does not survive its worker (a
+//!   new worker closes such a connection).
+//! - Without a keeper (pass-through), the same code serves plain TLS.
+
+#![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod record;
+pub mod tokio;
+
+pub use crate::tokio::{TlsAcceptor, TlsConn, MAX_APP_STATE};
+
+/// The crypto provider the acceptor uses: rustls's *ring* provider,
+/// offering for TLS 1.3 only the suites the record layer runs
+/// ([`keys::kept_suites`]), and the ECDHE suites of TLS 1.2.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite as cs;
+    // ring's provider is deprecated for want of post-quantum key exchange;
+    // it is used for its AEADs, HKDF and signatures and builds without
+    // cmake.
+    #[allow(deprecated)]
+    let mut p = rustls::crypto::ring::default_provider();
+    let mut suites = keys::kept_suites().to_vec();
+    suites.extend([
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]);
+    p.cipher_suites = suites;
+    p
+}

@@ -1,0 +1,601 @@
+//! TLS sessions that survive their worker: hf-testsvc served over TLS by
+//! holdfast-tls, driven by Python's `ssl` module (OpenSSL) verifying the
+//! server against a test CA made here with the `openssl` CLI, while workers
+//! are SIGKILLed or upgraded. Every byte the clients receive is compared
+//! with what one crash-free run sends.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hf_tests::testsvc::answer;
+use hf_tests::{bin, kill9, run_cmd, start_pass_through, Keeper, Role, TempDir};
+
+/// The client: runs a script of request batches over TLS, one batch per
+/// write (so several requests share a record and commits fall inside
+/// records), and writes every byte it receives to a file. `perconn` opens
+/// a new connection (a new handshake) for each batch.
+const CLIENT: &str = r#"
+import socket, ssl, sys, time
+host, port, ca, script, out, mode = sys.argv[1:7]
+maxver = sys.argv[7] if len(sys.argv) > 7 else ''
+rate = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+ctx = ssl.create_default_context(cafile=ca)
+if maxver == '1.2':
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+version = None
+def connect():
+    global version
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rate:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw.settimeout(30)
+    raw.connect((host, int(port)))
+    s = ctx.wrap_socket(raw, server_hostname='localhost')
+    version = s.version()
+    return s, s.makefile('rb')
+def readn(f, n):
+    parts, got, t0 = [], 0, time.monotonic()
+    while got < n:
+        b = f.read(min(n - got, 64 * 1024) if rate else n - got)
+        if not b:
+            raise EOFError(f'end of stream after {got} of {n} bytes')
+        parts.append(b)
+        got += len(b)
+        if rate:
+            ahead = got / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    return b''.join(parts)
+batches = [[tuple(map(int, r.split(':'))) for r in l.split()] for l in open(script) if l.strip()]
+o = open(out, 'wb')
+s = f = None
+n = 0
+def bye():
+    s.sendall(b'QUIT 0\n')
+    b = f.readline()
+    if b != b'BYE 0\n':
+        sys.exit(f'bad goodbye {b!r}')
+    if f.read() != b'':
+        sys.exit('bytes after the goodbye')
+    s.close()
+for batch in batches:
+    if s is None:
+        s, f = connect()
+    s.sendall(b''.join(b'REQ %d %d %d\n' % r for r in batch))
+    for (i, l, d) in batch:
+        h = f.readline()
+        o.write(h)
+        if h != b'RESP %d %d\n' % (i, l):
+            o.close()
+            sys.exit(f'request {i}: bad head {h!r}')
+        o.write(readn(f, l + 1))
+        n += 1
+    if mode == 'perconn':
+        bye()
+        s = f = None
+    elif n == len(batch):
+        # The first answers are in: the session is established.
+        print('ready', flush=True)
+if s is not None:
+    bye()
+o.close()
+print('done', n, version)
+"#;
+
+/// A test CA and two server certificates for `localhost` signed by it.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = TempDir::new("tls-pki");
+        let d = dir.path();
+        std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+        let ssl = |args: &[&str]| {
+            let (code, out, err) = run_cmd(Command::new("openssl").args(args).current_dir(d));
+            assert_eq!(code, 0, "openssl {args:?}: {out}{err}");
+        };
+        ssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=holdfast test CA",
+        ]);
+        for (name, key) in [("ec", "ec"), ("rsa", "rsa:2048")] {
+            let mut args = vec!["req", "-newkey", key];
+            if key == "ec" {
+                args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+            }
+            let (k, csr) = (format!("{name}.key"), format!("{name}.csr"));
+            args.extend([
+                "-nodes",
+                "-keyout",
+                &k,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=localhost",
+            ]);
+            ssl(&args);
+            ssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+            ]);
+        }
+        std::fs::write(d.join("client.py"), CLIENT).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).display().to_string()
+    }
+
+    /// hf-testsvc over TLS with the `kind` ("ec" or "rsa") certificate.
+    fn testsvc(&self, kind: &str, extra: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            bin("hf-testsvc").display().to_string(),
+            "--tls-cert".into(),
+            self.path(&format!("{kind}.pem")),
+            "--tls-key".into(),
+            self.path(&format!("{kind}.key")),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+fn s(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Request batches: (id, answer length, delay ms) each.
+type Script = Vec<Vec<(u64, usize, u64)>>;
+
+fn script(first_id: u64, batches: usize, per: usize, max_len: usize, seed: u64) -> Script {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut id = first_id;
+    (0..batches)
+        .map(|_| {
+            (0..per)
+                .map(|_| {
+                    id += 1;
+                    (id, (next() % max_len as u64) as usize, next() % 4)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A running client.
+struct Client {
+    name: String,
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    out: PathBuf,
+    want: Vec<u8>,
+}
+
+impl Client {
+    fn start(
+        pki: &Pki,
+        addr: std::net::SocketAddr,
+        name: &str,
+        sc: &Script,
+        mode: &str,
+        opts: &[&str],
+    ) -> Client {
+        let sfile = pki.dir.path().join(format!("{name}.script"));
+        let out = pki.dir.path().join(format!("{name}.out"));
+        let text: String = sc
+            .iter()
+            .map(|b| {
+                let reqs: Vec<String> = b.iter().map(|(i, l, d)| format!("{i}:{l}:{d}")).collect();
+                reqs.join(" ") + "\n"
+            })
+            .collect();
+        std::fs::write(&sfile, text).unwrap();
+        let want = sc
+            .iter()
+            .flatten()
+            .flat_map(|(i, l, _)| answer(*i, *l, 0))
+            .collect();
+        let mut child = Command::new("python3")
+            .arg(pki.path("client.py"))
+            .args([
+                "127.0.0.1".to_string(),
+                addr.port().to_string(),
+                pki.path("ca.pem"),
+                sfile.display().to_string(),
+                out.display().to_string(),
+                mode.to_string(),
+            ])
+            .args(opts)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Client {
+            name: name.into(),
+            child,
+            stdout,
+            out,
+            want,
+        }
+    }
+
+    /// Waits until the client's session is established (its first batch
+    /// answered). Handshakes are not replayable: a kill inside one closes
+    /// the connection.
+    fn ready(mut self) -> Client {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
+        assert_eq!(line.trim(), "ready", "{}: not ready", self.name);
+        self
+    }
+
+    /// Waits for the client (at most `timeout`) and checks every byte it
+    /// received; returns its summary line ("done N VERSION").
+    fn check(mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut summary = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stdout, &mut summary);
+        let o = self.child.wait_with_output().expect("client output");
+        let got = std::fs::read(&self.out).unwrap_or_default();
+        let same = got.len().min(self.want.len());
+        let first_diff = (0..same).find(|&i| got[i] != self.want[i]);
+        let summary = summary.trim().trim_start_matches("ready").trim().to_owned();
+        if !o.status.success() || got != self.want {
+            return Err(format!(
+                "{}: exit {:?}, {} of {} bytes, first difference at {:?}; stdout {summary:?}; stderr {}",
+                self.name,
+                o.status.code(),
+                got.len(),
+                self.want.len(),
+                first_diff,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Ok(summary)
+    }
+}
+
+/// SIGKILLs the active worker every `every` until stopped; returns the
+/// number of kills.
+fn kill_storm(control: PathBuf, every: Duration, stop: Arc<AtomicBool>) -> JoinHandle<u32> {
+    std::thread::spawn(move || {
+        let mut kills = 0;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(every);
+            if let Ok(st) = hf_keeper::status::query(&control) {
+                if let Some(w) = st.workers.iter().find(|w| w.role == Role::Active) {
+                    kill9(w.pid);
+                    kills += 1;
+                }
+            }
+        }
+        kills
+    })
+}
+
+/// Runs `clients` under a kill storm; all must finish with every byte right.
+fn under_storm(k: &mut Keeper, clients: Vec<Client>, every: Duration) -> (u32, Vec<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm = kill_storm(k.control.clone(), every, stop.clone());
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.check(Duration::from_secs(120)))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let kills = storm.join().unwrap();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} clients failed after {kills} kills:\n{failed:#?}\nkeeper log tail:\n{}",
+        failed.len(),
+        results.len(),
+        tail(&k.log(), 40)
+    );
+    (kills, results.into_iter().map(Result::unwrap).collect())
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Keep-alive TLS 1.3 clients pipelining batches of requests (so commits
+/// fall inside records) while the worker is SIGKILLed every 50 ms: every
+/// byte arrives exactly once, for both certificate kinds.
+#[test]
+fn keepalive_tls13_under_a_kill_storm() {
+    let pki = Pki::new();
+    for (n, kind) in ["ec", "rsa"].into_iter().enumerate() {
+        let mut k = Keeper::start(&[], &s(&pki.testsvc(kind, &[])));
+        let clients = (0..4)
+            .map(|c| {
+                let sc = script(1_000_000 * (c + 1), 60, 6, 30_000, 7 + c + 100 * n as u64);
+                Client::start(
+                    &pki,
+                    k.addr,
+                    &format!("{kind}-ka{c}"),
+                    &sc,
+                    "keepalive",
+                    &[],
+                )
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(Client::ready)
+            .collect();
+        let (kills, done) = under_storm(&mut k, clients, Duration::from_millis(50));
+        for d in &done {
+            assert!(d.ends_with("TLSv1.3"), "{d}");
+        }
+        let st = k.status().unwrap();
+        assert!(kills >= 10, "only {kills} kills");
+        assert!(
+            st.recovered_connections >= 10,
+            "{kind}: only {} connections recovered in {kills} kills",
+            st.recovered_connections
+        );
+        eprintln!(
+            "{kind}: {kills} kills, {} connections recovered, clients: {done:?}",
+            st.recovered_connections
+        );
+    }
+}
+
+/// A 24 MiB answer, read slowly through a small window, while the worker
+/// is killed five times: each new worker regenerates the answer, encrypts
+/// it into the same records and sends only what the client lacks.
+#[test]
+fn large_tls_download_through_kills() {
+    let pki = Pki::new();
+    let mut k = Keeper::start(&[], &s(&pki.testsvc("ec", &[])));
+    let sc: Script = vec![vec![(1, 24 << 20, 0)], vec![(2, 1000, 0)]];
+    let sc: Script = vec![vec![(3, 10, 0)], sc[0].clone(), sc[1].clone()];
+    let c = Client::start(
+        &pki,
+        k.addr,
+        "download",
+        &sc,
+        "keepalive",
+        &["", &(8u32 << 20).to_string()],
+    )
+    .ready();
+    let mut kills = 0;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        k.kill_and_wait();
+        kills += 1;
+    }
+    let done = c
+        .check(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&k.log(), 40)));
+    let st = k.status().unwrap();
+    assert_eq!(st.recovered_connections, kills, "{done}");
+}
+
+/// `holdfast upgrade` while keep-alive TLS clients run: their sessions
+/// move to the new workers at commit points and go on.
+#[test]
+fn tls_sessions_move_through_upgrades() {
+    let pki = Pki::new();
+    let cmd = pki.testsvc("ec", &[]);
+    let k = Keeper::start(&[], &s(&cmd));
+    let clients: Vec<Client> = (0..4)
+        .map(|c| {
+            let sc = script(1_000_000 * (c + 1), 150, 4, 20_000, 31 + c);
+            Client::start(&pki, k.addr, &format!("up{c}"), &sc, "keepalive", &[])
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(Client::ready)
+        .collect();
+    let mut moved = 0;
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let (code, out, err) = k.upgrade(&["--settle", "20", "--json"], &s(&cmd));
+        assert_eq!(code, 0, "upgrade {i}: {out}{err}\n{}", k.log());
+        let last = out.lines().last().unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(v["event"], "done", "{out}");
+        moved += v["moved"].as_u64().unwrap_or(0) + v["recovered"].as_u64().unwrap_or(0);
+    }
+    let failed: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.check(Duration::from_secs(120)).err())
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}\n{}", tail(&k.log(), 40));
+    assert!(moved >= 4, "only {moved} connections moved in 3 upgrades");
+    let st = k.status().unwrap();
+    assert_eq!((st.upgrades, st.restarts), (3, 0));
+}
+
+/// Without a keeper the same binary serves TLS 1.3 and 1.2.
+#[test]
+fn pass_through_serves_tls13_and_tls12() {
+    let pki = Pki::new();
+    let mut cmd = Command::new(bin("hf-testsvc"));
+    cmd.args(&pki.testsvc("rsa", &["--listen", "127.0.0.1:0"])[1..]);
+    let (mut child, addr) = start_pass_through(&mut cmd);
+    let sc = script(0, 20, 3, 50_000, 5);
+    for (name, opts) in [("pt13", &[][..]), ("pt12", &["1.2"][..])] {
+        let done = Client::start(&pki, addr, name, &sc, "keepalive", opts)
+            .check(Duration::from_secs(30))
+            .unwrap();
+        let want = if opts.is_empty() {
+            "TLSv1.3"
+        } else {
+            "TLSv1.2"
+        };
+        assert!(done.ends_with(want), "{done}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// TLS 1.2 is served under the keeper too, but its sessions do not
+/// survive the worker: after a kill the client's connection ends (cleanly,
+/// without a reset), and new connections are served.
+#[test]
+fn tls12_is_served_and_closed_by_a_crash() {
+    let pki = Pki::new();
+    let mut k = Keeper::start(&[], &s(&pki.testsvc("ec", &[])));
+    let sc = script(0, 10, 2, 10_000, 9);
+    let done = Client::start(&pki, k.addr, "t12", &sc, "keepalive", &["1.2"])
+        .check(Duration::from_secs(30))
+        .unwrap();
+    assert!(done.ends_with("TLSv1.2"), "{done}");
+    // A long answer in flight when the worker dies: the client sees the
+    // connection end early, not a wrong byte.
+    let sc: Script = vec![vec![(2, 10, 0)], vec![(1, 16 << 20, 0)]];
+    let c = Client::start(
+        &pki,
+        k.addr,
+        "t12kill",
+        &sc,
+        "keepalive",
+        &["1.2", "4000000"],
+    )
+    .ready();
+    std::thread::sleep(Duration::from_millis(500));
+    k.kill_and_wait();
+    let e = c.check(Duration::from_secs(30)).unwrap_err();
+    assert!(e.contains("end of stream"), "{e}");
+    let got = std::fs::read(pki.dir.path().join("t12kill.out")).unwrap();
+    let mut want = answer(2, 10, 0);
+    want.extend(answer(1, 16 << 20, 0));
+    assert!(
+        got.len() < want.len() && want.starts_with(&got),
+        "a wrong byte"
+    );
+    let sc = script(100, 3, 2, 1000, 11);
+    Client::start(&pki, k.addr, "t12after", &sc, "keepalive", &["1.2"])
+        .check(Duration::from_secs(30))
+        .unwrap();
+}
+
+/// Hostile input: garbage instead of a ClientHello, a record with a bad
+/// MAC, a truncated record. Each connection ends with the proper alert or
+/// a clean close; the worker goes on.
+#[test]
+fn hostile_tls_input_gets_an_alert_and_a_clean_close() {
+    let pki = Pki::new();
+    let mut k = Keeper::start(&[], &s(&pki.testsvc("ec", &[])));
+    let pid = k.active_pid();
+    let probe = format!(
+        r#"
+import socket, ssl, sys
+host, port, ca = '127.0.0.1', {port}, {ca:?}
+def raw():
+    s = socket.create_connection((host, port), timeout=10)
+    return s
+def drain(s):
+    got = b''
+    while True:
+        try:
+            b = s.recv(65536)
+        except ConnectionResetError:
+            sys.exit('reset')
+        if not b:
+            return got
+        got += b
+# 1. Garbage instead of a ClientHello: a fatal alert record, then FIN.
+s = raw(); s.sendall(b'GET / HTTP/1.1\r\n\r\n'); got = drain(s)
+assert got[:1] == b'\x15', got
+print('garbage', got.hex())
+# 2. A handshake, then a record whose MAC is wrong: the server answers with
+# an (encrypted) alert the client reads as bad_record_mac, then FIN.
+ctx = ssl.create_default_context(cafile=ca)
+for kind in ('mac', 'trunc'):
+    s = raw()
+    inc, outg = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, outg, server_hostname='localhost')
+    while True:
+        try:
+            obj.do_handshake(); break
+        except ssl.SSLWantReadError:
+            s.sendall(outg.read())
+            b = s.recv(65536)
+            if not b: sys.exit('closed in handshake')
+            inc.write(b)
+    s.sendall(outg.read())
+    obj.write(b'REQ 1 10 0\n'); s.sendall(outg.read())
+    if kind == 'mac':
+        s.sendall(bytes([23, 3, 3, 0, 40]) + bytes(40))
+        inc.write(drain(s))
+        try:
+            while True:
+                obj.read(65536)
+        except ssl.SSLError as e:
+            assert 'BAD_RECORD_MAC' in str(e).upper(), e
+            print('mac', e)
+    else:
+        s.sendall(bytes([23, 3, 3, 0, 200]) + bytes(10))
+        s.shutdown(socket.SHUT_WR)
+        inc.write(drain(s))
+        print('trunc ok')
+"#,
+        port = k.addr.port(),
+        ca = pki.path("ca.pem"),
+    );
+    let (code, out, err) = run_cmd(Command::new("python3").args(["-c", &probe]));
+    assert_eq!(code, 0, "{out}{err}\n{}", tail(&k.log(), 30));
+    assert!(
+        out.contains("garbage") && out.contains("mac") && out.contains("trunc ok"),
+        "{out}"
+    );
+    assert_eq!(k.active_pid(), pid, "the worker died");
+    let sc = script(0, 3, 2, 1000, 3);
+    Client::start(&pki, k.addr, "after", &sc, "keepalive", &[])
+        .check(Duration::from_secs(30))
+        .unwrap();
+    let st = k.status().unwrap();
+    assert_eq!(st.restarts, 0);
+}
