@@ -18,6 +18,10 @@
 //!   writes, so a replayed answer encrypts (same key, same sequence numbers)
 //!   into the same bytes, and holdfast's replay suppresses what the client
 //!   already has and checks the rest.
+//! - Handshake: every random value rustls draws comes from a DRBG seeded
+//!   by a value recorded in the journal before the handshake, and signing
+//!   and key exchange are deterministic given it ([`replay`]): a worker
+//!   killed mid-handshake is replaced by one that sends the same bytes.
 //! - TLS 1.2 is served by rustls alone: it does not survive its worker (a
 //!   new worker closes such a connection).
 //! - Without a keeper (pass-through), the same code serves plain TLS.
@@ -26,13 +30,17 @@
 
 pub mod keys;
 pub mod record;
+pub mod replay;
 pub mod tokio;
 
 pub use crate::tokio::{TlsAcceptor, TlsConn, MAX_APP_STATE};
 
-/// The crypto provider the acceptor uses: rustls's *ring* provider,
-/// offering for TLS 1.3 only the suites the record layer runs
-/// ([`keys::kept_suites`]), and the ECDHE suites of TLS 1.2.
+/// The crypto provider the acceptor uses: rustls's *ring* provider for
+/// AEADs and HKDF, offering for TLS 1.3 only the suites the record layer
+/// runs ([`keys::kept_suites`]), and the ECDHE suites of TLS 1.2; with
+/// randomness, key exchange (X25519, P-256) and signatures (ECDSA P-256,
+/// RSA) replaced by the deterministic ones of [`replay`], so a handshake
+/// replays byte for byte from its recorded seed.
 pub fn provider() -> rustls::crypto::CryptoProvider {
     use rustls::crypto::ring::cipher_suite as cs;
     // ring's provider is deprecated for want of post-quantum key exchange;
@@ -50,5 +58,8 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
         cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
     ]);
     p.cipher_suites = suites;
+    p.kx_groups = replay::KX_GROUPS.to_vec();
+    p.secure_random = &replay::Random;
+    p.key_provider = &replay::Keys;
     p
 }

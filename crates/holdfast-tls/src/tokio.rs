@@ -161,6 +161,12 @@ impl TlsAcceptor {
         };
         match saved {
             None => {
+                if t.conn.recovered() {
+                    tracing::info!(
+                        conn = ?t.conn.id(),
+                        "TLS handshake cut by a crash: replaying it from its recorded seed"
+                    );
+                }
                 t.handshake(&self.config).await?;
             }
             Some((Saved::Opaque, _, _)) => {
@@ -387,11 +393,24 @@ pub struct TlsConn {
 
 impl TlsConn {
     async fn handshake(&mut self, config: &Arc<ServerConfig>) -> io::Result<()> {
+        // Every random value of the handshake comes from this seed,
+        // recorded before anything is sent: a worker that takes the
+        // connection over mid-handshake gets it back and answers the same
+        // ClientHello with the same bytes (see `replay`).
+        let seed = self.conn.record(|| crate::replay::new_seed().to_vec())?;
+        let seed: [u8; 32] = seed.try_into().map_err(|_| {
+            err(
+                io::ErrorKind::InvalidData,
+                "recorded TLS seed has another size",
+            )
+        })?;
+        let mut drbg = crate::replay::Drbg::new(seed);
         let secrets = Arc::new(Secrets::default());
         let mut cfg = (**config).clone();
         cfg.key_log = secrets.clone();
-        let mut sc =
-            ServerConnection::new(Arc::new(cfg)).map_err(|e| err(io::ErrorKind::Other, e))?;
+        let mut sc = drbg
+            .enter(|| ServerConnection::new(Arc::new(cfg)))
+            .map_err(|e| err(io::ErrorKind::Other, e))?;
         loop {
             while sc.wants_write() {
                 sc.write_tls(&mut self.cout)?;
@@ -412,14 +431,14 @@ impl TlsConn {
                     self.cin_pos += h.total();
                     self.c_proc += h.total() as u64;
                     self.compact_in();
-                    if let Err(e) = sc.process_new_packets() {
+                    if let Err(e) = drbg.enter(|| sc.process_new_packets()) {
                         return Err(self.handshake_failed(&mut sc, e).await);
                     }
                 }
                 Err(_) => {
                     // Not a record: rustls tells the client so.
                     let _ = sc.read_tls(&mut &avail[..]);
-                    let e = match sc.process_new_packets() {
+                    let e = match drbg.enter(|| sc.process_new_packets()) {
                         Err(e) => e,
                         Ok(_) => rustls::Error::General("bad record".into()),
                     };
