@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hf_tests::http::make_site;
 use hf_tests::testsvc::answer;
 use hf_tests::{bin, kill9, run_cmd, start_pass_through, Keeper, Role, TempDir};
 
@@ -621,4 +622,158 @@ for kind in ('mac', 'trunc'):
         .unwrap();
     let st = k.status().unwrap();
     assert_eq!(st.restarts, 0);
+}
+
+/// A keep-alive HTTPS client (Python's http.client): GETs the files in
+/// turn on one connection and compares every body with the file on disk.
+const HTTPS_CLIENT: &str = r#"
+import http.client, ssl, sys, os
+port, ca, root, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+files = sys.argv[5:]
+ctx = ssl.create_default_context(cafile=ca)
+c = http.client.HTTPSConnection('localhost', port, context=ctx, timeout=30)
+c.connect()
+c.sock.getpeername()
+want = {f: open(os.path.join(root, f.lstrip('/')), 'rb').read() for f in files}
+for i in range(n):
+    f = files[i % len(files)]
+    c.request('GET', f)
+    r = c.getresponse()
+    body = r.read()
+    if r.status != 200 or body != want[f]:
+        sys.exit(f'request {i} {f}: status {r.status}, {len(body)} bytes, want {len(want[f])}')
+    if r.getheader('Connection', '').lower() == 'close' or c.sock is None:
+        sys.exit(f'request {i}: connection closed')
+print('done', n, c.sock.version())
+"#;
+
+fn httpd_tls(pki: &Pki, root: &std::path::Path, kind: &str) -> Vec<String> {
+    vec![
+        bin("hf-httpd").display().to_string(),
+        "--root".into(),
+        root.display().to_string(),
+        "--tls-cert".into(),
+        pki.path(&format!("{kind}.pem")),
+        "--tls-key".into(),
+        pki.path(&format!("{kind}.key")),
+    ]
+}
+
+/// hf-httpd over HTTPS: keep-alive clients (Python) under a SIGKILL every
+/// 50 ms, a new worker every time, and every body compared with its file.
+#[test]
+fn https_keepalive_under_a_kill_storm() {
+    let pki = Pki::new();
+    let site = TempDir::new("tls-site");
+    let files = make_site(site.path(), &[0, 100, 5_000, 70_000, 300_000, 1 << 20]);
+    let client = pki.dir.path().join("https.py");
+    std::fs::write(&client, HTTPS_CLIENT).unwrap();
+    for kind in ["ec", "rsa"] {
+        let k = Keeper::start(&[], &s(&httpd_tls(&pki, site.path(), kind)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let storm = kill_storm(k.control.clone(), Duration::from_millis(50), stop.clone());
+        let runs: Vec<_> = (0..4)
+            .map(|c| {
+                let mut args = vec![
+                    client.display().to_string(),
+                    k.addr.port().to_string(),
+                    pki.path("ca.pem"),
+                    site.path().display().to_string(),
+                    "250".into(),
+                ];
+                // Each client starts at another file.
+                let mut names: Vec<String> = files.iter().map(|(p, _)| p.clone()).collect();
+                names.rotate_left(c);
+                args.extend(names);
+                Command::new("python3")
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = runs
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        let kills = storm.join().unwrap();
+        for o in &outs {
+            assert!(
+                o.status.success(),
+                "{kind}: a client failed after {kills} kills: {}{}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+                tail(&k.log(), 30)
+            );
+        }
+        let st = k.status().unwrap();
+        assert!(kills >= 5, "only {kills} kills");
+        assert!(st.recovered_connections >= 10, "{kind}: {st:?}");
+        eprintln!(
+            "{kind}: {kills} kills, {} recoveries",
+            st.recovered_connections
+        );
+    }
+}
+
+/// A 48 MiB HTTPS download by curl through three kills and two upgrades
+/// of hf-httpd: the file arrives whole and intact.
+#[test]
+fn https_download_through_kills_and_upgrades() {
+    let pki = Pki::new();
+    let site = TempDir::new("tls-dl");
+    let files = make_site(site.path(), &[48 << 20]);
+    let (path, want) = files[0].clone();
+    let cmd = httpd_tls(&pki, site.path(), "ec");
+    let mut k = Keeper::start(&[], &s(&cmd));
+    let out = pki.dir.path().join("download.bin");
+    let port = k.addr.port();
+    let mut curl = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--cacert",
+            &pki.path("ca.pem"),
+            "--resolve",
+        ])
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .args(["--limit-rate", "12M", "-o"])
+        .arg(&out)
+        .arg(format!("https://localhost:{port}{path}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        if i % 2 == 0 {
+            k.kill_and_wait();
+        } else {
+            let (code, o, e) = k.upgrade(&["--settle", "20", "--json"], &s(&cmd));
+            assert_eq!(code, 0, "upgrade: {o}{e}\n{}", tail(&k.log(), 30));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = curl.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "curl still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut curl.stderr.take().unwrap(), &mut err);
+    assert!(status.success(), "curl: {err}\n{}", tail(&k.log(), 30));
+    let got = std::fs::read(&out).unwrap();
+    assert!(
+        got.len() == want.len() && got == want,
+        "{} of {} bytes, body differs",
+        got.len(),
+        want.len()
+    );
+    let st = k.status().unwrap();
+    assert_eq!((st.upgrades, st.recovered_connections), (2, 3), "{st:?}");
 }

@@ -7,7 +7,7 @@
 //! `AeadKey` only inside its own key schedule; from outside, an `AeadKey`
 //! is 32 bytes. So the suites this record layer runs are the two with
 //! 32-byte keys, TLS_AES_256_GCM_SHA384 and TLS_CHACHA20_POLY1305_SHA256,
-//! which every TLS 1.3 client offers in practice (see [`KEPT_SUITES`]).
+//! which every TLS 1.3 client offers in practice (see [`kept_suites`]).
 
 use rustls::crypto::cipher::{AeadKey, Iv, MessageDecrypter, MessageEncrypter, NONCE_LEN};
 use rustls::crypto::tls13::{HkdfExpander, OkmBlock};
