@@ -777,3 +777,89 @@ fn https_download_through_kills_and_upgrades() {
     let st = k.status().unwrap();
     assert_eq!((st.upgrades, st.recovered_connections), (2, 3), "{st:?}");
 }
+
+/// KeyUpdate both ways across kills, with `openssl s_client` (`K`: update
+/// and ask the server to update too; `k`: update only): every answer
+/// arrives (the count is the service's state blob, kept beside the TLS
+/// session's), the server answers each `K` with its own KeyUpdate, and
+/// workers killed between the updates hand the session on with the right
+/// generation of keys.
+#[test]
+fn key_update_both_ways_across_kills() {
+    let pki = Pki::new();
+    let mut k = Keeper::start(&[], &s(&pki.testsvc("ec", &["--state-version", "1"])));
+    let driver = format!(
+        r#"
+import subprocess, time, sys
+p = subprocess.Popen(['openssl', 's_client', '-connect', '127.0.0.1:{port}', '-CAfile', {ca:?},
+                      '-servername', 'localhost', '-msg'],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+for s in sys.stdin:
+    s = s.strip()
+    if s == 'kill':
+        print('kill', flush=True)
+        sys.stdin.readline()  # the test says when the new worker is up
+        continue
+    p.stdin.write(s.encode() + b'\n'); p.stdin.flush(); time.sleep(0.3)
+out, _ = p.communicate(timeout=20)
+sys.stderr.write(out.decode())
+"#,
+        port = k.addr.port(),
+        ca = pki.path("ca.pem"),
+    );
+    let steps = [
+        "COUNT a", "K", "COUNT b", "kill", "COUNT c", "k", "kill", "COUNT d", "K", "kill",
+        "COUNT e", "K", "COUNT f", "kill", "COUNT g",
+    ];
+    let mut child = Command::new("python3")
+        .args(["-c", &driver])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    for step in steps {
+        std::io::Write::write_all(&mut stdin, format!("{step}\n").as_bytes()).unwrap();
+        if step == "kill" {
+            assert_eq!(lines.next().unwrap().unwrap(), "kill");
+            k.kill_and_wait();
+            std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+        }
+    }
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stderr);
+    let counts: Vec<&str> = out.lines().filter(|l| l.starts_with("COUNT ")).collect();
+    assert_eq!(
+        counts,
+        [
+            "COUNT a 0",
+            "COUNT b 1",
+            "COUNT c 2",
+            "COUNT d 3",
+            "COUNT e 4",
+            "COUNT f 5",
+            "COUNT g 6"
+        ],
+        "{out}\n{}",
+        tail(&k.log(), 30)
+    );
+    let sent = out
+        .matches(">>> TLS 1.3, Handshake [length 0005], KeyUpdate")
+        .count();
+    let got = out
+        .matches("<<< TLS 1.3, Handshake [length 0005], KeyUpdate")
+        .count();
+    assert_eq!(
+        (sent, got),
+        (4, 3),
+        "client sent {sent} KeyUpdates, got {got}:\n{out}"
+    );
+    let alerts = out
+        .lines()
+        .any(|l| l.starts_with("<<<") && l.contains("Alert") || l.contains(" alert "));
+    assert!(!alerts, "the server sent an alert:\n{out}");
+    assert_eq!(k.status().unwrap().recovered_connections, 4);
+}

@@ -18,6 +18,9 @@
 //!   writes, so a replayed answer encrypts (same key, same sequence numbers)
 //!   into the same bytes, and holdfast's replay suppresses what the client
 //!   already has and checks the rest.
+//! - KeyUpdate both ways: the journal keeps the secret of the generation
+//!   in force at each commit's cut; the server answers a request for an
+//!   update at the commit that consumes it, a point fixed by the input.
 //! - Handshake: every random value rustls draws comes from a DRBG seeded
 //!   by a value recorded in the journal before the handshake, and signing
 //!   and key exchange are deterministic given it ([`replay`]): a worker

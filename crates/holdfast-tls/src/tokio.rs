@@ -24,6 +24,9 @@ const OUT_HIGH: usize = 64 * 1024;
 /// The most plaintext one `poll_write` takes (a multiple of the record
 /// size, so record boundaries depend only on the calls' buffers).
 const WRITE_MAX: usize = 16 * MAX_PLAINTEXT;
+/// This side updates its keys once it has sent this many records with
+/// them (AES-GCM's limit is 2^24.5 records per key, RFC 8446 §5.5).
+const UPDATE_TX_AFTER: u64 = 1 << 23;
 /// How much ciphertext one read from the socket asks for.
 const READ_CHUNK: usize = MAX_PLAINTEXT + 2048 + record::HEADER_LEN;
 
@@ -219,7 +222,11 @@ struct RxRec {
     pstart: u64,
     plen: u64,
     seq: u64,
+    /// The rx key generation it was decrypted with.
+    epoch: u64,
     data: bool,
+    /// A KeyUpdate asking this side to update too.
+    ku_request: bool,
 }
 
 /// A commit's plan: ciphertext consumed, the blob to store, and the cut
@@ -235,6 +242,8 @@ struct Cut {
     seq: u64,
     /// Plaintext coordinate of that record's start.
     origin: u64,
+    /// The rx key generation of that record.
+    epoch: u64,
 }
 
 /// The record layer of a TLS 1.3 session.
@@ -246,6 +255,10 @@ struct Layer {
     recs: VecDeque<RxRec>,
     /// Sequence number of the first record past the commit point.
     base_seq: u64,
+    /// rx traffic secrets since the commit point: generation
+    /// `epoch_base + i` is `epochs[i]` (a KeyUpdate adds one).
+    epochs: VecDeque<zeroize::Zeroizing<Vec<u8>>>,
+    epoch_base: u64,
     /// Decrypted plaintext not yet read: `[p_read, p_end)`.
     plain: Vec<u8>,
     plain_pos: usize,
@@ -264,6 +277,8 @@ impl Layer {
             dec: rx.decrypter(),
             enc: tx.encrypter(),
             base_seq: rx.seq,
+            epochs: VecDeque::from([rx.secret.clone()]),
+            epoch_base: 0,
             rx,
             tx,
             recs: VecDeque::new(),
@@ -288,11 +303,15 @@ impl Layer {
             c: 0,
             seq: self.base_seq,
             origin: 0,
+            epoch: self.epoch_base,
         };
+        // A KeyUpdate right after `q` is not consumed: the next record is
+        // still of `q`'s generation.
         let after = |q: &RxRec| Cut {
             c: q.cend,
             seq: q.seq + 1,
             origin: q.pstart + q.plen,
+            epoch: q.epoch,
         };
         let mut last_data: Option<&RxRec> = None;
         for r in self.recs.iter().filter(|r| r.data) {
@@ -302,6 +321,7 @@ impl Layer {
                         c: r.cstart,
                         seq: r.seq,
                         origin: r.pstart,
+                        epoch: r.epoch,
                     };
                 }
                 break;
@@ -326,6 +346,37 @@ impl Layer {
         self.p_end -= cut.origin;
         self.p_commit = t - cut.origin;
         self.base_seq = cut.seq;
+        while self.epoch_base < cut.epoch && self.epochs.len() > 1 {
+            self.epochs.pop_front();
+            self.epoch_base += 1;
+        }
+    }
+
+    /// Whether a record consumed by `cut` asked this side to update its
+    /// keys. The answer goes out at that commit: a point that depends on
+    /// the input alone (not on when the record happened to be read), so a
+    /// replay sends it at the same place in the output.
+    fn update_requested_before(&self, cut: Cut) -> bool {
+        self.recs.iter().any(|r| r.ku_request && r.cend <= cut.c)
+    }
+
+    /// Sends a KeyUpdate (update_not_requested) and moves to the next tx
+    /// generation (RFC 8446 §4.6.3).
+    fn send_key_update(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        self.seal(ContentType::Handshake, &[24, 0, 0, 1, 0], out)?;
+        self.tx.update();
+        self.enc = self.tx.encrypter();
+        Ok(())
+    }
+
+    /// The rx secret of generation `epoch`.
+    fn rx_secret(&self, epoch: u64) -> &[u8] {
+        let i = usize::try_from(epoch.saturating_sub(self.epoch_base)).unwrap_or(usize::MAX);
+        self.epochs
+            .get(i)
+            .or(self.epochs.back())
+            .map(|s| &s[..])
+            .unwrap_or_default()
     }
 
     fn saved(&self, cut: Cut, t: u64) -> Saved {
@@ -334,7 +385,7 @@ impl Layer {
             rx_seq: cut.seq,
             rx_skip: (t - cut.origin) as u16,
             tx_seq: self.tx.seq,
-            rx_secret: self.rx.secret.to_vec(),
+            rx_secret: self.rx_secret(cut.epoch).to_vec(),
             tx_secret: self.tx.secret.to_vec(),
         }
     }
@@ -611,7 +662,9 @@ impl TlsConn {
             pstart: l.p_end,
             plen: 0,
             seq,
+            epoch: l.epoch_base + l.epochs.len() as u64 - 1,
             data: false,
+            ku_request: false,
         };
         let mut failure = None;
         match plain.typ {
@@ -649,6 +702,23 @@ impl TlsConn {
                         alert::DECODE_ERROR,
                         io::ErrorKind::InvalidData,
                         "malformed alert".to_owned(),
+                    ))
+                }
+            },
+            // A KeyUpdate, alone in its record (it must end one: RFC 8446
+            // §5.1); the records after it are of the next generation.
+            ContentType::Handshake => match plain.payload {
+                [24, 0, 0, 1, req @ (0 | 1)] => {
+                    rec.ku_request = *req == 1;
+                    l.rx.update();
+                    l.dec = l.rx.decrypter();
+                    l.epochs.push_back(l.rx.secret.clone());
+                }
+                _ => {
+                    failure = Some((
+                        alert::UNEXPECTED_MESSAGE,
+                        io::ErrorKind::InvalidData,
+                        "unsupported post-handshake message".to_owned(),
                     ))
                 }
             },
@@ -759,7 +829,7 @@ impl TlsConn {
 
     /// Computes the cut of a commit of `consumed` plaintext bytes and the
     /// blob to store: (ciphertext consumed, blob, cut for the rebase).
-    fn plan_commit(&self, consumed: usize, state: &[u8]) -> io::Result<Plan> {
+    fn plan_commit(&mut self, consumed: usize, state: &[u8]) -> io::Result<Plan> {
         if let Some(e) = self.fatal_err() {
             return Err(e);
         }
@@ -770,7 +840,7 @@ impl TlsConn {
             ));
         }
         let mut blob = Vec::with_capacity(record::MAX_SAVED + state.len());
-        let r = match &self.mode {
+        let r = match &mut self.mode {
             Mode::Rec(l) => {
                 let t = l.p_commit + consumed as u64;
                 if t > l.p_read {
@@ -780,6 +850,13 @@ impl TlsConn {
                     ));
                 }
                 let cut = l.cut(t);
+                // Key updates happen at commits, where they depend on the
+                // input alone: the client asked for one in a record this
+                // commit consumes, or this side's sequence numbers are
+                // nearing AES-GCM's limit.
+                if !l.tx_closed && (l.update_requested_before(cut) || l.tx.seq >= UPDATE_TX_AFTER) {
+                    l.send_key_update(&mut self.cout)?;
+                }
                 l.saved(cut, t).encode(&mut blob);
                 (cut.c, Some((cut, t)))
             }
@@ -1041,7 +1118,9 @@ mod tests {
                 pstart: l.p_end,
                 plen: plen.unwrap_or(0),
                 seq,
+                epoch: 0,
                 data: plen.is_some(),
+                ku_request: false,
             });
             l.p_end += plen.unwrap_or(0);
             c += clen;
@@ -1088,5 +1167,41 @@ mod tests {
         l.rebase(c, 12);
         assert_eq!((l.p_commit, l.base_seq, l.recs.len()), (2, 6, 1));
         assert_eq!(cut(&l, 10), (30, 7, 0));
+    }
+
+    #[test]
+    fn a_key_update_is_consumed_only_by_a_commit_past_it() {
+        let mut l = layer(0);
+        let rec = |cstart, pstart, plen, seq, epoch, data, ku| RxRec {
+            cstart,
+            cend: cstart + 10,
+            pstart,
+            plen,
+            seq,
+            epoch,
+            data,
+            ku_request: ku,
+        };
+        // data (gen 0, seq 5), KeyUpdate (gen 0, seq 6), data (gen 1, seq 0).
+        l.recs.push_back(rec(0, 0, 4, 5, 0, true, false));
+        l.recs.push_back(rec(10, 4, 0, 6, 0, false, true));
+        l.recs.push_back(rec(20, 4, 4, 0, 1, true, false));
+        l.epochs.push_back(zeroize::Zeroizing::new(vec![9; 48]));
+        l.p_end = 8;
+        l.p_read = 8;
+        // At the boundary before the second data record: the KeyUpdate
+        // stays unconsumed, the next record is generation 0's seq 6.
+        let c = l.cut(4);
+        assert_eq!((c.c, c.seq, c.epoch), (10, 6, 0));
+        assert!(!l.update_requested_before(c));
+        assert_eq!(l.rx_secret(c.epoch), &[1; 48][..]);
+        // Inside it: consumed, generation 1 from seq 0.
+        let c = l.cut(6);
+        assert_eq!((c.c, c.seq, c.epoch), (20, 0, 1));
+        assert!(l.update_requested_before(c));
+        assert_eq!(l.rx_secret(c.epoch), &[9; 48][..]);
+        l.rebase(c, 6);
+        assert_eq!((l.epoch_base, l.epochs.len(), l.recs.len()), (1, 1, 1));
+        assert_eq!(l.rx_secret(l.cut(8).epoch), &[9; 48][..]);
     }
 }
