@@ -28,15 +28,19 @@ ctx = ssl.create_default_context(cafile=ca)
 if maxver == '1.2':
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 version = None
+session = None
+reused = 0
 def connect():
-    global version
+    global version, reused
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rate:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     raw.settimeout(30)
     raw.connect((host, int(port)))
-    s = ctx.wrap_socket(raw, server_hostname='localhost')
+    s = ctx.wrap_socket(raw, server_hostname='localhost',
+                        session=session if mode == 'resume' else None)
     version = s.version()
+    reused += s.session_reused
     return s, s.makefile('rb')
 def readn(f, n):
     parts, got, t0 = [], 0, time.monotonic()
@@ -75,7 +79,8 @@ for batch in batches:
             sys.exit(f'request {i}: bad head {h!r}')
         o.write(readn(f, l + 1))
         n += 1
-    if mode == 'perconn':
+    if mode in ('perconn', 'resume'):
+        session = s.session
         bye()
         s = f = None
     elif n == len(batch):
@@ -84,7 +89,7 @@ for batch in batches:
 if s is not None:
     bye()
 o.close()
-print('done', n, version)
+print('done', n, version, 'reused', reused)
 "#;
 
 /// A test CA and two server certificates for `localhost` signed by it.
@@ -375,7 +380,7 @@ fn keepalive_tls13_under_a_kill_storm() {
             .collect();
         let (kills, done) = under_storm(&mut k, clients, Duration::from_millis(50));
         for d in &done {
-            assert!(d.ends_with("TLSv1.3"), "{d}");
+            assert!(d.contains("TLSv1.3"), "{d}");
         }
         let st = k.status().unwrap();
         assert!(kills >= 10, "only {kills} kills");
@@ -403,7 +408,9 @@ fn new_connection_per_request_under_kills_every_20ms() {
         let clients = (0..4)
             .map(|c| {
                 let sc = script(1_000_000 * (c + 1), 80, 1, 3_000, 3 + c + 10 * n as u64);
-                Client::start(&pki, k.addr, &format!("{kind}-pc{c}"), &sc, "perconn", &[])
+                // Half the clients resume their last session each time.
+                let mode = if c % 2 == 0 { "perconn" } else { "resume" };
+                Client::start(&pki, k.addr, &format!("{kind}-pc{c}"), &sc, mode, &[])
             })
             .collect();
         let (kills, done) = under_storm(&mut k, clients, Duration::from_millis(20));
@@ -411,6 +418,10 @@ fn new_connection_per_request_under_kills_every_20ms() {
         eprintln!("{kind}: {kills} kills, {replayed} handshakes replayed, clients: {done:?}");
         assert!(kills >= 20, "only {kills} kills");
         assert!(replayed >= 1, "{kind}: no kill landed inside a handshake");
+        for d in done.iter().skip(1).step_by(2) {
+            let reused: u32 = d.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(reused >= 70, "{kind}: few sessions resumed: {d}");
+        }
     }
 }
 
@@ -498,7 +509,7 @@ fn pass_through_serves_tls13_and_tls12() {
         } else {
             "TLSv1.2"
         };
-        assert!(done.ends_with(want), "{done}");
+        assert!(done.contains(want), "{done}");
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -515,7 +526,7 @@ fn tls12_is_served_and_closed_by_a_crash() {
     let done = Client::start(&pki, k.addr, "t12", &sc, "keepalive", &["1.2"])
         .check(Duration::from_secs(30))
         .unwrap();
-    assert!(done.ends_with("TLSv1.2"), "{done}");
+    assert!(done.contains("TLSv1.2"), "{done}");
     // A long answer in flight when the worker dies: the client sees the
     // connection end early, not a wrong byte.
     let sc: Script = vec![vec![(2, 10, 0)], vec![(1, 16 << 20, 0)]];
@@ -862,4 +873,59 @@ sys.stderr.write(out.decode())
         .any(|l| l.starts_with("<<<") && l.contains("Alert") || l.contains(" alert "));
     assert!(!alerts, "the server sent an alert:\n{out}");
     assert_eq!(k.status().unwrap().recovered_connections, 4);
+}
+
+/// Session resumption with the service's ticket key: a ticket issued by a
+/// worker resumes a session on its successor after a SIGKILL, and on the
+/// new version after `holdfast upgrade`.
+#[test]
+fn sessions_resume_after_a_crash_and_an_upgrade() {
+    let pki = Pki::new();
+    let cmd = pki.testsvc("rsa", &[]);
+    let mut k = Keeper::start(&[], &s(&cmd));
+    let probe = format!(
+        r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile={ca:?})
+session = None
+for line in sys.stdin:
+    s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port}), timeout=10),
+                        server_hostname='localhost', session=session)
+    s.sendall(b'REQ 1 10 0\n')
+    f = s.makefile('rb')
+    assert f.readline() == b'RESP 1 10\n'
+    f.read(11)
+    session = s.session
+    print(s.session_reused, flush=True)
+    s.close()
+"#,
+        port = k.addr.port(),
+        ca = pki.path("ca.pem"),
+    );
+    let mut child = Command::new("python3")
+        .args(["-c", &probe])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut connect = || {
+        std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+        lines.next().expect("probe output").unwrap()
+    };
+    assert_eq!(
+        connect(),
+        "False",
+        "the first connection is a full handshake"
+    );
+    assert_eq!(connect(), "True", "resumed on the same worker");
+    k.kill_and_wait();
+    assert_eq!(connect(), "True", "resumed after a crash");
+    let (code, o, e) = k.upgrade(&["--settle", "20", "--json"], &s(&cmd));
+    assert_eq!(code, 0, "upgrade: {o}{e}");
+    assert_eq!(connect(), "True", "resumed after an upgrade");
+    let _ = child.kill();
+    let _ = child.wait();
 }

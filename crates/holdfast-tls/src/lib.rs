@@ -21,6 +21,9 @@
 //! - KeyUpdate both ways: the journal keeps the secret of the generation
 //!   in force at each commit's cut; the server answers a request for an
 //!   update at the commit that consumes it, a point fixed by the input.
+//! - Resumption: stateless tickets keyed by the service (derived from the
+//!   certificate's key, [`tickets`]), so a session resumes on any worker
+//!   and after an upgrade.
 //! - Handshake: every random value rustls draws comes from a DRBG seeded
 //!   by a value recorded in the journal before the handshake, and signing
 //!   and key exchange are deterministic given it ([`replay`]): a worker
@@ -34,6 +37,7 @@
 pub mod keys;
 pub mod record;
 pub mod replay;
+pub mod tickets;
 pub mod tokio;
 
 pub use crate::tokio::{TlsAcceptor, TlsConn, MAX_APP_STATE};

@@ -65,7 +65,7 @@ impl Drbg {
 }
 
 /// Random bytes: the current handshake's DRBG, or the OS.
-fn fill(buf: &mut [u8]) -> Result<(), GetRandomFailed> {
+pub fn fill(buf: &mut [u8]) -> Result<(), GetRandomFailed> {
     let drawn = DRBG.with(|d| match d.borrow_mut().as_mut() {
         Some(r) => {
             r.fill_bytes(buf);

@@ -40,6 +40,18 @@ pub struct TlsAcceptor {
     config: Arc<ServerConfig>,
 }
 
+/// A handshake's clock: the time recorded for it.
+#[derive(Debug)]
+struct Clock(u64);
+
+impl rustls::time_provider::TimeProvider for Clock {
+    fn current_time(&self) -> Option<rustls_pki_types::UnixTime> {
+        Some(rustls_pki_types::UnixTime::since_unix_epoch(
+            std::time::Duration::from_secs(self.0),
+        ))
+    }
+}
+
 /// The traffic secrets of one handshake, handed over by rustls's `KeyLog`
 /// hook (a fresh one per connection, so nothing is shared).
 #[derive(Debug, Default)]
@@ -84,13 +96,16 @@ fn err(kind: io::ErrorKind, msg: impl std::fmt::Display) -> io::Error {
 }
 
 impl TlsAcceptor {
-    /// An acceptor with `config`. Session tickets and early data are turned
-    /// off (a ticket would consume record sequence numbers at a moment the
-    /// journal does not know of; resumption is future work), and so are
-    /// TLS 1.3 suites the record layer does not run — build `config` with
-    /// [`crate::provider`] to offer only those.
+    /// An acceptor with `config`. Early data is turned off; session
+    /// tickets stay on only with a stateless ticketer (a per-process
+    /// session cache dies with its worker) — [`TlsAcceptor::from_pem`] uses
+    /// [`crate::tickets::Tickets`], keyed by the service. Build `config`
+    /// with [`crate::provider`] to offer only the TLS 1.3 suites the record
+    /// layer runs.
     pub fn new(mut config: ServerConfig) -> TlsAcceptor {
-        config.send_tls13_tickets = 0;
+        if !config.ticketer.enabled() {
+            config.send_tls13_tickets = 0;
+        }
         config.max_early_data_size = 0;
         config.send_half_rtt_data = false;
         TlsAcceptor {
@@ -122,6 +137,7 @@ impl TlsAcceptor {
             return Err(err(io::ErrorKind::InvalidInput, "no certificate in PEM"));
         }
         let key = PrivateKeyDer::from_pem_slice(key).map_err(bad)?;
+        let tickets = crate::tickets::Tickets::derived_from(key.secret_der());
         let mut config = ServerConfig::builder_with_provider(Arc::new(crate::provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| err(io::ErrorKind::InvalidInput, e))?
@@ -129,6 +145,8 @@ impl TlsAcceptor {
             .with_single_cert(chain, key)
             .map_err(|e| err(io::ErrorKind::InvalidInput, e))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.ticketer = Arc::new(tickets);
+        config.send_tls13_tickets = 2;
         Ok(TlsAcceptor::new(config))
     }
 
@@ -456,9 +474,15 @@ impl TlsConn {
             )
         })?;
         let mut drbg = crate::replay::Drbg::new(seed);
+        // The clock too: it goes into session tickets and decides whether
+        // one presented has expired.
+        let now = self.conn.now()?;
         let secrets = Arc::new(Secrets::default());
         let mut cfg = (**config).clone();
         cfg.key_log = secrets.clone();
+        cfg.time_provider = Arc::new(Clock(now));
+        // For the record sequence numbers once the session tickets went out.
+        cfg.enable_secret_extraction = true;
         let mut sc = drbg
             .enter(|| ServerConnection::new(Arc::new(cfg)))
             .map_err(|e| err(io::ErrorKind::Other, e))?;
@@ -509,8 +533,8 @@ impl TlsConn {
             && sc
                 .negotiated_cipher_suite()
                 .is_some_and(|s| keys::is_kept(s.suite()))
-            && sc
-                .process_new_packets()
+            && drbg
+                .enter(|| sc.process_new_packets())
                 .is_ok_and(|st| st.plaintext_bytes_to_read() == 0);
         let taken = secrets.0.lock().ok().map(|mut s| (s.0.take(), s.1.take()));
         let mut blob = Vec::new();
@@ -520,9 +544,14 @@ impl TlsConn {
             sc.negotiated_cipher_suite().and_then(|s| s.tls13()),
         ) {
             (true, Some((Some(client), Some(server))), Some(suite)) => {
+                // Session tickets went out under the server's first
+                // traffic key: the sequence numbers say how many records.
+                let ex = sc
+                    .dangerous_extract_secrets()
+                    .map_err(|e| err(io::ErrorKind::Other, e))?;
                 let layer = Layer::new(
-                    Direction::new(suite, &client, 0),
-                    Direction::new(suite, &server, 0),
+                    Direction::new(suite, &client, ex.rx.0),
+                    Direction::new(suite, &server, ex.tx.0),
                     0,
                 );
                 layer.saved(layer.cut(0), 0).encode(&mut blob);
