@@ -456,13 +456,35 @@ fn large_tls_download_through_kills() {
     assert_eq!(st.recovered_connections, kills, "{done}");
 }
 
+/// The signature type `openssl s_client` sees in a new handshake: which
+/// certificate the service presents.
+fn presented_key(pki: &Pki, addr: std::net::SocketAddr) -> String {
+    let (_, out, err) = run_cmd(
+        Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-CAfile"])
+            .arg(pki.path("ca.pem"))
+            .args(["-servername", "localhost", "-verify_return_error"]),
+    );
+    let all = format!("{out}{err}");
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+    all.lines()
+        .find_map(|l| l.strip_prefix("Peer signature type: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// `holdfast upgrade` while keep-alive TLS clients run: their sessions
-/// move to the new workers at commit points and go on.
+/// move to the new workers at commit points and go on. The upgrades
+/// alternate between an ECDSA and an RSA certificate (a certificate
+/// reload): sessions in progress keep their keys, new handshakes present
+/// the new certificate.
 #[test]
 fn tls_sessions_move_through_upgrades() {
     let pki = Pki::new();
     let cmd = pki.testsvc("ec", &[]);
+    let rsa = pki.testsvc("rsa", &[]);
     let k = Keeper::start(&[], &s(&cmd));
+    assert_eq!(presented_key(&pki, k.addr), "ECDSA");
     let clients: Vec<Client> = (0..4)
         .map(|c| {
             let sc = script(1_000_000 * (c + 1), 150, 4, 20_000, 31 + c);
@@ -475,8 +497,11 @@ fn tls_sessions_move_through_upgrades() {
     let mut moved = 0;
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
-        let (code, out, err) = k.upgrade(&["--settle", "20", "--json"], &s(&cmd));
+        let next = if i % 2 == 0 { &rsa } else { &cmd };
+        let (code, out, err) = k.upgrade(&["--settle", "20", "--json"], &s(next));
         assert_eq!(code, 0, "upgrade {i}: {out}{err}\n{}", k.log());
+        let want = if i % 2 == 0 { "RSA-PSS" } else { "ECDSA" };
+        assert_eq!(presented_key(&pki, k.addr), want, "after upgrade {i}");
         let last = out.lines().last().unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(last).unwrap();
         assert_eq!(v["event"], "done", "{out}");
