@@ -165,8 +165,16 @@ impl Pki {
         self.dir.path().join(f).display().to_string()
     }
 
-    /// hf-testsvc over TLS with the `kind` ("ec" or "rsa") certificate.
+    /// hf-testsvc (tokio flavour) over TLS with the `kind` ("ec" or
+    /// "rsa") certificate.
     fn testsvc(&self, kind: &str, extra: &[&str]) -> Vec<String> {
+        let mut v = self.testsvc_blocking(kind, extra);
+        v.insert(1, "--tokio".into());
+        v
+    }
+
+    /// [`Pki::testsvc`] on the blocking flavour.
+    fn testsvc_blocking(&self, kind: &str, extra: &[&str]) -> Vec<String> {
         let mut v = vec![
             bin("hf-testsvc").display().to_string(),
             "--tls-cert".into(),
@@ -956,4 +964,40 @@ for line in sys.stdin:
     assert_eq!(connect(), "True", "resumed after an upgrade");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The blocking flavour (hf-testsvc without `--tokio`, a thread per
+/// connection) runs the same TLS code: keep-alive sessions, a handshake
+/// per request and resumed sessions all survive a SIGKILL every 30 ms.
+#[test]
+fn blocking_flavour_tls_under_a_kill_storm() {
+    let pki = Pki::new();
+    let mut k = Keeper::start(&[], &s(&pki.testsvc_blocking("ec", &[])));
+    let mut clients: Vec<Client> = (0..2)
+        .map(|c| {
+            let sc = script(1_000_000 * (c + 1), 60, 6, 30_000, 70 + c);
+            Client::start(&pki, k.addr, &format!("bl-ka{c}"), &sc, "keepalive", &[])
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(Client::ready)
+        .collect();
+    for (c, mode) in ["perconn", "resume"].into_iter().enumerate() {
+        let sc = script(5_000_000 * (c as u64 + 1), 60, 1, 3_000, 80 + c as u64);
+        clients.push(Client::start(
+            &pki,
+            k.addr,
+            &format!("bl-{mode}"),
+            &sc,
+            mode,
+            &[],
+        ));
+    }
+    let (kills, done) = under_storm(&mut k, clients, Duration::from_millis(30));
+    let replayed = k.log().matches("TLS handshake cut by a crash").count();
+    eprintln!("blocking: {kills} kills, {replayed} handshakes replayed, clients: {done:?}");
+    assert!(kills >= 10, "only {kills} kills");
+    assert!(done[3].ends_with("reused 59"), "{done:?}");
+    let st = k.status().unwrap();
+    assert!(st.recovered_connections >= 10, "{st:?}");
 }

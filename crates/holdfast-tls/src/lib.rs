@@ -31,16 +31,19 @@
 //! - TLS 1.2 is served by rustls alone: it does not survive its worker (a
 //!   new worker closes such a connection).
 //! - Without a keeper (pass-through), the same code serves plain TLS.
+//! - Both flavours: [`TlsConn`] over the tokio `Conn` (the default
+//!   [`Transport`]), [`blocking::TlsConn`] over the blocking one.
 
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 pub mod keys;
 pub mod record;
 pub mod replay;
 pub mod tickets;
 pub mod tokio;
 
-pub use crate::tokio::{TlsAcceptor, TlsConn, MAX_APP_STATE};
+pub use crate::tokio::{TlsAcceptor, TlsConn, Transport, MAX_APP_STATE};
 
 /// The crypto provider the acceptor uses: rustls's *ring* provider for
 /// AEADs and HKDF, offering for TLS 1.3 only the suites the record layer

@@ -34,6 +34,99 @@ const READ_CHUNK: usize = MAX_PLAINTEXT + 2048 + record::HEADER_LEN;
 /// TLS session's part.
 pub const MAX_APP_STATE: usize = holdfast::MAX_STATE - record::MAX_SAVED;
 
+/// The connection a [`TlsConn`] runs over: holdfast's tokio `Conn`, or the
+/// blocking one (see [`crate::blocking`]). The same interface in
+/// ciphertext terms.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    fn id(&self) -> Option<u64>;
+    fn state(&self) -> (u16, &[u8]);
+    fn recovered(&self) -> bool;
+    fn replaying(&self) -> bool;
+    fn poisoned(&self) -> bool;
+    fn moved(&self) -> bool;
+    fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>>;
+    fn now(&mut self) -> io::Result<u64>;
+    fn skip_output_check(&mut self);
+    fn replay_policy(&mut self, policy: holdfast::ReplayPolicy) -> io::Result<()>;
+    fn set_nodelay(&self, on: bool) -> io::Result<()>;
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+    fn commit(
+        &mut self,
+        consumed: usize,
+        state: &[u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn commit_versioned(
+        &mut self,
+        consumed: usize,
+        version: u16,
+        state: &[u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn commit_and_close(
+        &mut self,
+        consumed: usize,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl Transport for Conn {
+    fn id(&self) -> Option<u64> {
+        Conn::id(self)
+    }
+    fn state(&self) -> (u16, &[u8]) {
+        Conn::state(self)
+    }
+    fn recovered(&self) -> bool {
+        Conn::recovered(self)
+    }
+    fn replaying(&self) -> bool {
+        Conn::replaying(self)
+    }
+    fn poisoned(&self) -> bool {
+        Conn::poisoned(self)
+    }
+    fn moved(&self) -> bool {
+        Conn::moved(self)
+    }
+    fn record(&mut self, make: impl FnOnce() -> Vec<u8>) -> io::Result<Vec<u8>> {
+        Conn::record(self, make)
+    }
+    fn now(&mut self) -> io::Result<u64> {
+        Conn::now(self)
+    }
+    fn skip_output_check(&mut self) {
+        Conn::skip_output_check(self)
+    }
+    fn replay_policy(&mut self, policy: holdfast::ReplayPolicy) -> io::Result<()> {
+        Conn::replay_policy(self, policy)
+    }
+    fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        Conn::set_nodelay(self, on)
+    }
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Conn::peer_addr(self)
+    }
+    fn commit(
+        &mut self,
+        consumed: usize,
+        state: &[u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        Conn::commit(self, consumed, state)
+    }
+    fn commit_versioned(
+        &mut self,
+        consumed: usize,
+        version: u16,
+        state: &[u8],
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        Conn::commit_versioned(self, consumed, version, state)
+    }
+    fn commit_and_close(
+        &mut self,
+        consumed: usize,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        Conn::commit_and_close(self, consumed)
+    }
+}
+
 /// Makes TLS connections out of holdfast connections.
 #[derive(Clone)]
 pub struct TlsAcceptor {
@@ -155,7 +248,7 @@ impl TlsAcceptor {
     /// session from the state blob of its last commit. An error means the
     /// connection is unusable: drop it (it closes cleanly, unless it moved
     /// to a new version, see [`Conn::moved`]).
-    pub async fn accept(&self, conn: Conn) -> io::Result<TlsConn> {
+    pub async fn accept<C: Transport>(&self, conn: C) -> io::Result<TlsConn<C>> {
         let (version, blob) = conn.state();
         let saved = if blob.is_empty() {
             None
@@ -443,8 +536,8 @@ enum Mode {
 /// service writes, never on the socket's readiness: a worker replaying a
 /// request after a crash produces the very same ciphertext, and holdfast
 /// sends only what the client does not have yet.
-pub struct TlsConn {
-    conn: Conn,
+pub struct TlsConn<C: Transport = Conn> {
+    conn: C,
     /// Ciphertext read but not yet processed: `cin[cin_pos..]`.
     cin: Vec<u8>,
     cin_pos: usize,
@@ -460,7 +553,7 @@ pub struct TlsConn {
     fatal: Option<(io::ErrorKind, String)>,
 }
 
-impl TlsConn {
+impl<C: Transport> TlsConn<C> {
     async fn handshake(&mut self, config: &Arc<ServerConfig>) -> io::Result<()> {
         // Every random value of the handshake comes from this seed,
         // recorded before anything is sent: a worker that takes the
@@ -993,13 +1086,13 @@ impl TlsConn {
     }
 
     /// The underlying connection.
-    pub fn get_ref(&self) -> &Conn {
+    pub fn get_ref(&self) -> &C {
         &self.conn
     }
 
     /// The underlying connection, for the calls not repeated here (held
     /// channels). Reading or writing it directly breaks the session.
-    pub fn get_mut(&mut self) -> &mut Conn {
+    pub fn get_mut(&mut self) -> &mut C {
         &mut self.conn
     }
 
@@ -1042,7 +1135,7 @@ fn to_usize(c: u64) -> io::Result<usize> {
     usize::try_from(c).map_err(|e| err(io::ErrorKind::Other, e))
 }
 
-impl AsyncRead for TlsConn {
+impl<C: Transport> AsyncRead for TlsConn<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1060,7 +1153,7 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<C: Transport> AsyncWrite for TlsConn<C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

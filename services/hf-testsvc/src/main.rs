@@ -49,8 +49,8 @@
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
 //!
-//! `--tls-cert FILE --tls-key FILE` (PEM) serves it over TLS (implies
-//! `--tokio`): TLS 1.3 sessions on holdfast-tls's journaled record layer,
+//! `--tls-cert FILE --tls-key FILE` (PEM) serves it over TLS, in either
+//! flavour: TLS 1.3 sessions on holdfast-tls's journaled record layer,
 //! which survive the worker; TLS 1.2 served by rustls alone.
 
 #![forbid(unsafe_code)]
@@ -94,7 +94,7 @@ struct Args {
     /// The file `ONCE` appends its ids to.
     #[arg(long, value_name = "FILE")]
     ledger: Option<std::path::PathBuf>,
-    /// Serve over TLS with this PEM certificate chain (implies `--tokio`).
+    /// Serve over TLS with this PEM certificate chain.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
     /// The PEM private key of `--tls-cert`.
@@ -227,7 +227,7 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    if args.tokio || tls.is_some() {
+    if args.tokio {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -252,9 +252,21 @@ fn main() -> ExitCode {
     }
     loop {
         match listener.accept() {
-            Ok(Some(conn)) => {
-                std::thread::spawn(move || serve(conn, salt));
-            }
+            Ok(Some(conn)) => match &tls {
+                None => {
+                    std::thread::spawn(move || serve(conn, salt));
+                }
+                Some(acc) => {
+                    let acc = acc.clone();
+                    std::thread::spawn(move || match acc.accept_blocking(conn) {
+                        Ok(t) => serve(t, salt),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS connection not taken up");
+                            Ok(())
+                        }
+                    });
+                }
+            },
             Ok(None) => return ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hf-testsvc: {e}");
@@ -313,7 +325,53 @@ fn state_after(n: u64) -> (u16, Vec<u8>) {
     }
 }
 
-fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
+/// What the blocking flavour uses of a connection, plain or TLS.
+trait SyncSession: Read + Write {
+    fn state(&self) -> (u16, &[u8]);
+    fn poisoned(&self) -> bool;
+    fn replaying(&self) -> bool;
+    fn skip_output_check(&mut self);
+    fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()>;
+    fn commit_versioned(&mut self, consumed: usize, v: u16, state: &[u8]) -> std::io::Result<()>;
+    fn commit_and_close(&mut self, consumed: usize) -> std::io::Result<()>;
+}
+
+macro_rules! sync_session {
+    ($t:ty) => {
+        impl SyncSession for $t {
+            fn state(&self) -> (u16, &[u8]) {
+                <$t>::state(self)
+            }
+            fn poisoned(&self) -> bool {
+                <$t>::poisoned(self)
+            }
+            fn replaying(&self) -> bool {
+                <$t>::replaying(self)
+            }
+            fn skip_output_check(&mut self) {
+                <$t>::skip_output_check(self)
+            }
+            fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()> {
+                <$t>::replay_policy(self, p)
+            }
+            fn commit_versioned(
+                &mut self,
+                consumed: usize,
+                v: u16,
+                state: &[u8],
+            ) -> std::io::Result<()> {
+                <$t>::commit_versioned(self, consumed, v, state)
+            }
+            fn commit_and_close(&mut self, consumed: usize) -> std::io::Result<()> {
+                <$t>::commit_and_close(self, consumed)
+            }
+        }
+    };
+}
+sync_session!(Conn);
+sync_session!(holdfast_tls::blocking::TlsConn);
+
+fn serve<C: SyncSession>(mut c: C, salt: u64) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let Some(mut count) = count_of(c.state()) else {
@@ -410,7 +468,7 @@ fn leak(line: &str) -> Option<Vec<u8>> {
     Some(format!("LEAKED {id} {mib}\n").into_bytes())
 }
 
-fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+fn answer<C: SyncSession>(c: &mut C, line: &str, salt: u64) -> std::io::Result<()> {
     if behaviour().abort_on_request {
         std::process::abort();
     }
