@@ -1001,3 +1001,104 @@ fn blocking_flavour_tls_under_a_kill_storm() {
     let st = k.status().unwrap();
     assert!(st.recovered_connections >= 10, "{st:?}");
 }
+
+/// What `ledger.py` (services/hf-httpd/cgi-bin) sends for `id` and `size`.
+fn ledger_body(id: &str, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 32);
+    while out.len() < size {
+        let line = format!("{id}:{:010}\n", out.len());
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+/// CGI over HTTPS: programs that stream their answers slowly while the
+/// worker is killed, once after each program started. Every answer
+/// arrives whole over its TLS session, and every program ran exactly once
+/// (its ledger line): held channels work through `TlsConn`.
+#[test]
+fn cgi_over_https_runs_once_through_kills() {
+    let pki = Pki::new();
+    let tmp = TempDir::new("tls-cgi");
+    let (www, cgi) = (tmp.path().join("www"), tmp.path().join("cgi"));
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::create_dir_all(&cgi).unwrap();
+    let examples =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/hf-httpd/cgi-bin");
+    std::fs::copy(examples.join("ledger.py"), cgi.join("ledger.py")).unwrap();
+    let mut cmd = httpd_tls(&pki, &www, "ec");
+    cmd.extend(["--cgi-dir".to_string(), cgi.display().to_string()]);
+    let mut k = Keeper::start(&[], &s(&cmd));
+    let port = k.addr.port();
+    for i in 0..3 {
+        let id = format!("tls{i}");
+        let curl = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "60", "--cacert", &pki.path("ca.pem")])
+            .arg("--resolve")
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg(format!(
+                "https://localhost:{port}/cgi-bin/ledger.py?id={id}&size=300000&pieces=10&delay_ms=40&wait_ms=200"
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        hf_tests::eventually(Duration::from_secs(10), "the program to start", || {
+            std::fs::read_to_string(cgi.join("ledger.txt"))
+                .unwrap_or_default()
+                .contains(&id)
+                .then_some(())
+        });
+        k.kill_and_wait();
+        let o = curl.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "{id}: curl {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            tail(&k.log(), 30)
+        );
+        assert!(
+            o.stdout == ledger_body(&id, 300_000),
+            "{id}: body differs ({} bytes)",
+            o.stdout.len()
+        );
+        let runs = std::fs::read_to_string(cgi.join("ledger.txt"))
+            .unwrap()
+            .lines()
+            .filter(|l| *l == id)
+            .count();
+        assert_eq!(runs, 1, "{id} ran {runs} times");
+    }
+    assert_eq!(k.status().unwrap().restarts, 3);
+}
+
+/// A client that stalls in the middle of its TLS handshake is closed
+/// after hf-httpd's `--header-timeout`, like one stalling in a request
+/// head; the worker goes on.
+#[test]
+fn a_stalled_https_handshake_is_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let site = TempDir::new("tls-stall");
+    std::fs::write(site.path().join("a.txt"), "a\n").unwrap();
+    let mut cmd = httpd_tls(&pki, site.path(), "ec");
+    cmd.extend(["--header-timeout".to_string(), "300".to_string()]);
+    let k = Keeper::start(&[], &s(&cmd));
+    let mut sock = std::net::TcpStream::connect(k.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The start of a ClientHello record, and nothing more.
+    sock.write_all(&[22, 3, 1, 0, 200, 1, 0]).unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = sock.read(&mut buf).expect("closed, not reset");
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_eq!(k.status().unwrap().restarts, 0);
+}

@@ -233,10 +233,25 @@ async fn serve(ctx: Arc<Ctx>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let r = match &ctx.tls {
                 None => handle(conn, &ctx).await,
-                Some(tls) => match tls.accept(conn).await {
-                    Ok(c) => handle(c, &ctx).await,
-                    Err(e) => Err(e),
-                },
+                // A handshake gets the time a request head gets: a client
+                // that stalls in it is not kept forever.
+                Some(tls) => {
+                    let accepted = match ctx.header_timeout {
+                        Some(limit) => tokio::time::timeout(limit, tls.accept(conn))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "TLS handshake not done within the header timeout",
+                                ))
+                            }),
+                        None => tls.accept(conn).await,
+                    };
+                    match accepted {
+                        Ok(c) => handle(c, &ctx).await,
+                        Err(e) => Err(e),
+                    }
+                }
             };
             if let Err(e) = r {
                 tracing::debug!(error = %e, "connection ended");
