@@ -182,6 +182,12 @@ impl TlsConn {
     pub fn replay_policy(&mut self, policy: holdfast::ReplayPolicy) -> io::Result<()> {
         self.0.replay_policy(policy)
     }
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.0.set_nodelay(on)
+    }
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.peer_addr()
+    }
     pub fn kept_session(&self) -> bool {
         self.0.kept_session()
     }
