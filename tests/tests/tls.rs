@@ -157,6 +157,81 @@ impl Pki {
                 "ext",
             ]);
         }
+        // A chain: an intermediate CA signed by the root, a leaf signed by
+        // the intermediate; chain.pem holds the leaf then the intermediate.
+        std::fs::write(
+            d.join("ca-ext"),
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )
+        .unwrap();
+        ssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "int.key",
+            "-out",
+            "int.csr",
+            "-subj",
+            "/CN=holdfast test intermediate",
+        ]);
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "int.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "int.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ca-ext",
+        ]);
+        ssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "chain.key",
+            "-out",
+            "chain.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "chain.csr",
+            "-CA",
+            "int.pem",
+            "-CAkey",
+            "int.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        let chain = [
+            std::fs::read(d.join("leaf.pem")).unwrap(),
+            std::fs::read(d.join("int.pem")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(d.join("chain.pem"), chain).unwrap();
         std::fs::write(d.join("client.py"), CLIENT).unwrap();
         Pki { dir }
     }
@@ -1101,4 +1176,29 @@ fn a_stalled_https_handshake_is_closed_after_the_header_timeout() {
         "closed after {waited:?}"
     );
     assert_eq!(k.status().unwrap().restarts, 0);
+}
+
+/// `--tls-cert` takes a chain: hf-httpd sends the leaf and the
+/// intermediate, and curl, which trusts only the root, verifies it.
+#[test]
+fn https_serves_a_certificate_chain() {
+    let pki = Pki::new();
+    let site = TempDir::new("tls-chain");
+    std::fs::write(site.path().join("a.txt"), "chained\n").unwrap();
+    let k = Keeper::start(&[], &s(&httpd_tls(&pki, site.path(), "chain")));
+    let port = k.addr.port();
+    let (code, out, err) = run_cmd(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                &pki.path("ca.pem"),
+                "--resolve",
+            ])
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg(format!("https://localhost:{port}/a.txt")),
+    );
+    assert_eq!((code, out.as_str()), (0, "chained\n"), "{err}");
 }
