@@ -88,6 +88,34 @@ fn main() -> std::io::Result<()> {
             std::fs::write(rec.join(format!("seed-{i:02}-torn")), &raw)?;
         }
     }
+    // TLS: record streams (a ClientHello's start, application data, a
+    // truncated record, garbage) and state blobs.
+    let tls = dir.join("tls_record");
+    std::fs::create_dir_all(&tls)?;
+    let mut streams: Vec<Vec<u8>> = vec![
+        vec![22, 3, 1, 0, 4, 1, 0, 0, 0],
+        [vec![23, 3, 3, 0, 3, 1, 2, 3], vec![21, 3, 3, 0, 2, 1, 0]].concat(),
+        vec![23, 3, 3, 0x40, 0xff, 0],
+        b"GET / HTTP/1.1\r\n".to_vec(),
+    ];
+    for (suite, n) in [(0x1302u16, 48usize), (0x1303, 32)] {
+        let mut b = Vec::new();
+        holdfast_tls::record::Saved::Tls13 {
+            suite,
+            rx_seq: 3,
+            rx_skip: 17,
+            tx_seq: 9,
+            rx_secret: vec![0x11; n],
+            tx_secret: vec![0x22; n],
+        }
+        .encode(&mut b);
+        b.extend_from_slice(b"app state");
+        streams.push(b);
+    }
+    streams.push(vec![0x12, 1, 2, 3]);
+    for (i, s) in streams.iter().enumerate() {
+        std::fs::write(tls.join(format!("seed-{i:02}")), s)?;
+    }
     println!("seed corpus written to {}", dir.display());
     Ok(())
 }

@@ -32,8 +32,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::conn::HfConn;
 use holdfast::held::PipeSpool;
-use holdfast::tokio::Conn;
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 
@@ -379,7 +379,7 @@ pub fn resumed(state: &[u8]) -> Option<Resume> {
 
 /// Carries on with a response a dead worker was relaying. Returns whether the
 /// connection stays open.
-pub async fn continue_running(c: &mut Conn) -> io::Result<bool> {
+pub async fn continue_running(c: &mut impl HfConn) -> io::Result<bool> {
     let Some(Stage::Running(run)) = Stage::decode(c.state().1) else {
         return Ok(false);
     };
@@ -390,7 +390,7 @@ pub async fn continue_running(c: &mut Conn) -> io::Result<bool> {
     relay(c, spool, run).await
 }
 
-fn take_spool(c: &mut Conn) -> io::Result<Option<PipeSpool>> {
+fn take_spool(c: &mut impl HfConn) -> io::Result<Option<PipeSpool>> {
     match (c.take_held(TAG_PIPE), c.take_held(TAG_SPOOL)) {
         (Some(p), Some(s)) => Ok(Some(PipeSpool::resume(p, s)?)),
         _ => Ok(None),
@@ -402,7 +402,7 @@ fn take_spool(c: &mut Conn) -> io::Result<Option<PipeSpool>> {
 /// request is `consumed` bytes of input. Returns whether the connection
 /// stays open.
 pub async fn respond(
-    c: &mut Conn,
+    c: &mut impl HfConn,
     cgi: &Cgi,
     script: &Script,
     req: &Request,
@@ -452,7 +452,7 @@ pub async fn respond(
     relay(c, spool, run).await
 }
 
-fn hold(c: &mut Conn, spool: &PipeSpool) -> io::Result<()> {
+fn hold(c: &mut impl HfConn, spool: &PipeSpool) -> io::Result<()> {
     c.hold(TAG_PIPE, spool.pipe_fd())?;
     c.hold(TAG_SPOOL, spool.spool_fd())
 }
@@ -518,7 +518,7 @@ async fn wait(pipe: &mut AsyncFd<OwnedFd>, spool: &mut PipeSpool) -> io::Result<
 
 /// Relays the program's output from `run.pos` on: the response head once
 /// complete, then the body in pieces, a commit after each.
-async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<bool> {
+async fn relay(c: &mut impl HfConn, mut spool: PipeSpool, mut run: Run) -> io::Result<bool> {
     let mut pipe = readiness(&spool)?;
     spool.fill()?;
     let mut buf = vec![0u8; PIECE.max(MAX_CGI_HEAD)];
@@ -618,7 +618,7 @@ async fn relay(c: &mut Conn, mut spool: PipeSpool, mut run: Run) -> io::Result<b
 }
 
 /// The end of the program's output (or of the length it announced).
-async fn finish(c: &mut Conn, run: Run, framing: Framing, left: u64) -> io::Result<bool> {
+async fn finish(c: &mut impl HfConn, run: Run, framing: Framing, left: u64) -> io::Result<bool> {
     let keep = match framing {
         Framing::Chunked if !run.head_only => {
             c.write_all(b"0\r\n\r\n").await?;
@@ -649,7 +649,7 @@ async fn finish(c: &mut Conn, run: Run, framing: Framing, left: u64) -> io::Resu
 
 /// The program's output is not a CGI response: 502, unless part of the
 /// response is out already (then only a close can tell the client).
-async fn bad_gateway(c: &mut Conn, run: Run, why: &str) -> io::Result<bool> {
+async fn bad_gateway(c: &mut impl HfConn, run: Run, why: &str) -> io::Result<bool> {
     tracing::warn!(why, "CGI program gave no valid response");
     let _ = c.unhold(TAG_PIPE);
     let _ = c.unhold(TAG_SPOOL);

@@ -13,10 +13,15 @@
 //! With `--cgi-dir DIR` it runs the programs in DIR at `/cgi-bin/NAME`
 //! (CGI/1.1), each exactly once per request even when a worker dies while
 //! the program runs: see the `cgi` module.
+//!
+//! With `--tls-cert FILE --tls-key FILE` it serves HTTPS (ALPN http/1.1)
+//! through holdfast-tls: TLS 1.3 sessions, handshakes included, survive
+//! the worker like plain connections (docs/tls.md).
 
 #![forbid(unsafe_code)]
 
 mod cgi;
+mod conn;
 mod http;
 mod site;
 
@@ -28,7 +33,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use holdfast::tokio::{Conn, Listener};
+use conn::HfConn;
+use holdfast::tokio::Listener;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use http::{Head, Method, Parse, Status};
@@ -81,6 +87,14 @@ struct Args {
     /// replays it from its first byte instead of resuming it.
     #[arg(long, hide = true)]
     no_resume: bool,
+    /// Serve HTTPS with this PEM certificate chain (ALPN http/1.1): TLS 1.3
+    /// sessions survive the worker like plain connections (holdfast-tls);
+    /// TLS 1.2 is served, but closed if its worker dies.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// `--no-resume` (see [`Args`]).
@@ -110,6 +124,8 @@ struct Ctx {
     cgi: Option<cgi::Cgi>,
     /// A request head must be complete this long after its first byte.
     header_timeout: Option<std::time::Duration>,
+    /// `--tls-cert`: connections speak HTTPS.
+    tls: Option<holdfast_tls::TlsAcceptor>,
 }
 
 fn main() -> ExitCode {
@@ -174,6 +190,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(args.threads.into())
         .enable_all()
         .build()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(
+            holdfast_tls::TlsAcceptor::from_pem_files(c, k, &[b"http/1.1"]).with_context(|| {
+                format!("TLS certificate {} / key {}", c.display(), k.display())
+            })?,
+        ),
+        _ => None,
+    };
     let header_timeout = (args.header_timeout_ms > 0)
         .then(|| std::time::Duration::from_millis(args.header_timeout_ms));
     rt.block_on(serve(
@@ -181,6 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             root,
             cgi,
             header_timeout,
+            tls,
         }),
         args.listen,
     ))
@@ -206,7 +231,29 @@ async fn serve(ctx: Arc<Ctx>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
     while let Some(conn) = listener.accept().await? {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(conn, &ctx).await {
+            let r = match &ctx.tls {
+                None => handle(conn, &ctx).await,
+                // A handshake gets the time a request head gets: a client
+                // that stalls in it is not kept forever.
+                Some(tls) => {
+                    let accepted = match ctx.header_timeout {
+                        Some(limit) => tokio::time::timeout(limit, tls.accept(conn))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "TLS handshake not done within the header timeout",
+                                ))
+                            }),
+                        None => tls.accept(conn).await,
+                    };
+                    match accepted {
+                        Ok(c) => handle(c, &ctx).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(e) = r {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
@@ -234,7 +281,7 @@ impl Resume {
         v.extend_from_slice(&self.mtime.to_le_bytes());
         v.push(u8::from(self.keep_alive));
         v.extend_from_slice(p);
-        (v.len() <= holdfast::MAX_STATE).then_some(v)
+        Some(v)
     }
 
     fn decode(b: &[u8]) -> Option<Resume> {
@@ -254,7 +301,7 @@ impl Resume {
     }
 }
 
-async fn handle(mut c: Conn, ctx: &Ctx) -> std::io::Result<()> {
+async fn handle(mut c: impl HfConn, ctx: &Ctx) -> std::io::Result<()> {
     let root = ctx.root.as_path();
     // The tail of a file sent in pieces is a short segment: without
     // NODELAY it waits for the client's delayed ACK (~40 ms).
@@ -371,7 +418,12 @@ struct ErrorTo {
 }
 
 /// Answers with an error page for `status` and commits `len` request bytes.
-async fn error_reply(c: &mut Conn, status: Status, to: ErrorTo, len: usize) -> std::io::Result<()> {
+async fn error_reply(
+    c: &mut impl HfConn,
+    status: Status,
+    to: ErrorTo,
+    len: usize,
+) -> std::io::Result<()> {
     let date = c.now()?;
     let body = http::error_body(status);
     let mut out = Vec::with_capacity(256 + body.len());
@@ -398,7 +450,7 @@ async fn error_reply(c: &mut Conn, status: Status, to: ErrorTo, len: usize) -> s
 /// Answers `req` with an error page after consuming `consumed` bytes; a
 /// request whose body is not consumed closes the connection.
 pub(crate) async fn reply_error(
-    c: &mut Conn,
+    c: &mut impl HfConn,
     status: Status,
     req: &http::Request,
     consumed: usize,
@@ -415,7 +467,7 @@ pub(crate) async fn reply_error(
 /// crash, finds it running). Takes the head and body out of `buf` but for
 /// `len` bytes, which the caller drains; `None` when the connection ends.
 async fn run_cgi(
-    c: &mut Conn,
+    c: &mut impl HfConn,
     cgi: &cgi::Cgi,
     req: &http::Request,
     buf: &mut Vec<u8>,
@@ -457,7 +509,7 @@ async fn run_cgi(
 
 /// Commits a request's `consumed` bytes; for the last answer on the
 /// connection, commits and closes in one step (see `commit_and_close`).
-async fn finish(c: &mut Conn, consumed: usize, keep_alive: bool) -> std::io::Result<()> {
+async fn finish(c: &mut impl HfConn, consumed: usize, keep_alive: bool) -> std::io::Result<()> {
     if keep_alive {
         c.commit(consumed, &[]).await
     } else {
@@ -467,7 +519,7 @@ async fn finish(c: &mut Conn, consumed: usize, keep_alive: bool) -> std::io::Res
 
 /// Answers one request; returns whether the connection stays open.
 async fn respond(
-    c: &mut Conn,
+    c: &mut impl HfConn,
     root: &Path,
     req: &http::Request,
     len: usize,
@@ -571,7 +623,7 @@ fn open_failed(e: &std::io::Error) -> Status {
 /// descriptor per answer, not two). Returns whether the connection stays
 /// open.
 async fn send_pieces(
-    c: &mut Conn,
+    c: &mut impl HfConn,
     mut consumed: usize,
     mut r: Resume,
     f: Option<std::fs::File>,
@@ -599,7 +651,10 @@ async fn send_pieces(
         // A path too long for the state blob gets no intermediate commits:
         // a crash then regenerates the file from the start.
         let resume = !NO_RESUME.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some(state) = r.encode().filter(|_| r.offset < r.size && resume) {
+        if let Some(state) = r
+            .encode()
+            .filter(|s| r.offset < r.size && resume && s.len() <= c.max_state())
+        {
             c.commit_versioned(consumed, STATE_V1, &state).await?;
             consumed = 0;
         }

@@ -48,6 +48,10 @@
 //!
 //! `--tokio` serves the same protocol on the tokio flavour (one thread), so
 //! tests and benchmarks can run both flavours.
+//!
+//! `--tls-cert FILE --tls-key FILE` (PEM) serves it over TLS, in either
+//! flavour: TLS 1.3 sessions on holdfast-tls's journaled record layer,
+//! which survive the worker; TLS 1.2 served by rustls alone.
 
 #![forbid(unsafe_code)]
 
@@ -90,6 +94,12 @@ struct Args {
     /// The file `ONCE` appends its ids to.
     #[arg(long, value_name = "FILE")]
     ledger: Option<std::path::PathBuf>,
+    /// Serve over TLS with this PEM certificate chain.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 static LEDGER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -207,12 +217,22 @@ fn main() -> ExitCode {
     } else {
         0
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => match holdfast_tls::TlsAcceptor::from_pem_files(c, k, &[]) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("hf-testsvc: TLS: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     if args.tokio {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("tokio runtime");
-        return match rt.block_on(asynch::run(&args.listen, &options(&args), salt)) {
+        return match rt.block_on(asynch::run(&args.listen, &options(&args), salt, tls)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hf-testsvc: {e}");
@@ -232,9 +252,21 @@ fn main() -> ExitCode {
     }
     loop {
         match listener.accept() {
-            Ok(Some(conn)) => {
-                std::thread::spawn(move || serve(conn, salt));
-            }
+            Ok(Some(conn)) => match &tls {
+                None => {
+                    std::thread::spawn(move || serve(conn, salt));
+                }
+                Some(acc) => {
+                    let acc = acc.clone();
+                    std::thread::spawn(move || match acc.accept_blocking(conn) {
+                        Ok(t) => serve(t, salt),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS connection not taken up");
+                            Ok(())
+                        }
+                    });
+                }
+            },
             Ok(None) => return ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hf-testsvc: {e}");
@@ -293,7 +325,53 @@ fn state_after(n: u64) -> (u16, Vec<u8>) {
     }
 }
 
-fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
+/// What the blocking flavour uses of a connection, plain or TLS.
+trait SyncSession: Read + Write {
+    fn state(&self) -> (u16, &[u8]);
+    fn poisoned(&self) -> bool;
+    fn replaying(&self) -> bool;
+    fn skip_output_check(&mut self);
+    fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()>;
+    fn commit_versioned(&mut self, consumed: usize, v: u16, state: &[u8]) -> std::io::Result<()>;
+    fn commit_and_close(&mut self, consumed: usize) -> std::io::Result<()>;
+}
+
+macro_rules! sync_session {
+    ($t:ty) => {
+        impl SyncSession for $t {
+            fn state(&self) -> (u16, &[u8]) {
+                <$t>::state(self)
+            }
+            fn poisoned(&self) -> bool {
+                <$t>::poisoned(self)
+            }
+            fn replaying(&self) -> bool {
+                <$t>::replaying(self)
+            }
+            fn skip_output_check(&mut self) {
+                <$t>::skip_output_check(self)
+            }
+            fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()> {
+                <$t>::replay_policy(self, p)
+            }
+            fn commit_versioned(
+                &mut self,
+                consumed: usize,
+                v: u16,
+                state: &[u8],
+            ) -> std::io::Result<()> {
+                <$t>::commit_versioned(self, consumed, v, state)
+            }
+            fn commit_and_close(&mut self, consumed: usize) -> std::io::Result<()> {
+                <$t>::commit_and_close(self, consumed)
+            }
+        }
+    };
+}
+sync_session!(Conn);
+sync_session!(holdfast_tls::blocking::TlsConn);
+
+fn serve<C: SyncSession>(mut c: C, salt: u64) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let Some(mut count) = count_of(c.state()) else {
@@ -390,7 +468,7 @@ fn leak(line: &str) -> Option<Vec<u8>> {
     Some(format!("LEAKED {id} {mib}\n").into_bytes())
 }
 
-fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+fn answer<C: SyncSession>(c: &mut C, line: &str, salt: u64) -> std::io::Result<()> {
     if behaviour().abort_on_request {
         std::process::abort();
     }
@@ -447,24 +525,99 @@ mod asynch {
     use std::time::Duration;
 
     use holdfast::tokio::{Conn, Listener};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use holdfast_tls::{TlsAcceptor, TlsConn};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// What the service uses of a connection, plain or TLS.
+    pub trait Session: AsyncRead + AsyncWrite + Unpin {
+        fn state(&self) -> (u16, &[u8]);
+        fn poisoned(&self) -> bool;
+        fn replaying(&self) -> bool;
+        fn skip_output_check(&mut self);
+        fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()>;
+        fn commit_versioned(
+            &mut self,
+            consumed: usize,
+            version: u16,
+            state: &[u8],
+        ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+        fn commit_and_close(
+            &mut self,
+            consumed: usize,
+        ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    }
+
+    macro_rules! session {
+        ($t:ty) => {
+            impl Session for $t {
+                fn state(&self) -> (u16, &[u8]) {
+                    <$t>::state(self)
+                }
+                fn poisoned(&self) -> bool {
+                    <$t>::poisoned(self)
+                }
+                fn replaying(&self) -> bool {
+                    <$t>::replaying(self)
+                }
+                fn skip_output_check(&mut self) {
+                    <$t>::skip_output_check(self)
+                }
+                fn replay_policy(&mut self, p: holdfast::ReplayPolicy) -> std::io::Result<()> {
+                    <$t>::replay_policy(self, p)
+                }
+                fn commit_versioned(
+                    &mut self,
+                    consumed: usize,
+                    version: u16,
+                    state: &[u8],
+                ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+                    <$t>::commit_versioned(self, consumed, version, state)
+                }
+                fn commit_and_close(
+                    &mut self,
+                    consumed: usize,
+                ) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+                    <$t>::commit_and_close(self, consumed)
+                }
+            }
+        };
+    }
+    session!(Conn);
+    session!(TlsConn);
 
     pub async fn run(
         listen: &[SocketAddr],
         opts: &holdfast::Options,
         salt: u64,
+        tls: Option<TlsAcceptor>,
     ) -> Result<(), holdfast::Error> {
         let mut listener = Listener::bind_with(listen, opts).await?;
         for a in listener.local_addrs() {
             eprintln!("hf-testsvc listening on {a}");
         }
         while let Some(conn) = listener.accept().await? {
-            tokio::spawn(serve(conn, salt));
+            match &tls {
+                None => {
+                    tokio::spawn(serve(conn, salt));
+                }
+                Some(acc) => {
+                    let acc = acc.clone();
+                    tokio::spawn(async move {
+                        match acc.accept(conn).await {
+                            Ok(t) => serve(t, salt).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "TLS connection not taken up");
+                                Ok(())
+                            }
+                        }
+                    });
+                }
+            }
         }
         Ok(())
     }
 
-    async fn serve(mut c: Conn, salt: u64) -> std::io::Result<()> {
+    async fn serve<C: Session>(mut c: C, salt: u64) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(4096);
         let Some(mut count) = super::count_of(c.state()) else {
             return c.write_all(b"ERR STATE\n").await;
@@ -495,7 +648,7 @@ mod asynch {
         }
     }
 
-    async fn answer(c: &mut Conn, line: &str, salt: u64) -> std::io::Result<()> {
+    async fn answer<C: Session>(c: &mut C, line: &str, salt: u64) -> std::io::Result<()> {
         if super::behaviour().abort_on_request {
             std::process::abort();
         }
