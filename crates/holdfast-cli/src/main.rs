@@ -140,14 +140,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run hf-httpd over a built-in sample site under the keeper, and show what to try.
+    /// Prove zero loss on a sample site, then serve it under the keeper and
+    /// show what to try.
+    #[command(
+        long_about = "Prove zero loss on a sample site, then serve it under the keeper and show \
+            what to try.\n\n\
+            First a verifying client fetches the site for a few seconds and checks every byte, \
+            while the worker (hf-httpd) is SIGKILLed several times and upgraded once; then the same \
+            against the server alone, killed and started again at the same moments. Both tallies \
+            are printed. Then the site is served at --listen until Ctrl-C, with a download slow \
+            enough to kill the worker by hand during it, and the file's checksum.\n\n\
+            The demo runs holdfast-demo, installed next to holdfast."
+    )]
     Demo {
-        /// Where the demo listens.
+        /// Where the demo serves once the proof is done.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = units::listen)]
         listen: Vec<Vec<SocketAddr>>,
         /// Control socket (default: the usual one).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Run only the proof (on ports of its own) and exit: 0 if the
+        /// client saw no failure under holdfast, 1 otherwise.
+        #[arg(long, conflicts_with = "no_proof")]
+        check: bool,
+        /// Skip the proof: serve at once.
+        #[arg(long)]
+        no_proof: bool,
     },
 }
 
@@ -374,7 +392,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo { listen, control } => demo(listen.into_iter().flatten().collect(), control),
+        Cmd::Demo {
+            listen,
+            control,
+            check,
+            no_proof,
+        } => demo(
+            listen.into_iter().flatten().collect(),
+            control,
+            check,
+            no_proof,
+        ),
         Cmd::StateFormat => {
             out!("{}", hf_keeper::SAVED_STATE_FORMAT);
             Ok(())
@@ -552,63 +580,37 @@ fn print_status(s: &Snapshot) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo(listen: Vec<SocketAddr>, control: Option<PathBuf>) -> anyhow::Result<()> {
-    let first = listen[0];
+/// `holdfast demo`: runs `holdfast-demo` from beside this binary (it
+/// holds the demo's web server and client, which the keeper has no use for).
+fn demo(
+    listen: Vec<SocketAddr>,
+    control: Option<PathBuf>,
+    check: bool,
+    no_proof: bool,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("cannot locate the holdfast binary")?;
-    let httpd = exe.with_file_name("hf-httpd");
-    if !httpd.exists() {
+    let demo = exe.with_file_name("holdfast-demo");
+    if !demo.exists() {
         bail!(
-            "hf-httpd not found next to {} (build the workspace: cargo build --release)",
+            "holdfast-demo not found next to {} (it is built and installed with holdfast: \
+             cargo build --release -p holdfast-cli, or cargo install --path crates/holdfast-cli)",
             exe.display()
         );
     }
-    let site = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
-    let control = control.unwrap_or_else(hf_keeper::default_control_path);
-    out!(
-        "holdfast demo: hf-httpd serving a sample site from {} on http://{first}/",
-        site.display()
-    );
-    out!();
-    out!("Try, in another terminal:");
-    out!("  curl -i http://{first}/hello.txt");
-    out!("  curl -s http://{first}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
-    let status = format!("{} status --control {}", exe.display(), control.display());
-    out!("  {status}    # the worker pids");
-    out!("  kill -9 <pid of the active worker>    # while the download runs: it completes, intact");
-    out!("  {status}    # restarts, last recovery time");
-    out!();
-    out!("Stop with Ctrl-C.");
-    let command = vec![
-        httpd.into_os_string(),
-        "--demo-site".into(),
-        site.clone().into_os_string(),
-    ];
-    let r = hf_keeper::run(hf_keeper::Config {
-        listen,
-        standby: 1,
-        control,
-        max_conns: hf_keeper::DEFAULT_MAX_CONNS,
-        max_conns_explicit: false,
-        ready_timeout: Some(Duration::from_secs(60)),
-        metrics: None,
-        hang_timeout: Some(Duration::from_secs(2)),
-        hold_timeout: Duration::from_secs(30),
-        hold_max: 10_000,
-        hold_bytes: 64 << 20,
-        request_deadline: None,
-        poison_after: 2,
-        max_generations: 3,
-        max_rss: None,
-        max_uptime: None,
-        max_requests: None,
-        stop_timeout: Duration::from_secs(10),
-        unavailable: Some(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                .to_vec(),
-        ),
-        command,
-    });
-    let _ = std::fs::remove_dir_all(&site);
-    r?;
-    Ok(())
+    let mut cmd = std::process::Command::new(&demo);
+    for a in listen {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    if let Some(c) = control {
+        cmd.arg("--control").arg(c);
+    }
+    if check {
+        cmd.arg("--check");
+    }
+    if no_proof {
+        cmd.arg("--no-proof");
+    }
+    let e = cmd.exec();
+    Err(anyhow::Error::new(e).context(format!("running {}", demo.display())))
 }
