@@ -943,3 +943,93 @@ fn json_logs_are_one_object_a_line() {
         assert!(v["level"].is_string(), "{l}");
     }
 }
+
+/// `holdfast completions SHELL` prints a script the shell accepts, naming
+/// the commands and their options; `holdfast man` a manual page, and with
+/// `--dir` one per command, that `man` renders.
+#[test]
+fn completions_and_manual_pages() {
+    let (code, script, err) = holdfast(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    for w in [
+        "_holdfast()",
+        "complete -F _holdfast",
+        "upgrade",
+        "--listen",
+        "--stop-timeout",
+    ] {
+        assert!(script.contains(w), "bash completions lack {w:?}:\n{script}");
+    }
+    let dir = TempDir::new("cli-completions");
+    let file = dir.path().join("holdfast.bash");
+    std::fs::write(&file, &script).unwrap();
+    let (code, _, err) = run_cmd(Command::new("bash").arg("-n").arg(&file));
+    assert_eq!(code, 0, "bash -n on the completions: {err}");
+    // Completing `holdfast st` offers `status`, not the other commands.
+    let (code, out, err) = run_cmd(Command::new("bash").arg("-c").arg(format!(
+        "source {}; COMP_WORDS=(holdfast st); COMP_CWORD=1; _holdfast holdfast st holdfast; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        file.display()
+    )));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l == "status"), "{out}");
+    assert!(!out.lines().any(|l| l == "run"), "{out}");
+    for (shell, mark) in [
+        ("zsh", "#compdef holdfast"),
+        ("fish", "complete -c holdfast"),
+        ("elvish", "holdfast"),
+        ("powershell", "holdfast"),
+    ] {
+        let (code, out, err) = holdfast(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains(mark), "{shell} completions:\n{out}");
+        assert!(out.contains("listen"), "{shell} completions:\n{out}");
+    }
+    assert_usage_error(&["completions", "tcsh"], &["tcsh"]);
+
+    let (code, page, err) = holdfast(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(page.contains(".TH holdfast 1"), "{page}");
+    for w in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH SUBCOMMANDS",
+        "holdfast\\-run",
+        "holdfast\\-upgrade",
+    ] {
+        assert!(page.contains(w), "the manual page lacks {w:?}:\n{page}");
+    }
+    let pages = dir.path().join("man");
+    std::fs::create_dir(&pages).unwrap();
+    let (code, _, err) = holdfast(&["man", "--dir", pages.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(&pages)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in [
+        "holdfast.1",
+        "holdfast-run.1",
+        "holdfast-upgrade.1",
+        "holdfast-status.1",
+    ] {
+        assert!(names.iter().any(|x| x == n), "no {n} in {names:?}");
+    }
+    assert!(!names.iter().any(|x| x.contains("state")), "{names:?}");
+    // man(1) renders it, with the options of `run`.
+    if Command::new("man").arg("--version").output().is_ok() {
+        let (code, text, err) = run_cmd(
+            Command::new("man")
+                .arg("-l")
+                .arg(pages.join("holdfast-run.1"))
+                .env("MANWIDTH", "100")
+                .env("MANPAGER", "cat")
+                .env("PAGER", "cat"),
+        );
+        assert_eq!(code, 0, "man: {err}");
+        for w in ["holdfast-run", "--stop-timeout", "--listen", "LISTEN_FDS"] {
+            assert!(text.contains(w), "man holdfast-run lacks {w:?}:\n{text}");
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! `cargo install --path crates/holdfast-cli` gives a `holdfast` that works
 //! on its own: its demo proves zero loss with nothing but what the install
-//! placed (no hf-httpd, no workspace on the PATH).
+//! placed (no hf-httpd, no workspace on the PATH), and its completions and
+//! manual page come with it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -83,4 +84,10 @@ fn installed_holdfast_runs_its_demo_alone() {
     ] {
         assert!(out.contains(w), "no {w:?} in the demo's output:\n{out}");
     }
+    let (st, out, err) = run(&["completions", "bash"]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("complete -F _holdfast"), "{out}");
+    let (st, out, err) = run(&["man"]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains(".TH holdfast 1"), "{out}");
 }

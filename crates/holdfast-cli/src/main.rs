@@ -128,6 +128,21 @@ enum Cmd {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Print a shell completion script (e.g. `holdfast completions bash >
+    /// /etc/bash_completion.d/holdfast`, or into `~/.local/share/bash-completion/completions/holdfast`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `holdfast man >
+    /// /usr/local/share/man/man1/holdfast.1`), or write one per command.
+    Man {
+        /// Write holdfast.1 and a page per command (holdfast-run.1, ...)
+        /// into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Print the keeper's saved-state format (checked before `upgrade --keeper`).
     #[command(hide = true)]
     StateFormat,
@@ -403,11 +418,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             check,
             no_proof,
         ),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "holdfast",
+                &mut script,
+            );
+            write_stdout(&script)
+        }
+        Cmd::Man { dir: None } => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            write_stdout(&page)
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))
+        }
         Cmd::StateFormat => {
             out!("{}", hf_keeper::SAVED_STATE_FORMAT);
             Ok(())
         }
     }
+}
+
+/// Writes `bytes` to stdout; a closed pipe is [`StdoutClosed`].
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                anyhow::Error::new(StdoutClosed)
+            } else {
+                anyhow::Error::new(e)
+            }
+        })
 }
 
 /// `holdfast upgrade`: the service (`req`) or the keeper itself (`None`).
