@@ -175,10 +175,23 @@ fn status_json_and_text_of_a_running_keeper() {
 
     let (code, out, err) = holdfast(&["status", "--control", &ctl]);
     assert_eq!(code, 0, "stderr: {err}");
-    assert!(out.contains("Serving"), "{out}");
+    // At a glance: the state and where in the first line, each worker a
+    // row of the table.
+    let first = out.lines().next().unwrap_or_default();
     assert!(
-        out.contains(&active.to_string()),
-        "text status does not show the active pid {active}:\n{out}"
+        first.starts_with(&format!("serving on {} (generation 1,", k.addr)),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(
+            |l| l.split_whitespace().collect::<Vec<_>>()[..].ends_with(&[
+                &active.to_string(),
+                "1",
+                "active",
+                "0"
+            ])
+        ),
+        "text status does not show the active worker {active} as a row:\n{out}"
     );
     assert!(out.contains(&k.addr.to_string()), "{out}");
 

@@ -539,60 +539,67 @@ fn upgrade(
     }
 }
 
+/// The text form of `holdfast status`: the state in the first line, then
+/// one line per subject, labels in a column, and the workers as a table.
 fn print_status(s: &Snapshot) -> anyhow::Result<()> {
-    out!("phase        {:?}", s.phase);
-    let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
+    use status::Phase;
+    let state = match s.phase {
+        Phase::Starting => "starting: no worker ready yet, connections wait",
+        Phase::Serving => "serving",
+        Phase::Recovering => "recovering: the active worker died, connections wait for the next",
+        Phase::ShuttingDown => "stopping: finishing the requests in flight",
+    };
+    let keeper = if s.keeper_execs > 0 {
+        format!(
+            "keeper pid {}, re-executed {} times",
+            s.keeper_pid, s.keeper_execs
+        )
+    } else {
+        format!("keeper pid {}", s.keeper_pid)
+    };
     out!(
-        "generation   {} (live: {}; {} upgrades, {} failed)",
-        s.generation,
-        gens.join(", "),
+        "{state} on {} (generation {}, {keeper})",
+        s.listeners.join(", "),
+        s.generation
+    );
+    let waiting = if s.waiting > 0 {
+        format!(" ({} waiting for a worker)", s.waiting)
+    } else {
+        String::new()
+    };
+    out!(
+        "connections  {} held{waiting}, {} accepted since start",
+        s.connections,
+        s.accepted
+    );
+    let last = match s.last_recovery_us {
+        Some(us) => format!(", last recovery {us} µs (death noticed to connections handed over)"),
+        None => String::new(),
+    };
+    out!(
+        "restarts     {}, {} connections recovered{last}",
+        s.restarts,
+        s.recovered_connections
+    );
+    let live = if s.generations.len() > 1 {
+        let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
+        format!(", generations live: {}", gens.join(", "))
+    } else {
+        String::new()
+    };
+    out!(
+        "upgrades     {} done, {} failed{live}",
         s.upgrades,
         s.failed_upgrades
     );
     if let Some(u) = &s.upgrade {
         out!(
-            "upgrade      to generation {}: {:?}, {}/{} connections moved, {} ms",
+            "upgrading    to generation {}: {}, {}/{} connections moved, {} ms so far",
             u.generation,
-            u.phase,
+            format!("{:?}", u.phase).to_lowercase(),
             u.moved,
             u.total,
             u.elapsed_ms
-        );
-    }
-    if s.keeper_execs > 0 {
-        out!(
-            "keeper pid   {} (re-executed {} times)",
-            s.keeper_pid,
-            s.keeper_execs
-        );
-    } else {
-        out!("keeper pid   {}", s.keeper_pid);
-    }
-    out!("listening    {}", s.listeners.join(", "));
-    out!(
-        "connections  {} held, {} waiting for a worker, {} accepted in all",
-        s.connections,
-        s.waiting,
-        s.accepted
-    );
-    out!(
-        "restarts     {} ({} connections recovered)",
-        s.restarts,
-        s.recovered_connections
-    );
-    match s.last_recovery_us {
-        Some(us) => out!("last recovery {us} µs (death noticed → connections handed over)"),
-        None => out!("last recovery -"),
-    }
-    out!("workers:");
-    for w in &s.workers {
-        out!(
-            "  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections",
-            w.id,
-            w.pid,
-            w.generation,
-            format!("{:?}", w.role).to_lowercase(),
-            w.connections
         );
     }
     if s.start_failures > 0 {
@@ -620,11 +627,28 @@ fn print_status(s: &Snapshot) -> anyhow::Result<()> {
             s.turned_away
         );
     }
-    if !s.last_exits.is_empty() {
-        out!("last exits:");
-        for e in &s.last_exits {
-            out!("  {e}");
-        }
+    out!(
+        "workers      {:<5} {:<8} {:<4} {:<10} CONNECTIONS",
+        "ID",
+        "PID",
+        "GEN",
+        "ROLE"
+    );
+    for w in &s.workers {
+        out!(
+            "             {:<5} {:<8} {:<4} {:<10} {}",
+            format!("#{}", w.id),
+            w.pid,
+            w.generation,
+            format!("{:?}", w.role).to_lowercase(),
+            w.connections
+        );
+    }
+    if s.workers.is_empty() {
+        out!("             (none)");
+    }
+    for (i, e) in s.last_exits.iter().enumerate() {
+        out!("{:<12} {e}", if i == 0 { "last exits" } else { "" });
     }
     Ok(())
 }
