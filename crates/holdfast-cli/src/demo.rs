@@ -11,6 +11,11 @@
 //!
 //! `holdfast-demo serve ARGS` is the worker: hf-httpd (`ARGS` are its own),
 //! linked here so that the demo needs no other binary.
+//!
+//! `holdfast-demo completions SHELL` and `holdfast-demo man [--dir DIR]`
+//! are `holdfast completions` and `holdfast man`: the generators live here
+//! because linked into `holdfast` they add some 200 KiB to every idle
+//! keeper's resident memory.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +31,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use hf_keeper::status::{self, Phase, Role};
+
+/// `holdfast`'s command line, for its completions and manual pages.
+#[allow(dead_code)]
+mod cli;
+#[allow(dead_code)]
+mod units;
 
 /// How long each half of the proof loads the site.
 const PROOF_TIME: Duration = Duration::from_secs(3);
@@ -61,9 +72,28 @@ struct Args {
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == "serve") {
-        let args = std::iter::once(OsString::from("hf-httpd")).chain(argv.into_iter().skip(2));
-        return hf_httpd::main_from(args);
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("serve") => {
+            let args = std::iter::once(OsString::from("hf-httpd")).chain(argv.into_iter().skip(2));
+            return hf_httpd::main_from(args);
+        }
+        Some("completions" | "man") => {
+            return match generate(&argv[1..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                // A closed pipe (`holdfast man | head`) is not an error.
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("holdfast: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
     }
     let args = Args::parse_from(argv);
     // The keeper's log lines, as under `holdfast run` (the proof's keeper
@@ -84,6 +114,35 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `completions SHELL`, `man`, `man --dir DIR` for the `holdfast` command
+/// (its arguments were checked by `holdfast`).
+fn generate(args: &[OsString]) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    use std::io::Write as _;
+    let cmd = cli::Cli::command();
+    let mut text = Vec::new();
+    match (args[0].to_str(), args.get(1), args.get(2)) {
+        (Some("completions"), Some(shell), None) => {
+            let shell: clap_complete::Shell = shell
+                .to_str()
+                .and_then(|s| <clap_complete::Shell as clap::ValueEnum>::from_str(s, false).ok())
+                .with_context(|| format!("no completions for {shell:?}"))?;
+            clap_complete::generate(shell, &mut cmd.clone(), "holdfast", &mut text);
+        }
+        (Some("man"), None, None) => clap_mangen::Man::new(cmd).render(&mut text)?,
+        (Some("man"), Some(flag), Some(dir)) if flag == "--dir" => {
+            return clap_mangen::generate_to(cmd, dir).with_context(|| {
+                format!("writing manual pages into {}", Path::new(dir).display())
+            });
+        }
+        _ => bail!("usage: holdfast completions SHELL | holdfast man [--dir DIR]"),
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&text)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// The demo's scratch directory: the sample site, the proof's control
