@@ -175,10 +175,23 @@ fn status_json_and_text_of_a_running_keeper() {
 
     let (code, out, err) = holdfast(&["status", "--control", &ctl]);
     assert_eq!(code, 0, "stderr: {err}");
-    assert!(out.contains("Serving"), "{out}");
+    // At a glance: the state and where in the first line, each worker a
+    // row of the table.
+    let first = out.lines().next().unwrap_or_default();
     assert!(
-        out.contains(&active.to_string()),
-        "text status does not show the active pid {active}:\n{out}"
+        first.starts_with(&format!("serving on {} (generation 1,", k.addr)),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(
+            |l| l.split_whitespace().collect::<Vec<_>>()[..].ends_with(&[
+                &active.to_string(),
+                "1",
+                "active",
+                "0"
+            ])
+        ),
+        "text status does not show the active worker {active} as a row:\n{out}"
     );
     assert!(out.contains(&k.addr.to_string()), "{out}");
 
@@ -245,9 +258,10 @@ fn help_mentions_the_key_options() {
     assert!(out.starts_with("holdfast "), "{out}");
 }
 
-/// `holdfast demo`: prints what to try; what it says works: hello.txt, and
-/// the 8 MiB big.bin downloaded slowly through a kill of the active worker
-/// arrives intact. SIGTERM stops it and it cleans up after itself.
+/// `holdfast demo` (without its proof): prints what to try once it serves;
+/// what it says works: hello.txt, the 8 MiB big.bin downloaded slowly
+/// through a kill of the active worker arrives intact, and the checksum it
+/// prints is the file's. SIGTERM stops it and it cleans up after itself.
 #[test]
 fn demo_serves_the_sample_site_through_a_kill() {
     let dir = TempDir::new("cli-demo");
@@ -256,7 +270,7 @@ fn demo_serves_the_sample_site_through_a_kill() {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut demo = Proc(
         Command::new(bin("holdfast"))
-            .args(["demo", "--listen", &listen, "--control", &ctl])
+            .args(["demo", "--no-proof", "--listen", &listen, "--control", &ctl])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
@@ -285,11 +299,18 @@ fn demo_serves_the_sample_site_through_a_kill() {
             Err(e) => panic!("demo's instructions incomplete ({e}):\n{out}"),
         }
     }
+    // The checksum it prints is the served file's.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, sample_bytes(BIG_BIN_LEN, BIG_BIN_SEED)).unwrap();
+    let (code, sum, err) = run_cmd(Command::new("sha256sum").arg(&big));
+    assert_eq!(code, 0, "sha256sum: {err}");
+    let sum = sum.split_whitespace().next().unwrap().to_owned();
     for w in [
         format!("curl -i http://{listen}/hello.txt"),
-        format!("http://{listen}/big.bin"),
+        format!("--limit-rate 200K http://{listen}/big.bin"),
         format!("holdfast status --control {ctl}"),
         "kill -9".to_owned(),
+        format!("sha256sum big.bin    # once it is done: {sum}"),
     ] {
         assert!(
             out.contains(&w),
@@ -634,8 +655,9 @@ fn workers_exit_when_the_keeper_is_killed() {
     }
 }
 
-/// `holdfast demo` errors: hf-httpd missing next to the binary, or the
-/// address taken — a clear message, a non-zero exit, no hang.
+/// `holdfast demo` errors: holdfast-demo missing next to the binary, or
+/// the address taken — a clear message, a non-zero exit, no hang, and no
+/// proof run first.
 #[test]
 fn demo_startup_errors_are_clear() {
     let dir = TempDir::new("cli-demo-err");
@@ -665,10 +687,11 @@ fn demo_startup_errors_are_clear() {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
     assert_ne!(code, 0);
-    assert!(err.contains("hf-httpd not found"), "{err}");
+    assert!(err.contains("holdfast-demo not found"), "{err}");
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
+    let t0 = Instant::now();
     let (st, err) = exit_and_stderr(
         Command::new(bin("holdfast"))
             .args(["demo", "--listen", &addr, "--control"])
@@ -678,6 +701,72 @@ fn demo_startup_errors_are_clear() {
     );
     assert!(!st.success());
     assert!(err.contains(&addr), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the taken address was found only after {:?}",
+        t0.elapsed()
+    );
+}
+
+/// `holdfast demo --check`: the proof alone. Under the keeper the client
+/// sees every answer whole through the SIGKILLs and the upgrade; the plain
+/// restart beside it loses requests (so the kills were real); exit 0.
+#[test]
+fn demo_check_proves_zero_loss_against_a_plain_restart() {
+    let t0 = Instant::now();
+    let out = Command::new(bin("holdfast"))
+        .args(["demo", "--check"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "demo --check: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "demo --check took {:?}",
+        t0.elapsed()
+    );
+    let line = |prefix: &str| -> (u64, u64, u64) {
+        let l = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"));
+        // "4 SIGKILLs, 1 upgrade -> 5,841 requests, 0 failed (...), ..."
+        let num = |after: &str| -> u64 {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w
+                .iter()
+                .position(|x| x.trim_end_matches(',') == after)
+                .unwrap_or_else(|| panic!("no {after:?} in {l:?}"));
+            w[i - 1].replace(',', "").parse().unwrap()
+        };
+        (num("SIGKILLs"), num("requests"), num("failed"))
+    };
+    let (kills, requests, failed) = line("under holdfast:");
+    assert!(kills >= 3, "{stdout}");
+    assert!(requests > 100, "{stdout}");
+    assert_eq!(failed, 0, "{stdout}");
+    assert!(stdout.contains("1 upgrade ->"), "{stdout}");
+    let (kills, requests, failed) = line("plain restart:");
+    assert!(kills >= 3, "{stdout}");
+    assert!(requests > 0, "{stdout}");
+    assert!(
+        failed > 0,
+        "the plain restart lost nothing: were the kills real?\n{stdout}"
+    );
+    assert!(
+        stdout.contains("no request failed, every byte verified"),
+        "{stdout}"
+    );
+    // Nothing left behind: no serving banner, no scratch directory.
+    assert!(!stdout.contains("Stop with Ctrl-C"), "{stdout}");
 }
 
 /// Issue: `holdfast status | head -1` panicked ("failed printing to
@@ -865,5 +954,95 @@ fn json_logs_are_one_object_a_line() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
         assert!(v["fields"]["message"].is_string(), "{l}");
         assert!(v["level"].is_string(), "{l}");
+    }
+}
+
+/// `holdfast completions SHELL` prints a script the shell accepts, naming
+/// the commands and their options; `holdfast man` a manual page, and with
+/// `--dir` one per command, that `man` renders.
+#[test]
+fn completions_and_manual_pages() {
+    let (code, script, err) = holdfast(&["completions", "bash"]);
+    assert_eq!(code, 0, "{err}");
+    for w in [
+        "_holdfast()",
+        "complete -F _holdfast",
+        "upgrade",
+        "--listen",
+        "--stop-timeout",
+    ] {
+        assert!(script.contains(w), "bash completions lack {w:?}:\n{script}");
+    }
+    let dir = TempDir::new("cli-completions");
+    let file = dir.path().join("holdfast.bash");
+    std::fs::write(&file, &script).unwrap();
+    let (code, _, err) = run_cmd(Command::new("bash").arg("-n").arg(&file));
+    assert_eq!(code, 0, "bash -n on the completions: {err}");
+    // Completing `holdfast st` offers `status`, not the other commands.
+    let (code, out, err) = run_cmd(Command::new("bash").arg("-c").arg(format!(
+        "source {}; COMP_WORDS=(holdfast st); COMP_CWORD=1; _holdfast holdfast st holdfast; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        file.display()
+    )));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l == "status"), "{out}");
+    assert!(!out.lines().any(|l| l == "run"), "{out}");
+    for (shell, mark) in [
+        ("zsh", "#compdef holdfast"),
+        ("fish", "complete -c holdfast"),
+        ("elvish", "holdfast"),
+        ("powershell", "holdfast"),
+    ] {
+        let (code, out, err) = holdfast(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains(mark), "{shell} completions:\n{out}");
+        assert!(out.contains("listen"), "{shell} completions:\n{out}");
+    }
+    assert_usage_error(&["completions", "tcsh"], &["tcsh"]);
+
+    let (code, page, err) = holdfast(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(page.contains(".TH holdfast 1"), "{page}");
+    for w in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH SUBCOMMANDS",
+        "holdfast\\-run",
+        "holdfast\\-upgrade",
+    ] {
+        assert!(page.contains(w), "the manual page lacks {w:?}:\n{page}");
+    }
+    let pages = dir.path().join("man");
+    std::fs::create_dir(&pages).unwrap();
+    let (code, _, err) = holdfast(&["man", "--dir", pages.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(&pages)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in [
+        "holdfast.1",
+        "holdfast-run.1",
+        "holdfast-upgrade.1",
+        "holdfast-status.1",
+    ] {
+        assert!(names.iter().any(|x| x == n), "no {n} in {names:?}");
+    }
+    assert!(!names.iter().any(|x| x.contains("state")), "{names:?}");
+    // man(1) renders it, with the options of `run`.
+    if Command::new("man").arg("--version").output().is_ok() {
+        let (code, text, err) = run_cmd(
+            Command::new("man")
+                .arg("-l")
+                .arg(pages.join("holdfast-run.1"))
+                .env("MANWIDTH", "100")
+                .env("MANPAGER", "cat")
+                .env("PAGER", "cat"),
+        );
+        assert_eq!(code, 0, "man: {err}");
+        for w in ["holdfast-run", "--stop-timeout", "--listen", "LISTEN_FDS"] {
+            assert!(text.contains(w), "man holdfast-run lacks {w:?}:\n{text}");
+        }
     }
 }

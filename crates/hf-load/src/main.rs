@@ -14,7 +14,7 @@ use clap::Parser;
 const EXAMPLES: &str = "\
 Examples:
   # 64 keep-alive connections for 10 s against the demo (`holdfast demo`):
-  hf-load --addr 127.0.0.1:8080 --site /tmp/holdfast-demo-<pid>
+  hf-load --addr 127.0.0.1:8080 --site /tmp/holdfast-demo-<pid>/site
 
   # ...while the active worker is SIGKILLed every 200 ms, events logged:
   hf-load --addr 127.0.0.1:8080 --site DIR --kill-every-ms 200 \\

@@ -11,11 +11,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
 use hf_keeper::status::{self, Snapshot};
 
+mod cli;
 mod config;
 mod units;
+
+use cli::{Cli, Cmd, LogFormat, RunArgs};
 
 /// stdout was closed (`holdfast status | head -1`): not an error worth a
 /// word, and never a panic.
@@ -44,202 +46,6 @@ macro_rules! out {
             }
         })?
     }};
-}
-
-#[derive(Parser)]
-#[command(
-    name = "holdfast",
-    version,
-    about = "Zero-loss crash recovery for network services",
-    long_about = "Zero-loss crash recovery for network services.\n\n\
-        The keeper owns the listening sockets and every client connection; the service runs as a \
-        worker that can be killed at any instant (or crash) without its clients noticing more \
-        than a short stall: a hot standby takes over every connection where the dead worker left it."
-)]
-struct Cli {
-    /// Log lines as text, or as one JSON object a line (for a log
-    /// collector). `HOLDFAST_LOG` sets the level (e.g. `debug`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run CMD as a worker under the keeper.
-    #[command(
-        after_help = "Examples:\n  holdfast run --listen 127.0.0.1:8080 -- hf-httpd --root /srv/www\n  \
-                      holdfast run --listen [::1]:8080 --standby 2 -- ./my-service --flag\n\n\
-                      Without --listen, listeners are taken from systemd socket activation (LISTEN_FDS).\n\n\
-                      Signals: SIGTERM stops taking connections, lets the requests in flight finish \
-                      (at most --stop-timeout) and closes idle connections with a FIN; SIGTERM again \
-                      or SIGINT closes everything at once, still cleanly; SIGHUP upgrades to the same \
-                      command."
-    )]
-    Run(RunArgs),
-    /// Move the service to a new version without dropping a connection.
-    #[command(
-        long_about = "Move the service to a new version without dropping a connection.\n\n            The new version starts next to the old one. Once it is ready it takes every new \
-            connection; the old version hands each of its connections over at the next commit \
-            point (an idle one at once), with its state blob, and exits when it holds none. A \
-            connection still busy at the drain timeout is recovered on a standby of the old \
-            version, as after a crash, so its answer is finished by the version that began it. If the new version exits, is not ready in time, cannot read the state blobs in \
-            use, or dies before the settle time, everything stays on (or returns to) the old \
-            version and this command fails with the reason.\n\n\
-            Without a command, the same command runs again (a rebuilt binary at the same path); \
-            SIGHUP to the keeper does the same with the default timeouts.",
-        after_help = "Examples:\n  holdfast upgrade                                   # same command, rebuilt binary\n  \
-                      holdfast upgrade -- ./my-service-v2 --flag         # another command\n  \
-                      holdfast upgrade --drain-timeout 60000 -- ./svc    # long requests finish first"
-    )]
-    Upgrade {
-        /// Control socket of the keeper.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// How long the new version may take to become ready (a bare
-        /// number is milliseconds; units: 500ms, 2s, 1m).
-        #[arg(long, default_value_t = status::UpgradeRequest::READY_TIMEOUT_MS, value_name = "MS", value_parser = units::millis)]
-        ready_timeout: u64,
-        /// How long the old version may take to hand its connections over;
-        /// then the rest are recovered on a standby of the old version as
-        /// after a crash.
-        #[arg(long, default_value_t = status::UpgradeRequest::DRAIN_TIMEOUT_MS, value_name = "MS", value_parser = units::millis)]
-        drain_timeout: u64,
-        /// How long the new version must run without dying before the old
-        /// version's standbys retire; dying before that rolls back.
-        #[arg(long, default_value_t = status::UpgradeRequest::SETTLE_MS, value_name = "MS", value_parser = units::millis)]
-        settle: u64,
-        /// Print progress as JSON lines.
-        #[arg(long)]
-        json: bool,
-        /// Upgrade the keeper itself instead: re-execute its binary (a
-        /// rebuilt one at the same path), keeping every connection, worker
-        /// and listener; the service does not notice.
-        #[arg(long, conflicts_with = "command")]
-        keeper: bool,
-        /// The new command and its arguments (after `--`); default: the current one.
-        #[arg(last = true, value_name = "CMD")]
-        command: Vec<String>,
-    },
-    /// Print the keeper's saved-state format (checked before `upgrade --keeper`).
-    #[command(hide = true)]
-    StateFormat,
-    /// Show the keeper's phase, workers and connections.
-    Status {
-        /// Control socket of the keeper.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run hf-httpd over a built-in sample site under the keeper, and show what to try.
-    Demo {
-        /// Where the demo listens.
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = units::listen)]
-        listen: Vec<Vec<SocketAddr>>,
-        /// Control socket (default: the usual one).
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-}
-
-/// The options of `holdfast run` (also what `--config` may set).
-#[derive(clap::Args)]
-pub struct RunArgs {
-    /// Address to listen on: IPv4:PORT, [IPv6]:PORT, HOST:PORT (every
-    /// address it resolves to) or :PORT (every IPv4 address); repeat for more.
-    #[arg(long = "listen", value_name = "ADDR", value_parser = units::listen)]
-    pub listen: Vec<Vec<SocketAddr>>,
-    /// Hot standby workers kept started and initialised.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub standby: usize,
-    /// Control socket for `holdfast status`.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// Connections held at once (default: as many as the open-files limit
-    /// allows, at most 65536); more wait in the kernel's listen backlog.
-    /// Lowered to fit the open-files limit (see the README).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_conns: Option<u32>,
-    /// Kill and replace a worker whose heartbeat stops for this long
-    /// (the tokio flavour beats by itself; 0 = off). Durations take a
-    /// unit (500ms, 2s, 1m); a bare number is milliseconds.
-    #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
-    pub hang_timeout: u64,
-    /// While no worker can serve (crash loop), a connection waits at
-    /// most this long for one...
-    #[arg(long, default_value = "30000", value_name = "MS", value_parser = units::millis)]
-    pub hold_timeout: u64,
-    /// ...and at most this many connections wait; the rest are turned
-    /// away, oldest first.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
-    pub hold_max: usize,
-    /// ...and the input they have queued (in the kernel and in spools)
-    /// stays under this size; the oldest are turned away first. Sizes
-    /// take a unit (512KiB, 64MiB); a bare number is KiB.
-    #[arg(long, default_value = "65536", value_name = "KIB", value_parser = units::kib)]
-    pub hold_kib: u64,
-    /// Replace a worker one of whose requests has run this long from its
-    /// first byte without a commit (tokio flavour; implies
-    /// --hang-timeout 500ms unless given; 0 = off).
-    #[arg(long, default_value = "0", value_name = "MS", value_parser = units::millis)]
-    pub request_deadline: u64,
-    /// A request in flight during this many crashes of its worker in a
-    /// row is poison: the next worker answers it with an error instead
-    /// of running it (0: never).
-    #[arg(long, default_value_t = 2, value_name = "K")]
-    pub poison_after: u16,
-    /// File with the bytes a turned-away connection gets before a clean
-    /// close (e.g. an HTTP 503 response); without it, just the close.
-    #[arg(long, value_name = "FILE")]
-    pub unavailable: Option<PathBuf>,
-    /// Most versions live at once during back-to-back upgrades (the
-    /// serving one and those still handing connections over).
-    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=64))]
-    pub max_generations: u16,
-    /// Replace the active worker with a fresh one (a zero-loss upgrade
-    /// to the same command) once its resident memory passes this size
-    /// (a bare number is MiB; 0 = off).
-    #[arg(long, default_value = "0", value_name = "MIB", value_parser = units::mib)]
-    pub max_rss: u64,
-    /// Replace the active worker with a fresh one once it has served
-    /// this long (a bare number is seconds; 0 = off).
-    #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = units::seconds)]
-    pub max_uptime: u64,
-    /// Replace the active worker with a fresh one once it has committed
-    /// this many requests (0 = off).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub max_requests: u64,
-    /// Serve Prometheus metrics at http://ADDR/metrics (restarts by
-    /// reason, connections held and recovered, recovery times, upgrades,
-    /// poison requests, turned-away connections).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-    /// The first worker must report ready within this long, or `run`
-    /// ends with an error that says why (0 = wait for ever).
-    #[arg(long, default_value = "60s", value_name = "MS", value_parser = units::millis)]
-    pub ready_timeout: u64,
-    /// After SIGTERM, requests in flight have this long to finish (idle
-    /// connections close at once); then every connection is closed. The
-    /// default fits systemd's 90 s stop timeout.
-    #[arg(long, default_value = "80s", value_name = "MS", value_parser = units::millis)]
-    pub stop_timeout: u64,
-    /// Options from a TOML file: keys as the long options with `_` for
-    /// `-` (`hang_timeout = "500ms"`, `listen = ["127.0.0.1:8080"]`),
-    /// and `command = ["./svc", "--flag"]`; the command line wins.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// The worker command and its arguments (after `--`).
-    #[arg(last = true, required_unless_present = "config", value_name = "CMD")]
-    pub command: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -374,7 +180,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo { listen, control } => demo(listen.into_iter().flatten().collect(), control),
+        Cmd::Demo {
+            listen,
+            control,
+            check,
+            no_proof,
+        } => demo(
+            listen.into_iter().flatten().collect(),
+            control,
+            check,
+            no_proof,
+        ),
+        Cmd::Completions { shell } => helper(["completions".into(), shell.into()]),
+        Cmd::Man { dir } => {
+            let mut args: Vec<OsString> = vec!["man".into()];
+            if let Some(dir) = dir {
+                args.push("--dir".into());
+                args.push(dir.into());
+            }
+            helper(args)
+        }
         Cmd::StateFormat => {
             out!("{}", hf_keeper::SAVED_STATE_FORMAT);
             Ok(())
@@ -462,60 +287,67 @@ fn upgrade(
     }
 }
 
+/// The text form of `holdfast status`: the state in the first line, then
+/// one line per subject, labels in a column, and the workers as a table.
 fn print_status(s: &Snapshot) -> anyhow::Result<()> {
-    out!("phase        {:?}", s.phase);
-    let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
+    use status::Phase;
+    let state = match s.phase {
+        Phase::Starting => "starting: no worker ready yet, connections wait",
+        Phase::Serving => "serving",
+        Phase::Recovering => "recovering: the active worker died, connections wait for the next",
+        Phase::ShuttingDown => "stopping: finishing the requests in flight",
+    };
+    let keeper = if s.keeper_execs > 0 {
+        format!(
+            "keeper pid {}, re-executed {} times",
+            s.keeper_pid, s.keeper_execs
+        )
+    } else {
+        format!("keeper pid {}", s.keeper_pid)
+    };
     out!(
-        "generation   {} (live: {}; {} upgrades, {} failed)",
-        s.generation,
-        gens.join(", "),
+        "{state} on {} (generation {}, {keeper})",
+        s.listeners.join(", "),
+        s.generation
+    );
+    let waiting = if s.waiting > 0 {
+        format!(" ({} waiting for a worker)", s.waiting)
+    } else {
+        String::new()
+    };
+    out!(
+        "connections  {} held{waiting}, {} accepted since start",
+        s.connections,
+        s.accepted
+    );
+    let last = match s.last_recovery_us {
+        Some(us) => format!(", last recovery {us} µs (death noticed to connections handed over)"),
+        None => String::new(),
+    };
+    out!(
+        "restarts     {}, {} connections recovered{last}",
+        s.restarts,
+        s.recovered_connections
+    );
+    let live = if s.generations.len() > 1 {
+        let gens: Vec<String> = s.generations.iter().map(u32::to_string).collect();
+        format!(", generations live: {}", gens.join(", "))
+    } else {
+        String::new()
+    };
+    out!(
+        "upgrades     {} done, {} failed{live}",
         s.upgrades,
         s.failed_upgrades
     );
     if let Some(u) = &s.upgrade {
         out!(
-            "upgrade      to generation {}: {:?}, {}/{} connections moved, {} ms",
+            "upgrading    to generation {}: {}, {}/{} connections moved, {} ms so far",
             u.generation,
-            u.phase,
+            format!("{:?}", u.phase).to_lowercase(),
             u.moved,
             u.total,
             u.elapsed_ms
-        );
-    }
-    if s.keeper_execs > 0 {
-        out!(
-            "keeper pid   {} (re-executed {} times)",
-            s.keeper_pid,
-            s.keeper_execs
-        );
-    } else {
-        out!("keeper pid   {}", s.keeper_pid);
-    }
-    out!("listening    {}", s.listeners.join(", "));
-    out!(
-        "connections  {} held, {} waiting for a worker, {} accepted in all",
-        s.connections,
-        s.waiting,
-        s.accepted
-    );
-    out!(
-        "restarts     {} ({} connections recovered)",
-        s.restarts,
-        s.recovered_connections
-    );
-    match s.last_recovery_us {
-        Some(us) => out!("last recovery {us} µs (death noticed → connections handed over)"),
-        None => out!("last recovery -"),
-    }
-    out!("workers:");
-    for w in &s.workers {
-        out!(
-            "  #{:<4} pid {:<8} gen {:<3} {:<9} {} connections",
-            w.id,
-            w.pid,
-            w.generation,
-            format!("{:?}", w.role).to_lowercase(),
-            w.connections
         );
     }
     if s.start_failures > 0 {
@@ -543,72 +375,72 @@ fn print_status(s: &Snapshot) -> anyhow::Result<()> {
             s.turned_away
         );
     }
-    if !s.last_exits.is_empty() {
-        out!("last exits:");
-        for e in &s.last_exits {
-            out!("  {e}");
-        }
+    out!(
+        "workers      {:<5} {:<8} {:<4} {:<10} CONNECTIONS",
+        "ID",
+        "PID",
+        "GEN",
+        "ROLE"
+    );
+    for w in &s.workers {
+        out!(
+            "             {:<5} {:<8} {:<4} {:<10} {}",
+            format!("#{}", w.id),
+            w.pid,
+            w.generation,
+            format!("{:?}", w.role).to_lowercase(),
+            w.connections
+        );
+    }
+    if s.workers.is_empty() {
+        out!("             (none)");
+    }
+    for (i, e) in s.last_exits.iter().enumerate() {
+        out!("{:<12} {e}", if i == 0 { "last exits" } else { "" });
     }
     Ok(())
 }
 
-fn demo(listen: Vec<SocketAddr>, control: Option<PathBuf>) -> anyhow::Result<()> {
-    let first = listen[0];
+/// `holdfast demo`: the demo's web server and client are in
+/// `holdfast-demo` (the keeper has no use for them).
+fn demo(
+    listen: Vec<SocketAddr>,
+    control: Option<PathBuf>,
+    check: bool,
+    no_proof: bool,
+) -> anyhow::Result<()> {
+    let mut args: Vec<OsString> = Vec::new();
+    for a in listen {
+        args.push("--listen".into());
+        args.push(a.to_string().into());
+    }
+    if let Some(c) = control {
+        args.push("--control".into());
+        args.push(c.into());
+    }
+    if check {
+        args.push("--check".into());
+    }
+    if no_proof {
+        args.push("--no-proof".into());
+    }
+    helper(args)
+}
+
+/// Runs `holdfast-demo ARGS` from beside this binary in this process's
+/// place: the demo, and the completion and manual-page generators, which
+/// would otherwise add to every keeper's resident code.
+fn helper(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("cannot locate the holdfast binary")?;
-    let httpd = exe.with_file_name("hf-httpd");
-    if !httpd.exists() {
+    let helper = exe.with_file_name("holdfast-demo");
+    if !helper.exists() {
         bail!(
-            "hf-httpd not found next to {} (build the workspace: cargo build --release)",
+            "holdfast-demo not found next to {} (it is built and installed with holdfast: \
+             cargo build --release -p holdfast-cli, or cargo install --path crates/holdfast-cli)",
             exe.display()
         );
     }
-    let site = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
-    let control = control.unwrap_or_else(hf_keeper::default_control_path);
-    out!(
-        "holdfast demo: hf-httpd serving a sample site from {} on http://{first}/",
-        site.display()
-    );
-    out!();
-    out!("Try, in another terminal:");
-    out!("  curl -i http://{first}/hello.txt");
-    out!("  curl -s http://{first}/big.bin --limit-rate 2M | sha256sum   # an 8 MiB download, slowly");
-    let status = format!("{} status --control {}", exe.display(), control.display());
-    out!("  {status}    # the worker pids");
-    out!("  kill -9 <pid of the active worker>    # while the download runs: it completes, intact");
-    out!("  {status}    # restarts, last recovery time");
-    out!();
-    out!("Stop with Ctrl-C.");
-    let command = vec![
-        httpd.into_os_string(),
-        "--demo-site".into(),
-        site.clone().into_os_string(),
-    ];
-    let r = hf_keeper::run(hf_keeper::Config {
-        listen,
-        standby: 1,
-        control,
-        max_conns: hf_keeper::DEFAULT_MAX_CONNS,
-        max_conns_explicit: false,
-        ready_timeout: Some(Duration::from_secs(60)),
-        metrics: None,
-        hang_timeout: Some(Duration::from_secs(2)),
-        hold_timeout: Duration::from_secs(30),
-        hold_max: 10_000,
-        hold_bytes: 64 << 20,
-        request_deadline: None,
-        poison_after: 2,
-        max_generations: 3,
-        max_rss: None,
-        max_uptime: None,
-        max_requests: None,
-        stop_timeout: Duration::from_secs(10),
-        unavailable: Some(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                .to_vec(),
-        ),
-        command,
-    });
-    let _ = std::fs::remove_dir_all(&site);
-    r?;
-    Ok(())
+    let e = std::process::Command::new(&helper).args(args).exec();
+    Err(anyhow::Error::new(e).context(format!("running {}", helper.display())))
 }

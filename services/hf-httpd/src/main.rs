@@ -23,7 +23,7 @@
 mod cgi;
 mod conn;
 mod http;
-mod site;
+pub mod site;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -128,7 +128,13 @@ struct Ctx {
     tls: Option<holdfast_tls::TlsAcceptor>,
 }
 
-fn main() -> ExitCode {
+/// The `hf-httpd` command, with `args` as `std::env::args_os()` gives them
+/// (the program name first).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
@@ -137,7 +143,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let args = Args::parse_from(args);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
