@@ -452,9 +452,24 @@ impl Core {
                     k.mark_busy();
                     return Ok(n);
                 }
-                // Blocking flavour: the receive timeout expired; look at
-                // the drain flag and wait again.
-                Err(e) if would_block(&e) && !self.nonblocking => k.ungate(),
+                // Blocking flavour: the receive timeout expired, so the
+                // connection is idle: wait without a timer for input or a
+                // drain, then look at the drain flag and read again.
+                Err(e) if would_block(&e) && !self.nonblocking => {
+                    k.ungate();
+                    // Committed input still in the kernel (discarded in
+                    // batches) would make the socket look readable: drop
+                    // it now. With nothing uncommitted read, readable then
+                    // means new input; with a partial request waiting,
+                    // wake on the timer as before.
+                    if k.spool.is_none() && k.rec.in_commit > k.in_discarded {
+                        discard_exact(fd, k.rec.in_commit - k.in_discarded)?;
+                        k.in_discarded = k.rec.in_commit;
+                    }
+                    if k.spool.is_none() && k.in_read == k.in_discarded {
+                        k.link.wait_input_or_drain(fd)?;
+                    }
+                }
                 Err(e) => {
                     // Waiting for the client: other suspects may run.
                     k.ungate();

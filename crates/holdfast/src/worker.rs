@@ -46,6 +46,10 @@ pub(crate) struct Link {
     /// The keeper stops (set before `draining`): connections let go only
     /// once idle, so every request in flight is answered first.
     stopping: AtomicBool,
+    /// Readable once draining starts (an eventfd): the blocking flavour's
+    /// reads that found their connection idle wait on it with the socket,
+    /// instead of waking on a timer.
+    drain_fd: OwnedFd,
     /// Tasks of the tokio flavour waiting on a connection, woken when
     /// draining starts.
     wakers: Mutex<Vec<Weak<WakeCell>>>,
@@ -354,6 +358,10 @@ impl Link {
             requests: std::sync::atomic::AtomicU64::new(0),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            drain_fd: rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )?,
             wakers: Mutex::new(Vec::new()),
             channels: Mutex::new(Stash::default()),
             arrived: std::sync::Condvar::new(),
@@ -681,12 +689,32 @@ impl Link {
                 "a new version takes over: handing connections back at their commit points"
             );
         }
+        // Blocking reads waiting with the eventfd wake now and for good.
+        let _ = rustix::io::write(&self.drain_fd, &1u64.to_ne_bytes());
         let cells: Vec<Arc<WakeCell>> = match self.wakers.lock() {
             Ok(v) => v.iter().filter_map(Weak::upgrade).collect(),
             Err(_) => Vec::new(),
         };
         for c in cells {
             c.wake();
+        }
+    }
+
+    /// Blocking flavour: waits until `fd` has input (or an error, or the
+    /// peer's close) or this worker drains. No timeout: an idle connection
+    /// costs no wake-ups.
+    pub(crate) fn wait_input_or_drain(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let mut fds = [
+            PollFd::new(&fd, PollFlags::IN),
+            PollFd::new(&self.drain_fd, PollFlags::IN),
+        ];
+        loop {
+            match poll(&mut fds, None) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
