@@ -18,6 +18,9 @@
 //! matches. A mismatch closes that one connection: two different responses
 //! are never spliced together.
 
+// Parts used only by the tokio flavour.
+#![cfg_attr(not(feature = "tokio"), allow(dead_code))]
+
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;

@@ -467,6 +467,21 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_corpus_parses_without_panics() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/shared_log");
+        let mut n = 0;
+        for f in std::fs::read_dir(dir).unwrap() {
+            let data = std::fs::read(f.unwrap().path()).unwrap();
+            let mut at = 0;
+            while let Some((_, len)) = parse(&data[at..]) {
+                at += len;
+            }
+            n += 1;
+        }
+        assert!(n >= 6, "the seeds are missing");
+    }
+
+    #[test]
     fn parse_never_panics_on_garbage() {
         for n in 0..64 {
             let junk: Vec<u8> = (0..n).map(|i| (i * 37 + n) as u8).collect();

@@ -1,5 +1,8 @@
 //! The worker's link to its keeper: the control socket and the journal.
 
+// Parts used only by the tokio flavour.
+#![cfg_attr(not(feature = "tokio"), allow(dead_code))]
+
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
