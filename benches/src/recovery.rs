@@ -78,6 +78,11 @@ pub struct Args {
     /// scheduler more than the recovery).
     #[arg(long, value_enum, default_value_t = Client::Auto)]
     pub client: Client,
+    /// Each worker touches this many MiB before serving: the kernel frees a
+    /// dead worker's memory before its pidfd becomes readable, so a big
+    /// worker is noticed later.
+    #[arg(long, default_value_t = 0)]
+    pub worker_rss_mib: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -635,11 +640,17 @@ pub fn run(a: &Args) -> anyhow::Result<Vec<Row>> {
     if !a.blocking {
         cmd.push(std::ffi::OsStr::new("--tokio"));
     }
+    let rss = a.worker_rss_mib.to_string();
+    if a.worker_rss_mib > 0 {
+        cmd.push(std::ffi::OsStr::new("--touch-mib"));
+        cmd.push(std::ffi::OsStr::new(&rss));
+    }
     let mut keeper = Keeper::start(1, &cmd)?;
     println!(
-        "keeper pid {} on {}, hf-testsvc workers ({flavour} flavour), --standby 1, answers of {} pattern bytes, clients: {}",
+        "keeper pid {} on {}, hf-testsvc workers ({flavour} flavour, {} MiB touched each), --standby 1, answers of {} pattern bytes, clients: {}",
         keeper.pid(),
         keeper.addr,
+        a.worker_rss_mib,
         a.len,
         if epoll { "one thread, epoll" } else { "a thread per connection" }
     );

@@ -78,6 +78,10 @@ struct Args {
     /// Sleep this long before becoming ready (a slow-starting service).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     init_ms: u64,
+    /// Touch this many MiB of memory before becoming ready and keep it (a
+    /// big worker: the kernel frees it all when the worker dies).
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    touch_mib: usize,
     /// Keep each connection's request count as a state blob of this version (1 or 2).
     #[arg(long, value_name = "V", value_parser = clap::value_parser!(u16).range(1..=2))]
     state_version: Option<u16>,
@@ -212,6 +216,9 @@ fn main() -> ExitCode {
         let _ = LEDGER.set(l.clone());
     }
     std::thread::sleep(Duration::from_millis(args.init_ms));
+    // Written page by page so every page is really resident.
+    let ballast: Vec<u8> = (0..args.touch_mib << 20).map(|i| (i >> 12) as u8).collect();
+    std::hint::black_box(&ballast);
     let salt = if args.diverge {
         u64::from(std::process::id())
     } else {
