@@ -58,6 +58,23 @@ if events:
 print('ok', rounds, 'rounds', events, 'events')
 "#;
 
+/// One new connection (a new TLS handshake) per `GET /hello?n=I`, for
+/// `n` requests: every answer checked. Prints "ok ...".
+const PER_CONN: &str = r#"
+import http.client, ssl, sys
+port, ca, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca)
+for i in range(n):
+    c = http.client.HTTPSConnection('localhost', port, context=ctx, timeout=30)
+    c.request('GET', f'/hello?n={i}', headers={'Connection': 'close'})
+    r = c.getresponse()
+    got = r.read()
+    if r.status != 200 or got != b'hello %d\n' % i:
+        sys.exit(f'request {i}: {r.status} {got!r}')
+    c.close()
+print('ok', n, 'connections')
+"#;
+
 struct Chat {
     pki: Pki,
     data: TempDir,
@@ -68,6 +85,7 @@ impl Chat {
     fn new() -> Chat {
         let client = TempDir::new("https-client");
         std::fs::write(client.path().join("client.py"), CLIENT).unwrap();
+        std::fs::write(client.path().join("perconn.py"), PER_CONN).unwrap();
         Chat {
             pki: Pki::new(),
             data: TempDir::new("https-chat"),
@@ -79,7 +97,7 @@ impl Chat {
     fn cmd(&self) -> Vec<String> {
         vec![
             "/usr/bin/env".into(),
-            "RUST_LOG=hf_chat=info,holdfast_http=debug".into(),
+            "RUST_LOG=hf_chat=info,holdfast_http=debug,holdfast_tls=info".into(),
             bin("hf-chat").display().to_string(),
             "--data-dir".into(),
             self.data.path().display().to_string(),
@@ -111,6 +129,19 @@ impl Chat {
             .arg(rounds.to_string())
             .arg(events.to_string())
             .arg(pad.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3")
+    }
+
+    fn per_conn_client(&self, k: &Keeper, n: u32) -> Child {
+        Command::new(python())
+            .arg(self.client.path().join("perconn.py"))
+            .arg(k.addr.port().to_string())
+            .arg(self.pki.path("ca.pem"))
+            .arg(n.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -182,8 +213,13 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn recovered(k: &Keeper) -> usize {
-    k.log().matches("recovered onto standby").count()
+/// Connections handed to a new worker after a kill.
+fn recovered(k: &Keeper) -> u64 {
+    k.log()
+        .lines()
+        .filter_map(|l| l.split("recovered onto standby: ").nth(1))
+        .filter_map(|t| t.split(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Keep-alive HTTPS under a kill storm: two clients, each on one TLS 1.3
@@ -203,7 +239,7 @@ fn https_keep_alive_survives_a_kill_storm() {
         k.kill_active();
     });
     finish(clients, &k);
-    eprintln!("{kills} kills, {} recoveries", recovered(&k));
+    eprintln!("{kills} kills, {} connections recovered", recovered(&k));
     assert!(kills >= 10, "only {kills} kills landed");
     assert!(recovered(&k) > 0, "no connection was ever recovered");
 }
@@ -249,7 +285,7 @@ fn wss_room_survives_kills_and_upgrades() {
     });
     finish(clients, &k);
     eprintln!(
-        "{kills} disturbances, {upgrades} upgrades, {} recoveries",
+        "{kills} disturbances, {upgrades} upgrades, {} connections recovered",
         recovered(&k)
     );
     assert!(upgrades >= 2, "only {upgrades} upgrades ran");
@@ -349,4 +385,31 @@ fn tls_flags_come_in_pairs_and_bad_files_are_named() {
         err.contains("TLS certificate") && err.contains("ec.key"),
         "{err}"
     );
+}
+
+/// A new TLS connection per request while the worker is SIGKILLed every
+/// 20–40 ms, so kills land inside handshakes: the next worker replays the
+/// handshake from its recorded seed (the log says so) and every request
+/// is answered.
+#[test]
+fn new_https_connection_per_request_under_kills_every_20ms() {
+    let chat = Chat::new();
+    let mut k = chat.start();
+    let mut clients = vec![chat.per_conn_client(&k, 150), chat.per_conn_client(&k, 150)];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut kills = 0u32;
+    while !clients
+        .iter_mut()
+        .all(|c| matches!(c.try_wait(), Ok(Some(_))))
+    {
+        assert!(Instant::now() < deadline, "the clients did not finish");
+        std::thread::sleep(Duration::from_millis(20 + u64::from(kills % 3) * 10));
+        k.kill_active();
+        kills += 1;
+    }
+    finish(clients, &k);
+    let cut = k.log().matches("TLS handshake cut by a crash").count();
+    eprintln!("{kills} kills, {cut} handshakes cut and replayed");
+    assert!(kills >= 20, "only {kills} kills landed");
+    assert!(cut > 0, "no kill landed inside a handshake");
 }
