@@ -59,6 +59,12 @@
 //! memfd when it does not fit what is left, so over TLS from about 145
 //! (head) or 128 (request) bytes instead of 257 and 246.
 //!
+//! Over TLS a regenerated response must also come out in the same TLS
+//! records, which follow the adapter's writes: bodies at hand and
+//! [`stream::Resumable`] streams do; a streaming body that is not
+//! resumable and is paced by time may be cut otherwise when it is replayed
+//! after a crash, and its connection is then closed rather than continued.
+//!
 //! Limits: HTTP/1.1 (and 1.0) only — HTTP/2 is not served, a client that
 //! sends its preface gets a 400; request bodies are held in memory up to
 //! [`Server::max_request_size`]; the only protocol upgrade served is
