@@ -4,22 +4,29 @@ library.
 Members join one room (all joined before anyone speaks), then each sends
 its messages; every member must receive every message exactly once, in seq
 order 1..N, all members must see the same log, and no connection may close
-before the end. Options add fragmented messages, pings between them, and a
-large request head. Prints "ok ..." and exits 0, or raises.
+before the end. Options add fragmented messages, pings between them, a
+large request head, and TLS (wss://, the server verified against a CA). Prints "ok ..." and exits 0, or raises.
 """
 import argparse
 import asyncio
 import json
+import ssl
 
 from websockets.asyncio.client import connect
 
 
 async def main(a):
-    url = f"ws://{a.addr}/ws/{a.room}?name="
+    scheme, kw = "ws", {}
+    if a.tls:
+        scheme, kw = "wss", {"ssl": ssl.create_default_context(cafile=a.tls)}
+    url = f"{scheme}://{a.addr}/ws/{a.room}?name="
     headers = {"Cookie": "c=" + "x" * a.cookie} if a.cookie else None
+    if a.small_head:
+        # No extension offer, no User-Agent: a head of under 200 bytes.
+        kw.update(compression=None, user_agent_header=None)
     socks = [
         await connect(url + f"m{i}", ping_interval=None, open_timeout=20,
-                      close_timeout=5, additional_headers=headers)
+                      close_timeout=5, additional_headers=headers, **kw)
         for i in range(a.members)
     ]
     total = a.members * a.per
@@ -59,7 +66,7 @@ async def main(a):
     contents = {tuple((m["seq"], m["from"], m["text"]) for m in g) for g in results}
     assert len(contents) == 1, "members disagree on the log"
     # A member joining now with since=0 gets the whole log, the same.
-    async with connect(url + "late&since=0", ping_interval=None, open_timeout=20) as late:
+    async with connect(url + "late&since=0", ping_interval=None, open_timeout=20, **kw) as late:
         history = [json.loads(await asyncio.wait_for(late.recv(), 30)) for _ in range(total)]
     assert tuple((m["seq"], m["from"], m["text"]) for m in history) in contents, "history differs"
     for ws in socks:
@@ -76,4 +83,6 @@ p.add_argument("--gap", type=float, default=0.02)
 p.add_argument("--fragment", action="store_true")
 p.add_argument("--ping", action="store_true")
 p.add_argument("--cookie", type=int, default=0)
+p.add_argument("--small-head", action="store_true")
+p.add_argument("--tls", metavar="CAFILE", help="wss://, verifying the server against CAFILE")
 asyncio.run(main(p.parse_args()))

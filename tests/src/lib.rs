@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod pki;
 pub mod site;
 pub mod testsvc;
 

@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use holdfast::tokio::Conn;
+use crate::conn::Io;
 use holdfast::ReplayPolicy;
 
 /// The connection of the request being handled, as a request extension
@@ -19,7 +19,7 @@ use holdfast::ReplayPolicy;
 /// callback should take what it needs from the WebSocket's state.
 #[derive(Clone)]
 pub struct Handle {
-    conn: Arc<Mutex<Option<Conn>>>,
+    conn: Arc<Mutex<Option<Io>>>,
     /// The request is a WebSocket upgrade run again to resume it: nothing
     /// is recorded (its answer is not sent).
     resumed: bool,
@@ -29,7 +29,7 @@ pub struct Handle {
 
 impl Handle {
     pub(crate) fn new(
-        conn: Arc<Mutex<Option<Conn>>>,
+        conn: Arc<Mutex<Option<Io>>>,
         resumed: bool,
         progress: Option<Arc<[u8]>>,
     ) -> Handle {
@@ -50,7 +50,7 @@ impl Handle {
         self.progress.as_deref().map(<[u8]>::to_vec)
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> io::Result<T>) -> io::Result<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Io) -> io::Result<T>) -> io::Result<T> {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_mut() {
             Some(conn) => f(conn),
@@ -58,7 +58,7 @@ impl Handle {
         }
     }
 
-    fn flag(&self, f: impl FnOnce(&Conn) -> bool) -> bool {
+    fn flag(&self, f: impl FnOnce(&Io) -> bool) -> bool {
         self.with(|c| Ok(f(c))).unwrap_or(false)
     }
 
@@ -79,7 +79,7 @@ impl Handle {
         if self.resumed {
             return Ok(make());
         }
-        self.with(|c| c.record(make))
+        self.with(|c| c.record(Box::new(make)))
     }
 
     /// What a new worker does with this request if this one dies before
@@ -99,18 +99,18 @@ impl Handle {
     /// adapter answers such a request with `500` before it reaches the
     /// service, so a handler sees `false` here.
     pub fn poisoned(&self) -> bool {
-        self.flag(Conn::poisoned)
+        self.flag(|c: &Io| c.poisoned())
     }
 
     /// The connection was served by a worker that died.
     pub fn recovered(&self) -> bool {
-        self.flag(Conn::recovered)
+        self.flag(|c: &Io| c.recovered())
     }
 
     /// The response being written re-creates what a dead worker had
     /// already sent (it is checked, not sent again).
     pub fn replaying(&self) -> bool {
-        self.flag(Conn::replaying)
+        self.flag(|c: &Io| c.replaying())
     }
 }
 

@@ -85,9 +85,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
+use crate::conn::Io;
 use bytes::Bytes;
 use futures_core::Stream;
-use holdfast::tokio::Conn;
 use http_body::{Body, Frame};
 use tokio::io::AsyncWrite;
 
@@ -100,9 +100,16 @@ const MAGIC: &[u8; 4] = b"HFSS";
 const BLOB_VERSION: u8 = 1;
 /// Magic, version, framing, request kind, two lengths.
 const BLOB_OVERHEAD: usize = 4 + 1 + 1 + 1 + 2 + 2;
-/// Requests up to this size are kept in the state blob; larger ones in a
-/// held memfd.
+/// Requests up to this size are kept in the state blob when the connection
+/// has room for them ([`request_inline`]); larger ones in a held memfd.
 const REQUEST_INLINE: usize = holdfast::MAX_STATE - BLOB_OVERHEAD - MAX_PROGRESS;
+
+/// The largest request kept in the blob of a connection whose commits
+/// save up to `room` bytes (less over TLS, whose session takes part of it).
+fn request_inline(room: usize) -> usize {
+    room.saturating_sub(BLOB_OVERHEAD + MAX_PROGRESS)
+        .min(REQUEST_INLINE)
+}
 /// The held-channel tag of a large request.
 pub(crate) const REQUEST_TAG: u32 = 0x4846_5352;
 /// The most response head the I/O layer collects to find the framing.
@@ -400,8 +407,8 @@ pub(crate) fn parse_blob(b: &[u8]) -> Option<Saved> {
 
 /// Keeps a stream's request with the connection: in the blob if small, else
 /// in a memfd the keeper holds.
-fn keep_request(conn: &mut Conn, request: &[u8]) -> io::Result<KeptRequest> {
-    if request.len() <= REQUEST_INLINE {
+fn keep_request(conn: &mut Io, request: &[u8]) -> io::Result<KeptRequest> {
+    if request.len() <= request_inline(conn.max_state()) {
         return Ok(KeptRequest::Inline(request.to_vec()));
     }
     let fd = rustix::fs::memfd_create("hf-stream-request", rustix::fs::MemfdFlags::CLOEXEC)?;
@@ -412,7 +419,7 @@ fn keep_request(conn: &mut Conn, request: &[u8]) -> io::Result<KeptRequest> {
 }
 
 /// The request of a resumed stream.
-pub(crate) fn load_request(conn: &mut Conn, kept: &KeptRequest) -> io::Result<Vec<u8>> {
+pub(crate) fn load_request(conn: &mut Io, kept: &KeptRequest) -> io::Result<Vec<u8>> {
     match kept {
         KeptRequest::Inline(r) => Ok(r.clone()),
         KeptRequest::Held => {
@@ -530,11 +537,7 @@ impl Tracker {
     }
 
     /// Completes a commit reached earlier.
-    pub(crate) fn poll_due(
-        &mut self,
-        conn: &mut Conn,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    pub(crate) fn poll_due(&mut self, conn: &mut Io, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(blob) = &self.due else {
             return Poll::Ready(Ok(()));
         };
@@ -547,7 +550,7 @@ impl Tracker {
 
     pub(crate) fn poll_write(
         &mut self,
-        conn: &mut Conn,
+        conn: &mut Io,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
@@ -855,6 +858,23 @@ mod tests {
         assert!(parse_blob(&big).is_some());
         assert!(!is_blob(b"HFWS\x01"));
         assert!(parse_blob(b"HFSS\x02").is_none());
+    }
+
+    /// Over TLS, whose session takes part of the state, the largest inline
+    /// request still fits what is left.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn the_largest_inline_request_fits_over_tls() {
+        let room = holdfast_tls::MAX_APP_STATE;
+        let n = request_inline(room);
+        assert!(n < REQUEST_INLINE);
+        let b = blob(
+            Framing::Chunked,
+            &KeptRequest::Inline(vec![b'x'; n]),
+            &[1; MAX_PROGRESS],
+        );
+        assert_eq!(b.len(), room);
+        assert!(parse_blob(&b).is_some());
     }
 
     #[test]

@@ -33,8 +33,8 @@ use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use crate::conn::Io;
 use bytes::Bytes;
-use holdfast::tokio::Conn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tungstenite::error::{CapacityError, Error as WsError};
@@ -44,9 +44,12 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 /// The most application state a commit keeps.
 pub const MAX_STATE: usize = 112;
-/// Request heads up to this size are kept in the state blob; larger ones
-/// in a held memfd.
+/// Request heads up to this size are kept in the state blob when the
+/// connection has room for them ([`head_inline`]); larger ones in a held
+/// memfd.
 const HEAD_INLINE: usize = 256;
+/// Marker, version, head kind, two lengths.
+const BLOB_OVERHEAD: usize = 4 + 1 + 1 + 2 + 2;
 /// The held-channel tag of a large upgrade head.
 const HEAD_TAG: u32 = 0x5753_4844;
 /// Marks a connection's state blob as a WebSocket's.
@@ -92,7 +95,7 @@ pub(crate) struct Registered {
 
 /// What the adapter gets back when a WebSocket is dropped.
 pub(crate) struct Returned {
-    pub(crate) conn: Conn,
+    pub(crate) conn: Io,
     /// Input already read but not consumed (the commit point first).
     pub(crate) uncommitted: usize,
     pub(crate) ended: bool,
@@ -113,7 +116,7 @@ pub struct WebSocket {
 }
 
 struct Inner {
-    conn: Conn,
+    conn: Io,
     ctx: WebSocketContext,
     /// Input peeked since the last commit.
     input: Vec<u8>,
@@ -183,7 +186,7 @@ enum Step {
 
 impl WebSocket {
     pub(crate) fn new(
-        conn: Conn,
+        conn: Io,
         input: Vec<u8>,
         head: Head,
         state: Vec<u8>,
@@ -309,7 +312,7 @@ impl WebSocket {
                     r = ws.read_more() => Some(r),
                     v = &mut other => {
                         // Before any byte of what it sends goes out.
-                        ws.conn.record(|| ws.frames.to_le_bytes().to_vec())?;
+                        ws.conn.record(Box::new(|| ws.frames.to_le_bytes().to_vec()))?;
                         return Ok(Event::Ready(v));
                     }
                 }
@@ -579,7 +582,7 @@ fn ws_io(e: WsError) -> io::Error {
 /// The connection's state blob: marker, version, the upgrade head (or a
 /// note that it is held), the application's state.
 pub(crate) fn blob(head: &Head, state: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(10 + HEAD_INLINE + state.len());
+    let mut b = Vec::with_capacity(BLOB_OVERHEAD + HEAD_INLINE + state.len());
     b.extend_from_slice(MAGIC);
     b.push(BLOB_VERSION);
     match head {
@@ -626,8 +629,8 @@ pub(crate) fn is_ws_blob(b: &[u8]) -> bool {
 
 /// Keeps a request head with the connection: in the blob if small, else in
 /// a memfd the keeper holds.
-pub(crate) fn keep_head(conn: &mut Conn, head: &[u8]) -> io::Result<Head> {
-    if head.len() <= HEAD_INLINE {
+pub(crate) fn keep_head(conn: &mut Io, head: &[u8]) -> io::Result<Head> {
+    if head.len() <= head_inline(conn.max_state()) {
         return Ok(Head::Inline(head.to_vec()));
     }
     let fd = rustix::fs::memfd_create("hf-ws-head", rustix::fs::MemfdFlags::CLOEXEC)?;
@@ -637,8 +640,17 @@ pub(crate) fn keep_head(conn: &mut Conn, head: &[u8]) -> io::Result<Head> {
     Ok(Head::Held)
 }
 
+/// The largest head kept in the blob of a connection whose commits save
+/// up to `room` bytes: what the blob's own fields and the application's
+/// largest state leave (less over TLS, whose session takes part of it),
+/// at most [`HEAD_INLINE`].
+fn head_inline(room: usize) -> usize {
+    room.saturating_sub(BLOB_OVERHEAD + MAX_STATE)
+        .min(HEAD_INLINE)
+}
+
 /// The head of a resumed WebSocket.
-pub(crate) fn load_head(conn: &mut Conn, head: &Head) -> io::Result<Vec<u8>> {
+pub(crate) fn load_head(conn: &mut Io, head: &Head) -> io::Result<Vec<u8>> {
     match head {
         Head::Inline(h) => Ok(h.clone()),
         Head::Held => {
@@ -825,5 +837,25 @@ mod tests {
             assert!(parse_blob(&b[..n]).is_none());
         }
         assert!(parse_blob(b"HFWS\x02").is_none());
+    }
+
+    /// The largest blob kept inline fits the room of each kind of
+    /// connection: all of the state over plain TCP, what TLS leaves.
+    #[test]
+    fn the_largest_inline_blob_fits_the_connection() {
+        let rooms = [
+            holdfast::MAX_STATE,
+            #[cfg(feature = "tls")]
+            holdfast_tls::MAX_APP_STATE,
+        ];
+        for room in rooms {
+            let n = head_inline(room);
+            let b = blob(&Head::Inline(vec![b'x'; n]), &[1; MAX_STATE]);
+            assert!(b.len() <= room, "{} > {room}", b.len());
+            assert!(parse_blob(&b).is_some());
+            // One more byte would not fit, unless the cap is reached.
+            assert!(n == HEAD_INLINE || b.len() == room);
+        }
+        assert_eq!(head_inline(holdfast::MAX_STATE), HEAD_INLINE);
     }
 }

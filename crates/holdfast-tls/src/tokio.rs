@@ -272,6 +272,7 @@ impl TlsAcceptor {
             app_version: version,
             app_state: Vec::new(),
             fatal: None,
+            pending: None,
         };
         match saved {
             None => {
@@ -553,7 +554,13 @@ pub struct TlsConn<C: Transport = Conn> {
     app_state: Vec<u8>,
     /// A fatal error: reported to every later call.
     fatal: Option<(io::ErrorKind, String)>,
+    /// A commit begun by [`TlsConn::poll_commit`] and not yet done.
+    pending: Option<PlannedCommit>,
 }
+
+/// A commit planned (its key update, if any, already queued): the
+/// ciphertext it consumes, the whole blob, the cut.
+type PlannedCommit = (u64, Vec<u8>, Option<(Cut, u64)>);
 
 impl<C: Transport> TlsConn<C> {
     async fn handshake(&mut self, config: &Arc<ServerConfig>) -> io::Result<()> {
@@ -1011,6 +1018,8 @@ impl<C: Transport> TlsConn<C> {
         self.conn.commit(to_usize(c)?, &blob).await?;
         self.after_commit(c, cut);
         self.app_state = state.to_vec();
+        // The version the commit saved under: the service's current one.
+        self.app_version = self.conn.state().0;
         Ok(())
     }
 
@@ -1130,6 +1139,41 @@ impl<C: Transport> TlsConn<C> {
     }
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.conn.peer_addr()
+    }
+}
+
+impl TlsConn<Conn> {
+    /// For adapters that record their own choices; see
+    /// [`holdfast::tokio::Conn::replayed`].
+    pub fn replayed(&mut self) -> io::Result<Option<Vec<u8>>> {
+        self.conn.replayed()
+    }
+
+    /// [`TlsConn::commit`] for code driven by `poll_*` (an adapter's I/O
+    /// object, see [`holdfast::tokio::Conn::poll_commit`]): call again with
+    /// the same arguments after `Pending`. The commit is planned at the
+    /// first call (a key update it brings is queued then), so the
+    /// connection must not be written between the calls.
+    pub fn poll_commit(
+        &mut self,
+        cx: &mut Context<'_>,
+        consumed: usize,
+        state: &[u8],
+    ) -> Poll<io::Result<()>> {
+        if self.pending.is_none() {
+            self.pending = Some(self.plan_commit(consumed, state)?);
+        }
+        ready!(self.poll_flush_out(cx))?;
+        let Some((c, blob, _)) = &self.pending else {
+            return Poll::Ready(Err(err(io::ErrorKind::Other, "no commit planned")));
+        };
+        ready!(self.conn.poll_commit(cx, to_usize(*c)?, blob))?;
+        if let Some((c, _, cut)) = self.pending.take() {
+            self.after_commit(c, cut);
+        }
+        self.app_state = state.to_vec();
+        self.app_version = self.conn.state().0;
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -28,6 +28,11 @@
 //! test kills the worker; the next one answers `500` instead of running it);
 //! `POST /pay` is the same with its policy set by `ReplayPolicyLayer`.
 //!
+//! With `--tls-cert FILE --tls-key FILE` (PEM, chain allowed) it serves
+//! HTTPS and WSS instead (ALPN http/1.1) through holdfast-tls, with the
+//! same guarantees: TLS 1.3 sessions, handshakes included, survive the
+//! worker.
+//!
 //! `hf-chat --listen ADDR` runs alone (pass-through); `holdfast run --listen
 //! ADDR -- hf-chat` runs it under the keeper.
 
@@ -39,6 +44,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -80,6 +86,15 @@ struct Args {
     /// members in format 2 (state version 2), still reading format 1.
     #[arg(long, hide = true)]
     member_v2: bool,
+    /// Serve HTTPS and WSS with this PEM certificate chain (ALPN
+    /// http/1.1): TLS 1.3 sessions survive the worker like plain
+    /// connections (holdfast-tls); TLS 1.2 is served, but closed if its
+    /// worker dies.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The member format this build writes (see `--member-v2`).
@@ -430,10 +445,22 @@ async fn main() -> anyhow::Result<()> {
     } else {
         holdfast::Options::new()
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(
+            holdfast_tls::TlsAcceptor::from_pem_files(c, k, holdfast_http::ALPN).with_context(
+                || format!("TLS certificate {} / key {}", c.display(), k.display()),
+            )?,
+        ),
+        _ => None,
+    };
     let listener = holdfast::tokio::Listener::bind_with(&args.listen, &opts).await?;
     for a in listener.local_addrs() {
         eprintln!("hf-chat listening on {a}");
     }
-    holdfast_http::serve(listener, app(args.test_routes, rooms)).await?;
+    let app = app(args.test_routes, rooms);
+    match tls {
+        Some(tls) => holdfast_http::serve_tls(listener, tls, app).await?,
+        None => holdfast_http::serve(listener, app).await?,
+    }
     Ok(())
 }
