@@ -963,4 +963,25 @@ mod tests {
         };
         assert!(e.to_string().contains("at most 128"), "{e}");
     }
+
+    proptest::proptest! {
+        /// A stream's state blob comes back from a journal any worker may
+        /// have scribbled on: no input panics, and what is written reads back.
+        #[test]
+        fn blob_decoder_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = parse_blob(&data);
+            let mut tagged = MAGIC.to_vec();
+            tagged.push(BLOB_VERSION);
+            tagged.extend_from_slice(&data);
+            let _ = parse_blob(&tagged);
+        }
+
+        #[test]
+        fn blobs_round_trip(req in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..=REQUEST_INLINE),
+                            progress in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=MAX_PROGRESS)) {
+            let saved = parse_blob(&blob(Framing::Chunked, &KeptRequest::Inline(req.clone()), &progress)).unwrap();
+            proptest::prop_assert_eq!(saved.request, KeptRequest::Inline(req));
+            proptest::prop_assert_eq!(saved.progress, progress);
+        }
+    }
 }

@@ -858,4 +858,25 @@ mod tests {
         }
         assert_eq!(head_inline(holdfast::MAX_STATE), HEAD_INLINE);
     }
+
+    proptest::proptest! {
+        /// A state blob is read back from a journal any worker may have
+        /// scribbled on: no input panics, and what is written reads back.
+        #[test]
+        fn blob_decoder_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = parse_blob(&data);
+            let mut tagged = MAGIC.to_vec();
+            tagged.push(BLOB_VERSION);
+            tagged.extend_from_slice(&data);
+            let _ = parse_blob(&tagged);
+        }
+
+        #[test]
+        fn blobs_round_trip(head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=256),
+                            state in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=MAX_STATE)) {
+            let (h, s) = parse_blob(&blob(&Head::Inline(head.clone()), &state)).unwrap();
+            proptest::prop_assert!(matches!(h, Head::Inline(ref x) if *x == head));
+            proptest::prop_assert_eq!(s, state);
+        }
+    }
 }
