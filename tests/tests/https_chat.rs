@@ -395,7 +395,7 @@ fn tls_flags_come_in_pairs_and_bad_files_are_named() {
 fn new_https_connection_per_request_under_kills_every_20ms() {
     let chat = Chat::new();
     let mut k = chat.start();
-    let mut clients = vec![chat.per_conn_client(&k, 150), chat.per_conn_client(&k, 150)];
+    let mut clients = vec![chat.per_conn_client(&k, 500), chat.per_conn_client(&k, 500)];
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut kills = 0u32;
     while !clients

@@ -89,7 +89,7 @@ fn recovered(k: &Keeper) -> usize {
 fn a_room_survives_a_kill_storm() {
     let data = TempDir::new("chat");
     let mut k = chat(&data);
-    let mut client = room_client(&k, &["--members", "5", "--per", "50", "--gap", "0.02"]);
+    let mut client = room_client(&k, &["--members", "5", "--per", "80", "--gap", "0.02"]);
     let kills = while_running(&mut client, Duration::from_millis(150), |_| {
         k.kill_active();
     });
@@ -140,7 +140,7 @@ fn fragments_and_pings_survive_kills() {
             "--members",
             "4",
             "--per",
-            "40",
+            "100",
             "--gap",
             "0.01",
             "--fragment",
@@ -165,7 +165,7 @@ fn a_large_upgrade_head_is_kept_and_resumed() {
             "--members",
             "3",
             "--per",
-            "30",
+            "60",
             "--gap",
             "0.02",
             "--cookie",

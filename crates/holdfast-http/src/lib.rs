@@ -75,6 +75,7 @@
 mod conn;
 mod frame;
 mod handle;
+mod kept;
 mod policy;
 pub mod stream;
 pub mod ws;

@@ -78,8 +78,7 @@
 //! pass-through mode a `Resumable` is a plain streaming body.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -332,11 +331,8 @@ pub(crate) enum Framing {
 }
 
 /// The request of a stream, kept with the connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum KeptRequest {
-    Inline(Vec<u8>),
-    Held,
-}
+/// The request of a stream, kept with the connection.
+pub(crate) type KeptRequest = crate::kept::Kept;
 
 /// A stream's state blob, parsed.
 #[derive(Debug, PartialEq, Eq)]
@@ -359,17 +355,7 @@ fn blob(framing: Framing, request: &KeptRequest, progress: &[u8]) -> Vec<u8> {
         Framing::Raw => 0,
         Framing::Chunked => 1,
     });
-    match request {
-        KeptRequest::Inline(r) => {
-            b.push(0);
-            b.extend_from_slice(&(r.len() as u16).to_le_bytes());
-            b.extend_from_slice(r);
-        }
-        KeptRequest::Held => {
-            b.push(1);
-            b.extend_from_slice(&0u16.to_le_bytes());
-        }
-    }
+    request.put(&mut b);
     b.extend_from_slice(&(progress.len() as u16).to_le_bytes());
     b.extend_from_slice(progress);
     b
@@ -385,19 +371,12 @@ pub(crate) fn parse_blob(b: &[u8]) -> Option<Saved> {
         1 => Framing::Chunked,
         _ => return None,
     };
-    let kind = r.u8()?;
-    let req_len = usize::from(r.u16()?);
-    let req = r.take(req_len)?.to_vec();
+    let request = KeptRequest::take(&mut r, 1..=REQUEST_INLINE)?;
     let progress_len = usize::from(r.u16()?);
     let progress = r.take(progress_len)?.to_vec();
     if !r.is_empty() || progress_len > MAX_PROGRESS {
         return None;
     }
-    let request = match kind {
-        0 if (1..=REQUEST_INLINE).contains(&req_len) => KeptRequest::Inline(req),
-        1 if req_len == 0 => KeptRequest::Held,
-        _ => return None,
-    };
     Some(Saved {
         framing,
         request,
@@ -408,34 +387,13 @@ pub(crate) fn parse_blob(b: &[u8]) -> Option<Saved> {
 /// Keeps a stream's request with the connection: in the blob if small, else
 /// in a memfd the keeper holds.
 fn keep_request(conn: &mut Io, request: &[u8]) -> io::Result<KeptRequest> {
-    if request.len() <= request_inline(conn.max_state()) {
-        return Ok(KeptRequest::Inline(request.to_vec()));
-    }
-    let fd = rustix::fs::memfd_create("hf-stream-request", rustix::fs::MemfdFlags::CLOEXEC)?;
-    let mut f = std::fs::File::from(fd);
-    f.write_all(request)?;
-    conn.hold(REQUEST_TAG, f.as_fd())?;
-    Ok(KeptRequest::Held)
+    let inline = request_inline(conn.max_state());
+    KeptRequest::keep(conn, request, inline, REQUEST_TAG, "hf-stream-request")
 }
 
 /// The request of a resumed stream.
 pub(crate) fn load_request(conn: &mut Io, kept: &KeptRequest) -> io::Result<Vec<u8>> {
-    match kept {
-        KeptRequest::Inline(r) => Ok(r.clone()),
-        KeptRequest::Held => {
-            let fd = conn.take_held(REQUEST_TAG).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the stream's held request is missing",
-                )
-            })?;
-            let mut f = std::fs::File::from(fd);
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
-            let mut r = Vec::new();
-            f.read_to_end(&mut r)?;
-            Ok(r)
-        }
-    }
+    kept.load(conn, REQUEST_TAG, "the stream's held request")
 }
 
 /// The I/O layer's side: follows one response's bytes on their way to the

@@ -29,7 +29,6 @@
 
 use std::future::Future;
 use std::io::{self, Cursor, Read, Write};
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -103,11 +102,8 @@ pub(crate) struct Returned {
 }
 
 /// The head of the upgrade request, as kept with the connection.
-#[derive(Clone)]
-pub(crate) enum Head {
-    Inline(Vec<u8>),
-    Held,
-}
+/// The head of the upgrade request, as kept with the connection.
+pub(crate) type Head = crate::kept::Kept;
 
 /// A WebSocket connection served zero-loss.
 pub struct WebSocket {
@@ -585,17 +581,7 @@ pub(crate) fn blob(head: &Head, state: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(BLOB_OVERHEAD + HEAD_INLINE + state.len());
     b.extend_from_slice(MAGIC);
     b.push(BLOB_VERSION);
-    match head {
-        Head::Inline(h) => {
-            b.push(0);
-            b.extend_from_slice(&(h.len() as u16).to_le_bytes());
-            b.extend_from_slice(h);
-        }
-        Head::Held => {
-            b.push(1);
-            b.extend_from_slice(&0u16.to_le_bytes());
-        }
-    }
+    head.put(&mut b);
     b.extend_from_slice(&(state.len() as u16).to_le_bytes());
     b.extend_from_slice(state);
     b
@@ -607,19 +593,13 @@ pub(crate) fn parse_blob(b: &[u8]) -> Option<(Head, Vec<u8>)> {
     if r.take(4)? != MAGIC || r.u8()? != BLOB_VERSION {
         return None;
     }
-    let kind = r.u8()?;
-    let head_len = usize::from(r.u16()?);
-    let head = r.take(head_len)?.to_vec();
+    let head = Head::take(&mut r, 0..=HEAD_INLINE)?;
     let state_len = usize::from(r.u16()?);
     let state = r.take(state_len)?.to_vec();
     if !r.is_empty() || state_len > MAX_STATE {
         return None;
     }
-    match kind {
-        0 if head_len <= HEAD_INLINE => Some((Head::Inline(head), state)),
-        1 if head_len == 0 => Some((Head::Held, state)),
-        _ => None,
-    }
+    Some((head, state))
 }
 
 /// Whether a connection's state blob is a WebSocket's.
@@ -630,14 +610,13 @@ pub(crate) fn is_ws_blob(b: &[u8]) -> bool {
 /// Keeps a request head with the connection: in the blob if small, else in
 /// a memfd the keeper holds.
 pub(crate) fn keep_head(conn: &mut Io, head: &[u8]) -> io::Result<Head> {
-    if head.len() <= head_inline(conn.max_state()) {
-        return Ok(Head::Inline(head.to_vec()));
-    }
-    let fd = rustix::fs::memfd_create("hf-ws-head", rustix::fs::MemfdFlags::CLOEXEC)?;
-    let mut f = std::fs::File::from(fd);
-    f.write_all(head)?;
-    conn.hold(HEAD_TAG, f.as_fd())?;
-    Ok(Head::Held)
+    Head::keep(
+        conn,
+        head,
+        head_inline(conn.max_state()),
+        HEAD_TAG,
+        "hf-ws-head",
+    )
 }
 
 /// The largest head kept in the blob of a connection whose commits save
@@ -651,22 +630,7 @@ fn head_inline(room: usize) -> usize {
 
 /// The head of a resumed WebSocket.
 pub(crate) fn load_head(conn: &mut Io, head: &Head) -> io::Result<Vec<u8>> {
-    match head {
-        Head::Inline(h) => Ok(h.clone()),
-        Head::Held => {
-            let fd = conn.take_held(HEAD_TAG).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "the WebSocket's held head is missing",
-                )
-            })?;
-            let mut f = std::fs::File::from(fd);
-            let mut h = Vec::new();
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
-            f.read_to_end(&mut h)?;
-            Ok(h)
-        }
-    }
+    head.load(conn, HEAD_TAG, "the WebSocket's held head")
 }
 
 /// A close frame with `code`, written raw (no engine at hand).
