@@ -34,6 +34,8 @@ use crate::{listen, Config, KeeperError};
 mod reexec;
 mod stop;
 mod upgrade;
+pub use reexec::StateError;
+pub(crate) use reexec::{check as check_saved_state, MAX_STATE};
 use stop::Stopping;
 use upgrade::Upgrade;
 
@@ -152,6 +154,30 @@ struct Worker {
     hello_warned: bool,
 }
 
+/// The keeper's counters: what `holdfast status` and `--metrics` report,
+/// saved as they are when the keeper re-executes itself.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Counters {
+    accepted: u64,
+    /// Active workers that died and were replaced.
+    restarts: u64,
+    /// Connections handed to a new worker after a crash, in all.
+    recovered_total: u64,
+    last_recovery_us: Option<u64>,
+    /// How the last workers ended (newest last, at most [`EXITS_KEPT`]).
+    last_exits: VecDeque<String>,
+    turned_away: u64,
+    poisoned: u64,
+    /// Workers in a row that died before becoming ready.
+    start_failures: u32,
+    upgrades: u64,
+    failed_upgrades: u64,
+    /// Times this keeper process re-executed itself.
+    keeper_execs: u64,
+    /// Workers replaced for their memory or age.
+    rejuvenations: u64,
+}
+
 struct Keeper {
     /// The tick is wanted (see `needs_tick`), and what wakes its task.
     tick_need: Arc<AtomicBool>,
@@ -168,10 +194,6 @@ struct Keeper {
     /// The keeper's own binary, as resolved at start (a rebuilt binary at
     /// the same path is what `holdfast upgrade --keeper` runs).
     exe: std::path::PathBuf,
-    /// Times this keeper process re-executed itself.
-    keeper_execs: u64,
-    /// Workers replaced for their memory or age.
-    rejuvenations: u64,
     /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
     /// this stream for the outcome.
     reexec_to: Option<OwnedFd>,
@@ -187,17 +209,11 @@ struct Keeper {
     active: Option<u32>,
     waiting: VecDeque<u64>,
     phase: Phase,
-    accepted: u64,
-    restarts: u64,
-    recovered_total: u64,
-    last_recovery_us: Option<u64>,
+    /// What `holdfast status` counts, carried across a re-exec as it is.
+    count: Counters,
     recovery_started: Option<Instant>,
-    last_exits: VecDeque<String>,
-    turned_away: u64,
-    poisoned: u64,
     live: Arc<AtomicUsize>,
     room: Arc<Notify>,
-    start_failures: u32,
     spawn_after: Option<Instant>,
     /// Active workers in a row that crashed by themselves before they
     /// committed a single request: a version that fails on every request
@@ -208,8 +224,6 @@ struct Keeper {
     retry_armed: bool,
     upgrade: Option<Upgrade>,
     next_generation: u32,
-    upgrades: u64,
-    failed_upgrades: u64,
     /// Connections were queued by an event that does not hand them out
     /// itself: hand them out once the events at hand are handled.
     dirty: bool,
@@ -470,8 +484,6 @@ impl Keeper {
             listener_fds: kept,
             status_fd,
             exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
-            keeper_execs: 0,
-            rejuvenations: 0,
             conns: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
@@ -482,25 +494,16 @@ impl Keeper {
             active: None,
             waiting: VecDeque::new(),
             phase: Phase::Starting,
-            accepted: 0,
-            restarts: 0,
-            recovered_total: 0,
-            last_recovery_us: None,
+            count: Counters::default(),
             recovery_started: None,
-            last_exits: VecDeque::new(),
-            turned_away: 0,
-            poisoned: 0,
             live,
             room,
-            start_failures: 0,
             spawn_after: None,
             crash_streak: 0,
             promote_after: None,
             retry_armed: false,
             upgrade: None,
             next_generation: 2,
-            upgrades: 0,
-            failed_upgrades: 0,
             dirty: false,
             fatal: None,
             metrics: crate::metrics::Metrics::new(),
@@ -665,7 +668,7 @@ impl Keeper {
                 },
             );
             self.waiting.push_back(conn_id);
-            self.accepted += 1;
+            self.count.accepted += 1;
         }
         self.hand_out();
     }
@@ -769,7 +772,7 @@ impl Keeper {
                         if let Some(h) = self.conns.get_mut(id) {
                             h.sent_flags = flags;
                             if h.handed && !h.moved {
-                                self.recovered_total += 1;
+                                self.count.recovered_total += 1;
                             }
                             h.moved = false;
                             h.owner = Some(wid);
@@ -858,7 +861,7 @@ impl Keeper {
                 );
                 w.role = Role::Standby;
                 if self.crash_streak == 0 {
-                    self.start_failures = 0;
+                    self.count.start_failures = 0;
                 }
                 if self.active.is_none() && !self.backing_off() {
                     self.promote(id);
@@ -930,7 +933,7 @@ impl Keeper {
             },
             Msg::Poisoned { conn_id, slot } => {
                 if self.owns(id, conn_id, slot) {
-                    self.poisoned += 1;
+                    self.count.poisoned += 1;
                     tracing::warn!(worker = id, conn = conn_id, "poison request refused");
                 }
             }
@@ -1080,7 +1083,7 @@ impl Keeper {
             h.since = Some(Instant::now());
             if h.handed && !h.moved {
                 // Counted when it was handed out; it was not recovered then.
-                self.recovered_total = self.recovered_total.saturating_sub(1);
+                self.count.recovered_total = self.count.recovered_total.saturating_sub(1);
             }
         }
         self.waiting.push_front(conn_id);
@@ -1123,7 +1126,7 @@ impl Keeper {
         }
         if let Some(elapsed) = handed {
             let us = elapsed.as_micros() as u64;
-            self.last_recovery_us = Some(us);
+            self.count.last_recovery_us = Some(us);
             self.metrics.recovered_in(elapsed.as_secs_f64());
             let connections = self.workers.get(&id).map_or(0, |w| w.owned);
             tracing::info!(
@@ -1181,7 +1184,7 @@ impl Keeper {
             pid = w.pid,
             "rejuvenating the worker: {why}"
         );
-        self.rejuvenations += 1;
+        self.count.rejuvenations += 1;
         let req = UpgradeRequest {
             settle_ms: 200,
             ..UpgradeRequest::with_defaults()
@@ -1344,7 +1347,7 @@ impl Keeper {
             }
         }
         let _ = rustix::net::shutdown(&h.fd, rustix::net::Shutdown::Write);
-        self.turned_away += 1;
+        self.count.turned_away += 1;
         self.drop_conn(cid);
     }
 
@@ -1391,7 +1394,7 @@ impl Keeper {
         // standby) waits until they are on their way to the successor.
         if was_active {
             self.active = None;
-            self.restarts += 1;
+            self.count.restarts += 1;
             self.metrics.restarted(if w.hung.is_some() {
                 crate::metrics::RestartReason::Hang
             } else if crashed {
@@ -1462,23 +1465,23 @@ impl Keeper {
         }
         self.upgrade_worker_died(id, &w, was_active, &how_short);
         if w.role == Role::Starting && self.phase != Phase::ShuttingDown {
-            self.start_failures += 1;
+            self.count.start_failures += 1;
             let backoff = FIRST_BACKOFF
-                .saturating_mul(1 << self.start_failures.min(10))
+                .saturating_mul(1 << self.count.start_failures.min(10))
                 .min(MAX_BACKOFF);
             self.spawn_after = Some(Instant::now() + backoff);
             tracing::warn!(
                 worker = id,
-                failures = self.start_failures,
+                failures = self.count.start_failures,
                 next_start_ms = backoff.as_millis() as u64,
                 "worker died before it was ready ({how_short}); {} failed start-ups in a row, next try in {} ms",
-                self.start_failures,
+                self.count.start_failures,
                 backoff.as_millis()
             );
         }
-        self.last_exits.push_back(exit);
-        if self.last_exits.len() > EXITS_KEPT {
-            self.last_exits.pop_front();
+        self.count.last_exits.push_back(exit);
+        if self.count.last_exits.len() > EXITS_KEPT {
+            self.count.last_exits.pop_front();
         }
         self.ensure_workers();
     }
@@ -1551,7 +1554,7 @@ impl Keeper {
         let pause = FIRST_BACKOFF
             .saturating_mul(1 << (self.crash_streak - 1).min(10))
             .min(MAX_BACKOFF);
-        self.start_failures += 1;
+        self.count.start_failures += 1;
         let until = Instant::now() + pause;
         self.promote_after = Some(until);
         self.spawn_after = Some(self.spawn_after.map_or(until, |t| t.max(until)));
@@ -1618,7 +1621,7 @@ impl Keeper {
         for _ in spares..want {
             if let Err(e) = self.spawn_worker(None, self.generation, Role::Starting) {
                 tracing::error!(error = %e, "cannot start worker");
-                self.start_failures += 1;
+                self.count.start_failures += 1;
                 self.spawn_after = Some(Instant::now() + MAX_BACKOFF);
                 self.arm_retry(MAX_BACKOFF);
                 return;
@@ -1748,25 +1751,25 @@ impl Keeper {
                 .collect(),
             connections: self.conns.len(),
             waiting: self.waiting.len(),
-            accepted: self.accepted,
-            restarts: self.restarts,
-            recovered_connections: self.recovered_total,
-            last_recovery_us: self.last_recovery_us,
-            last_exits: self.last_exits.iter().cloned().collect(),
-            start_failures: self.start_failures,
+            accepted: self.count.accepted,
+            restarts: self.count.restarts,
+            recovered_connections: self.count.recovered_total,
+            last_recovery_us: self.count.last_recovery_us,
+            last_exits: self.count.last_exits.iter().cloned().collect(),
+            start_failures: self.count.start_failures,
             next_start_in_ms: self
                 .spawn_after
                 .and_then(|t| t.checked_duration_since(Instant::now()))
                 .map(|d| d.as_millis() as u64),
-            turned_away: self.turned_away,
-            poisoned: self.poisoned,
+            turned_away: self.count.turned_away,
+            poisoned: self.count.poisoned,
             generation: self.generation,
             generations: self.live_generations(),
             upgrade: self.upgrade.as_ref().map(Upgrade::status),
-            upgrades: self.upgrades,
-            failed_upgrades: self.failed_upgrades,
-            keeper_execs: self.keeper_execs,
-            rejuvenations: self.rejuvenations,
+            upgrades: self.count.upgrades,
+            failed_upgrades: self.count.failed_upgrades,
+            keeper_execs: self.count.keeper_execs,
+            rejuvenations: self.count.rejuvenations,
         }
     }
 
