@@ -28,7 +28,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, WorkerInfo};
+use crate::proto::{ErrorCode, ErrorReply, ProtoError, Request, MAX_REQUEST};
+use crate::status::{Phase, Progress, Role, Snapshot, UpgradeRequest, WorkerInfo};
 use crate::{listen, Config, KeeperError};
 
 mod reexec;
@@ -2114,13 +2115,14 @@ fn serve_status(
                     "control connection refused: not this keeper's user or root"
                 );
                 let who = uid.map_or("an unknown user".to_owned(), |u| format!("uid {u}"));
-                let reply = serde_json::json!({
-                    "error": format!(
+                let reply = ErrorReply::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
                         "permission denied: {who} may not control this keeper \
                          (only uid {} and root)",
                         rustix::process::geteuid().as_raw()
-                    )
-                });
+                    ),
+                );
                 tokio::spawn(async move {
                     // The request is read first (briefly), so the client
                     // sees this answer rather than a broken pipe.
@@ -2132,39 +2134,53 @@ fn serve_status(
                         Box::pin(request).read_line(&mut line),
                     )
                     .await;
-                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                    let _ = w.write_all(reply.to_line().as_bytes()).await;
                 });
                 continue;
             }
             let conversation = gate.enter();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _conversation = conversation;
                 let (r, mut w) = stream.into_split();
                 let mut r = tokio::io::BufReader::new(r);
-                let mut line = String::new();
-                if (&mut r).take(4096).read_line(&mut line).await.is_err() {
-                    return;
-                }
-                if line.trim() == r#"{"cmd":"upgrade_keeper"}"# {
-                    // The connection itself travels to the keeper: the
-                    // re-executed keeper answers on it.
-                    let Ok(stream) = r.into_inner().reunite(w) else {
+                let req = match read_request(&mut r).await {
+                    None => return,
+                    Some(Ok(req)) => req,
+                    Some(Err(e)) => {
+                        // Told why, and nothing else happens: the keeper
+                        // goes on as before.
+                        tracing::warn!(error = %e, "control request refused");
+                        let _ = w.write_all(ErrorReply::from(&e).to_line().as_bytes()).await;
+                        drop(conversation);
+                        let _ = w.shutdown().await;
+                        // What the client still sends is read (briefly) so
+                        // that closing does not reset the answer away.
+                        let mut sink = tokio::io::sink();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            tokio::io::copy(&mut r.take(1 << 20), &mut sink),
+                        )
+                        .await;
                         return;
-                    };
-                    if let Ok(std) = stream.into_std() {
-                        let _ = std.set_nonblocking(false);
-                        let _ = tx.send(Event::Reexec(OwnedFd::from(std)));
                     }
-                    return;
-                }
-                let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(Request {
-                        cmd,
-                        upgrade: Some(up),
-                    }) if cmd == "upgrade" => {
+                };
+                let _conversation = conversation;
+                let reply = match req {
+                    Request::UpgradeKeeper => {
+                        // The connection itself travels to the keeper: the
+                        // re-executed keeper answers on it.
+                        let Ok(stream) = r.into_inner().reunite(w) else {
+                            return;
+                        };
+                        if let Ok(std) = stream.into_std() {
+                            let _ = std.set_nonblocking(false);
+                            let _ = tx.send(Event::Reexec(OwnedFd::from(std)));
+                        }
+                        return;
+                    }
+                    Request::Upgrade { upgrade } => {
                         let (ptx, mut prx) = mpsc::unbounded_channel();
-                        if tx.send(Event::Upgrade(up, Some(ptx))).is_err() {
+                        if tx.send(Event::Upgrade(upgrade, Some(ptx))).is_err() {
                             return;
                         }
                         while let Some(p) = prx.recv().await {
@@ -2176,7 +2192,7 @@ fn serve_status(
                         }
                         return;
                     }
-                    Ok(req) if req.cmd == "status" => {
+                    Request::Status => {
                         let (otx, orx) = oneshot::channel();
                         if tx.send(Event::Status(otx)).is_err() {
                             return;
@@ -2186,8 +2202,6 @@ fn serve_status(
                             Err(_) => return,
                         }
                     }
-                    Ok(req) => format!("{{\"error\":\"unknown command {:?}\"}}", req.cmd),
-                    Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
                 };
                 let _ = w.write_all(reply.as_bytes()).await;
                 let _ = w.write_all(b"\n").await;
@@ -2195,6 +2209,28 @@ fn serve_status(
         }
     });
     Ok(())
+}
+
+/// Reads one request line from a control client: `None` if it closed (or
+/// failed) before sending anything.
+async fn read_request(
+    r: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Option<Result<Request, ProtoError>> {
+    let mut line = Vec::new();
+    match r
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+    {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_REQUEST {
+        return Some(Err(ProtoError::TooLong));
+    }
+    Some(Request::parse(&line))
 }
 
 /// Serves `--metrics`: `GET /metrics` gets the keeper's counters as

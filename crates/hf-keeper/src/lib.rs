@@ -39,6 +39,7 @@ pub mod control;
 mod keeper;
 mod listen;
 pub mod metrics;
+pub mod proto;
 pub mod status;
 
 use std::ffi::OsString;
