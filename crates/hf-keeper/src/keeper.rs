@@ -809,6 +809,9 @@ impl Keeper {
         }
     }
 
+    /// A message from worker `id`: checked for its descriptors, then handled
+    /// by the function for its kind. Anything a worker may not say in its
+    /// state is logged and ignored.
     fn on_message(&mut self, id: u32, msg: Msg, mut fds: Vec<OwnedFd>) {
         if fds.len() != msg.fd_count() {
             tracing::warn!(
@@ -820,100 +823,27 @@ impl Keeper {
             self.kill(id);
             return;
         }
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.workers.get(&id) else {
             return;
         };
+        let (greeted, role) = (w.greeted, w.role);
         match msg {
             Msg::Hello {
                 pid,
                 proto,
                 state_writes,
                 state_reads,
-            } => {
-                w.state_writes = state_writes;
-                w.state_reads = state_reads;
-                if proto != PROTO_VERSION || pid != w.pid {
-                    tracing::warn!(
-                        worker = id,
-                        proto,
-                        pid,
-                        "worker speaks another protocol or lies about its pid"
-                    );
-                    self.kill(id);
-                    return;
-                }
-                w.greeted = true;
-                let welcome = Msg::Welcome {
-                    worker_id: id,
-                    generation: w.generation,
-                    slots: self.cfg.max_conns,
-                };
-                let control = w.control.clone();
-                send_msg(&control, &welcome);
-                // Welcomed while the keeper stops: it serves as a stopping worker.
-                self.tell_workers_to_stop();
-            }
-            Msg::Ready if w.greeted && w.role == Role::Starting => {
-                tracing::info!(
-                    worker = id,
-                    pid = w.pid,
-                    ms = w.started.elapsed().as_millis() as u64,
-                    "worker ready"
-                );
-                w.role = Role::Standby;
-                if self.crash_streak == 0 {
-                    self.count.start_failures = 0;
-                }
-                if self.active.is_none() && !self.backing_off() {
-                    self.promote(id);
-                    self.ensure_workers();
-                }
-            }
-            Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
+            } => self.hello(id, pid, proto, state_writes, state_reads),
+            Msg::Ready if greeted && role == Role::Starting => self.standby_ready(id),
+            Msg::Ready if greeted && role == Role::Candidate => self.candidate_ready(id),
             Msg::Released { conn_id, slot } if self.stop.is_some() => {
                 self.released_at_stop(id, conn_id, slot)
             }
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Refused { conn_id, slot } => self.refused(id, conn_id, slot),
-            Msg::Spool { conn_id, slot } => {
-                let owned = self.owns(id, conn_id, slot);
-                let spool = fds.pop().filter(|fd| {
-                    rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
-                        s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
-                    })
-                });
-                match (owned, spool) {
-                    (true, Some(fd)) => {
-                        if let Some(h) = self.conns.get_mut(&conn_id) {
-                            tracing::info!(worker = id, conn = conn_id, "input spool held");
-                            h.spool = Some(fd);
-                        }
-                    }
-                    (false, _) => tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "spool for a connection the worker does not own; ignored"
-                    ),
-                    (true, None) => tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "spool that is not a sealed memfd; ignored"
-                    ),
-                }
-            }
+            Msg::Spool { conn_id, slot } => self.spooled(id, conn_id, slot, fds.pop()),
             Msg::Hold { conn_id, slot, tag } => {
-                let owned = self.owns(id, conn_id, slot);
-                let (Some(fd), true) = (fds.pop(), owned) else {
-                    tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "channel for a connection the worker does not own; ignored"
-                    );
-                    return;
-                };
-                if let Some(h) = self.conns.get_mut(&conn_id) {
-                    h.hold(id, conn_id, tag, fd);
-                }
+                self.hold_channel(id, conn_id, slot, tag, fds.pop())
             }
             Msg::AcceptOn {
                 conn_id,
@@ -921,35 +851,9 @@ impl Keeper {
                 listener,
                 tag,
             } => self.accept_on(id, conn_id, slot, listener, tag),
-            Msg::Unhold { conn_id, slot, tag } => match self.conns.get_mut(&conn_id) {
-                Some(h) if h.owner == Some(id) && h.slot == slot => {
-                    h.channels.retain(|(t, _)| *t != tag);
-                    tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
-                }
-                _ => tracing::warn!(
-                    worker = id,
-                    conn = conn_id,
-                    "unhold for a connection the worker does not own; ignored"
-                ),
-            },
-            Msg::Poisoned { conn_id, slot } => {
-                if self.owns(id, conn_id, slot) {
-                    self.count.poisoned += 1;
-                    tracing::warn!(worker = id, conn = conn_id, "poison request refused");
-                }
-            }
-            Msg::Closed { conn_id, slot } => {
-                let owned = self.owns(id, conn_id, slot);
-                if owned {
-                    self.drop_conn(conn_id);
-                } else {
-                    tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "worker closed a connection it does not own; ignored"
-                    );
-                }
-            }
+            Msg::Unhold { conn_id, slot, tag } => self.unhold(id, conn_id, slot, tag),
+            Msg::Poisoned { conn_id, slot } => self.poisoned(id, conn_id, slot),
+            Msg::Closed { conn_id, slot } => self.closed(id, conn_id, slot),
             other => {
                 tracing::warn!(
                     worker = id,
@@ -957,6 +861,142 @@ impl Keeper {
                     "unexpected message from worker; ignored"
                 );
             }
+        }
+    }
+
+    /// `Hello`: the worker's protocol, pid and state blob versions. A
+    /// worker that speaks another protocol or lies about its pid is stopped;
+    /// the others are welcomed.
+    fn hello(&mut self, id: u32, pid: u32, proto: u16, state_writes: u16, state_reads: (u16, u16)) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.state_writes = state_writes;
+        w.state_reads = state_reads;
+        if proto != PROTO_VERSION || pid != w.pid {
+            tracing::warn!(
+                worker = id,
+                proto,
+                pid,
+                "worker speaks another protocol or lies about its pid"
+            );
+            self.kill(id);
+            return;
+        }
+        w.greeted = true;
+        let welcome = Msg::Welcome {
+            worker_id: id,
+            generation: w.generation,
+            slots: self.cfg.max_conns,
+        };
+        let control = w.control.clone();
+        send_msg(&control, &welcome);
+        // Welcomed while the keeper stops: it serves as a stopping worker.
+        self.tell_workers_to_stop();
+    }
+
+    /// `Ready` from a starting worker: it becomes a standby, and the active
+    /// worker if there is none (and no crash loop holds promotions back).
+    fn standby_ready(&mut self, id: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        tracing::info!(
+            worker = id,
+            pid = w.pid,
+            ms = w.started.elapsed().as_millis() as u64,
+            "worker ready"
+        );
+        w.role = Role::Standby;
+        if self.crash_streak == 0 {
+            self.count.start_failures = 0;
+        }
+        if self.active.is_none() && !self.backing_off() {
+            self.promote(id);
+            self.ensure_workers();
+        }
+    }
+
+    /// `Spool`: the input spool of a request larger than the socket buffer,
+    /// held with its connection if the worker owns it and it is a sealed
+    /// memfd.
+    fn spooled(&mut self, id: u32, conn_id: u64, slot: u32, fd: Option<OwnedFd>) {
+        let owned = self.owns(id, conn_id, slot);
+        let spool = fd.filter(|fd| {
+            rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
+                s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
+            })
+        });
+        match (owned, spool) {
+            (true, Some(fd)) => {
+                if let Some(h) = self.conns.get_mut(&conn_id) {
+                    tracing::info!(worker = id, conn = conn_id, "input spool held");
+                    h.spool = Some(fd);
+                }
+            }
+            (false, _) => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "spool for a connection the worker does not own; ignored"
+            ),
+            (true, None) => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "spool that is not a sealed memfd; ignored"
+            ),
+        }
+    }
+
+    /// `Hold`: a channel the service opened for a connection it owns.
+    fn hold_channel(&mut self, id: u32, conn_id: u64, slot: u32, tag: u32, fd: Option<OwnedFd>) {
+        let owned = self.owns(id, conn_id, slot);
+        let (Some(fd), true) = (fd, owned) else {
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "channel for a connection the worker does not own; ignored"
+            );
+            return;
+        };
+        if let Some(h) = self.conns.get_mut(&conn_id) {
+            h.hold(id, conn_id, tag, fd);
+        }
+    }
+
+    /// `Unhold`: a held channel the service is done with.
+    fn unhold(&mut self, id: u32, conn_id: u64, slot: u32, tag: u32) {
+        match self.conns.get_mut(&conn_id) {
+            Some(h) if h.owner == Some(id) && h.slot == slot => {
+                h.channels.retain(|(t, _)| *t != tag);
+                tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
+            }
+            _ => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "unhold for a connection the worker does not own; ignored"
+            ),
+        }
+    }
+
+    /// `Poisoned`: the worker refused a request as poison.
+    fn poisoned(&mut self, id: u32, conn_id: u64, slot: u32) {
+        if self.owns(id, conn_id, slot) {
+            self.count.poisoned += 1;
+            tracing::warn!(worker = id, conn = conn_id, "poison request refused");
+        }
+    }
+
+    /// `Closed`: the worker closed a connection it owns; the keeper drops
+    /// its dup and frees the slot.
+    fn closed(&mut self, id: u32, conn_id: u64, slot: u32) {
+        if self.owns(id, conn_id, slot) {
+            self.drop_conn(conn_id);
+        } else {
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "worker closed a connection it does not own; ignored"
+            );
         }
     }
 
