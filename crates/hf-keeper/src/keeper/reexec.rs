@@ -2,7 +2,11 @@
 //! binary in place. `execve` keeps the process (its pid, so the workers stay
 //! its children) and every descriptor not marked close-on-exec; the state
 //! that is not in the kernel — which fd is which connection, journal slot,
-//! owner, generation — travels as JSON in a memfd named by the environment.
+//! owner, generation — travels in a memfd named by the environment: JSON in
+//! a frame with a magic, the format and a CRC-32C ([`encode`], [`decode`]).
+//! Before the exec, the new binary checks that very state
+//! (`holdfast state-check`); a state it would refuse leaves the old image
+//! running with everything.
 //!
 //! Workers never notice: their connections, control sockets and journal are
 //! the same objects before and after. Messages they send meanwhile wait in
