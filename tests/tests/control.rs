@@ -215,3 +215,87 @@ fn client_refuses_a_keeper_of_another_user() {
     term(other.0.id());
     let _ = wait_exit(&mut other.0, Duration::from_secs(10));
 }
+
+/// Sends `request` as it is on the control socket and returns the one line
+/// the keeper answers.
+fn raw_request(control: &Path, request: &[u8]) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A refused request may be answered before it is all sent.
+    let _ = s.write_all(request);
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// Requests the keeper cannot take — not JSON, an unknown command, one
+/// whose name needs escaping, missing arguments, one longer than the limit
+/// — are each answered with a JSON error that says why, and the keeper
+/// goes on serving and answering.
+#[test]
+fn malformed_control_requests_get_a_clear_error_and_the_keeper_goes_on() {
+    let svc = bin("hf-testsvc").display().to_string();
+    let mut k = Keeper::start(&[], &[&svc]);
+    let before = k.wait_for("serving", |s| s.phase == hf_tests::Phase::Serving);
+    let long = format!(
+        "{{\"cmd\":\"status\",\"pad\":\"{}\"}}\n",
+        "x".repeat(hf_keeper::proto::MAX_REQUEST)
+    );
+    let cases: [(&[u8], &str, &str); 6] = [
+        (
+            b"status\n",
+            "malformed",
+            "malformed request: expected value",
+        ),
+        (
+            b"{\"cmd\":\"frobnicate\"}\n",
+            "unknown_command",
+            "unknown command \"frobnicate\" (the keeper knows: status, upgrade, upgrade_keeper)",
+        ),
+        (
+            "{\"cmd\":\"\\u001b[2J\u{e9}\"}\n".as_bytes(),
+            "unknown_command",
+            "unknown command \"\\u{1b}[2J\u{e9}\"",
+        ),
+        (
+            b"{\"cmd\":\"upgrade\"}\n",
+            "bad_arguments",
+            "bad arguments to \"upgrade\": missing field `upgrade`",
+        ),
+        (
+            b"{\"cmd\":42}\n",
+            "malformed",
+            "malformed request: \"cmd\" is not a string",
+        ),
+        (
+            long.as_bytes(),
+            "too_long",
+            "request longer than 65536 bytes",
+        ),
+    ];
+    for (request, code, says) in cases {
+        let line = raw_request(&k.control, request);
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert_eq!(v["code"], code, "{line}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with(says),
+            "{error:?} does not start with {says:?}"
+        );
+    }
+    // The keeper is unharmed: same process, still serving, nothing upgraded.
+    let after = k.status().expect("status after the bad requests");
+    assert_eq!(after.keeper_pid, before.keeper_pid);
+    assert_eq!(after.phase, hf_tests::Phase::Serving);
+    assert_eq!((after.upgrades, after.failed_upgrades), (0, 0));
+    // The typed client reads such an answer as an error with its text.
+    let e = hf_keeper::proto::parse_reply::<hf_tests::Snapshot>(&raw_request(
+        &k.control,
+        b"{\"cmd\":\"frobnicate\"}\n",
+    ))
+    .unwrap_err();
+    assert!(e.to_string().starts_with("unknown command"), "{e}");
+    assert!(k.log().contains("control request refused"), "{}", k.log());
+}

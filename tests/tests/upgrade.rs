@@ -653,6 +653,92 @@ fn keeper_refuses_a_binary_that_cannot_resume_it() {
     assert!(keeper.0.try_wait().unwrap().is_none());
 }
 
+/// A saved state that reaches the new binary corrupted is refused by it
+/// before the exec (its checksum fails), and the keeper goes on with
+/// everything: same process, same connections, no re-exec counted.
+#[test]
+fn keeper_refuses_a_corrupted_saved_state_and_keeps_serving() {
+    let dir = TempDir::new("keeper-corrupt");
+    let exe = dir.path().join("holdfast");
+    std::fs::copy(bin("holdfast"), &exe).unwrap();
+    let control = dir.path().join("control.sock");
+    let mut keeper = hf_tests::Proc(
+        std::process::Command::new(&exe)
+            .args(["run", "--listen", "127.0.0.1:0", "--control"])
+            .arg(&control)
+            .arg("--")
+            .arg(bin("hf-testsvc"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let st = hf_tests::wait_status(&control, "serving", Duration::from_secs(20), |s| {
+        s.phase == hf_tests::Phase::Serving
+    });
+    let mut c = LineClient::connect(st.listeners[0].parse().unwrap(), "c");
+    c.request(1, 100, 0);
+    // A "new build" that is this build, except that one bit of the state
+    // flips on its way in.
+    let real = bin("holdfast").display().to_string();
+    let fake = dir.path().join("fake");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = state-check ]; then\n\
+             python3 -c 'import sys; b = bytearray(sys.stdin.buffer.read()); b[len(b) // 2] ^= 1; sys.stdout.buffer.write(b)' | {real} state-check\n\
+             exit $?\n\
+             fi\n\
+             exec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&fake, &exe).unwrap();
+    let (code, out, err) = run_cmd(
+        std::process::Command::new(bin("holdfast"))
+            .args(["upgrade", "--keeper", "--control"])
+            .arg(&control),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("refuses the saved state")
+            && out.contains("saved state corrupt: CRC-32C")
+            && out.contains("nothing changed"),
+        "{out}"
+    );
+    c.request(2, 100, 0);
+    let after = hf_tests::status_of(&control);
+    assert_eq!((after.keeper_pid, after.keeper_execs), (st.keeper_pid, 0));
+    assert!(keeper.0.try_wait().unwrap().is_none());
+}
+
+/// A keeper started with a "saved state" that is not one (a stray
+/// environment variable naming some other file) refuses it and says why.
+#[test]
+fn keeper_refuses_a_foreign_saved_state_at_start() {
+    let dir = TempDir::new("keeper-foreign");
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"GIF89a not a keeper state").unwrap();
+    let out = std::process::Command::new(bin("holdfast"))
+        .args(["run", "--listen", "127.0.0.1:0", "--control"])
+        .arg(dir.path().join("control.sock"))
+        .arg("--")
+        .arg(bin("hf-testsvc"))
+        .env("HOLDFAST_KEEPER_STATE_FD", "0")
+        .stdin(std::fs::File::open(&junk).unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot resume after re-exec: not a saved keeper state"),
+        "{err}"
+    );
+}
+
 /// A draining worker whose last connection is closed by the service (not
 /// handed over) still retires, and the upgrade ends without waiting for
 /// the drain timeout.

@@ -28,12 +28,15 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::status::{Phase, Progress, Request, Role, Snapshot, UpgradeRequest, WorkerInfo};
+use crate::proto::{ErrorCode, ErrorReply, ProtoError, Request, MAX_REQUEST};
+use crate::status::{Phase, Progress, Role, Snapshot, UpgradeRequest, WorkerInfo};
 use crate::{listen, Config, KeeperError};
 
 mod reexec;
 mod stop;
 mod upgrade;
+pub use reexec::StateError;
+pub(crate) use reexec::{check as check_saved_state, MAX_STATE};
 use stop::Stopping;
 use upgrade::Upgrade;
 
@@ -152,6 +155,30 @@ struct Worker {
     hello_warned: bool,
 }
 
+/// The keeper's counters: what `holdfast status` and `--metrics` report,
+/// saved as they are when the keeper re-executes itself.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Counters {
+    accepted: u64,
+    /// Active workers that died and were replaced.
+    restarts: u64,
+    /// Connections handed to a new worker after a crash, in all.
+    recovered_total: u64,
+    last_recovery_us: Option<u64>,
+    /// How the last workers ended (newest last, at most [`EXITS_KEPT`]).
+    last_exits: VecDeque<String>,
+    turned_away: u64,
+    poisoned: u64,
+    /// Workers in a row that died before becoming ready.
+    start_failures: u32,
+    upgrades: u64,
+    failed_upgrades: u64,
+    /// Times this keeper process re-executed itself.
+    keeper_execs: u64,
+    /// Workers replaced for their memory or age.
+    rejuvenations: u64,
+}
+
 struct Keeper {
     /// The tick is wanted (see `needs_tick`), and what wakes its task.
     tick_need: Arc<AtomicBool>,
@@ -168,10 +195,6 @@ struct Keeper {
     /// The keeper's own binary, as resolved at start (a rebuilt binary at
     /// the same path is what `holdfast upgrade --keeper` runs).
     exe: std::path::PathBuf,
-    /// Times this keeper process re-executed itself.
-    keeper_execs: u64,
-    /// Workers replaced for their memory or age.
-    rejuvenations: u64,
     /// `holdfast upgrade --keeper` asked for a re-exec; the client waits on
     /// this stream for the outcome.
     reexec_to: Option<OwnedFd>,
@@ -187,17 +210,11 @@ struct Keeper {
     active: Option<u32>,
     waiting: VecDeque<u64>,
     phase: Phase,
-    accepted: u64,
-    restarts: u64,
-    recovered_total: u64,
-    last_recovery_us: Option<u64>,
+    /// What `holdfast status` counts, carried across a re-exec as it is.
+    count: Counters,
     recovery_started: Option<Instant>,
-    last_exits: VecDeque<String>,
-    turned_away: u64,
-    poisoned: u64,
     live: Arc<AtomicUsize>,
     room: Arc<Notify>,
-    start_failures: u32,
     spawn_after: Option<Instant>,
     /// Active workers in a row that crashed by themselves before they
     /// committed a single request: a version that fails on every request
@@ -208,8 +225,6 @@ struct Keeper {
     retry_armed: bool,
     upgrade: Option<Upgrade>,
     next_generation: u32,
-    upgrades: u64,
-    failed_upgrades: u64,
     /// Connections were queued by an event that does not hand them out
     /// itself: hand them out once the events at hand are handled.
     dirty: bool,
@@ -470,8 +485,6 @@ impl Keeper {
             listener_fds: kept,
             status_fd,
             exe: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
-            keeper_execs: 0,
-            rejuvenations: 0,
             conns: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
@@ -482,25 +495,16 @@ impl Keeper {
             active: None,
             waiting: VecDeque::new(),
             phase: Phase::Starting,
-            accepted: 0,
-            restarts: 0,
-            recovered_total: 0,
-            last_recovery_us: None,
+            count: Counters::default(),
             recovery_started: None,
-            last_exits: VecDeque::new(),
-            turned_away: 0,
-            poisoned: 0,
             live,
             room,
-            start_failures: 0,
             spawn_after: None,
             crash_streak: 0,
             promote_after: None,
             retry_armed: false,
             upgrade: None,
             next_generation: 2,
-            upgrades: 0,
-            failed_upgrades: 0,
             dirty: false,
             fatal: None,
             metrics: crate::metrics::Metrics::new(),
@@ -665,7 +669,7 @@ impl Keeper {
                 },
             );
             self.waiting.push_back(conn_id);
-            self.accepted += 1;
+            self.count.accepted += 1;
         }
         self.hand_out();
     }
@@ -769,7 +773,7 @@ impl Keeper {
                         if let Some(h) = self.conns.get_mut(id) {
                             h.sent_flags = flags;
                             if h.handed && !h.moved {
-                                self.recovered_total += 1;
+                                self.count.recovered_total += 1;
                             }
                             h.moved = false;
                             h.owner = Some(wid);
@@ -805,6 +809,9 @@ impl Keeper {
         }
     }
 
+    /// A message from worker `id`: checked for its descriptors, then handled
+    /// by the function for its kind. Anything a worker may not say in its
+    /// state is logged and ignored.
     fn on_message(&mut self, id: u32, msg: Msg, mut fds: Vec<OwnedFd>) {
         if fds.len() != msg.fd_count() {
             tracing::warn!(
@@ -816,100 +823,27 @@ impl Keeper {
             self.kill(id);
             return;
         }
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.workers.get(&id) else {
             return;
         };
+        let (greeted, role) = (w.greeted, w.role);
         match msg {
             Msg::Hello {
                 pid,
                 proto,
                 state_writes,
                 state_reads,
-            } => {
-                w.state_writes = state_writes;
-                w.state_reads = state_reads;
-                if proto != PROTO_VERSION || pid != w.pid {
-                    tracing::warn!(
-                        worker = id,
-                        proto,
-                        pid,
-                        "worker speaks another protocol or lies about its pid"
-                    );
-                    self.kill(id);
-                    return;
-                }
-                w.greeted = true;
-                let welcome = Msg::Welcome {
-                    worker_id: id,
-                    generation: w.generation,
-                    slots: self.cfg.max_conns,
-                };
-                let control = w.control.clone();
-                send_msg(&control, &welcome);
-                // Welcomed while the keeper stops: it serves as a stopping worker.
-                self.tell_workers_to_stop();
-            }
-            Msg::Ready if w.greeted && w.role == Role::Starting => {
-                tracing::info!(
-                    worker = id,
-                    pid = w.pid,
-                    ms = w.started.elapsed().as_millis() as u64,
-                    "worker ready"
-                );
-                w.role = Role::Standby;
-                if self.crash_streak == 0 {
-                    self.start_failures = 0;
-                }
-                if self.active.is_none() && !self.backing_off() {
-                    self.promote(id);
-                    self.ensure_workers();
-                }
-            }
-            Msg::Ready if w.greeted && w.role == Role::Candidate => self.candidate_ready(id),
+            } => self.hello(id, pid, proto, state_writes, state_reads),
+            Msg::Ready if greeted && role == Role::Starting => self.standby_ready(id),
+            Msg::Ready if greeted && role == Role::Candidate => self.candidate_ready(id),
             Msg::Released { conn_id, slot } if self.stop.is_some() => {
                 self.released_at_stop(id, conn_id, slot)
             }
             Msg::Released { conn_id, slot } => self.released(id, conn_id, slot),
             Msg::Refused { conn_id, slot } => self.refused(id, conn_id, slot),
-            Msg::Spool { conn_id, slot } => {
-                let owned = self.owns(id, conn_id, slot);
-                let spool = fds.pop().filter(|fd| {
-                    rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
-                        s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
-                    })
-                });
-                match (owned, spool) {
-                    (true, Some(fd)) => {
-                        if let Some(h) = self.conns.get_mut(&conn_id) {
-                            tracing::info!(worker = id, conn = conn_id, "input spool held");
-                            h.spool = Some(fd);
-                        }
-                    }
-                    (false, _) => tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "spool for a connection the worker does not own; ignored"
-                    ),
-                    (true, None) => tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "spool that is not a sealed memfd; ignored"
-                    ),
-                }
-            }
+            Msg::Spool { conn_id, slot } => self.spooled(id, conn_id, slot, fds.pop()),
             Msg::Hold { conn_id, slot, tag } => {
-                let owned = self.owns(id, conn_id, slot);
-                let (Some(fd), true) = (fds.pop(), owned) else {
-                    tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "channel for a connection the worker does not own; ignored"
-                    );
-                    return;
-                };
-                if let Some(h) = self.conns.get_mut(&conn_id) {
-                    h.hold(id, conn_id, tag, fd);
-                }
+                self.hold_channel(id, conn_id, slot, tag, fds.pop())
             }
             Msg::AcceptOn {
                 conn_id,
@@ -917,35 +851,9 @@ impl Keeper {
                 listener,
                 tag,
             } => self.accept_on(id, conn_id, slot, listener, tag),
-            Msg::Unhold { conn_id, slot, tag } => match self.conns.get_mut(&conn_id) {
-                Some(h) if h.owner == Some(id) && h.slot == slot => {
-                    h.channels.retain(|(t, _)| *t != tag);
-                    tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
-                }
-                _ => tracing::warn!(
-                    worker = id,
-                    conn = conn_id,
-                    "unhold for a connection the worker does not own; ignored"
-                ),
-            },
-            Msg::Poisoned { conn_id, slot } => {
-                if self.owns(id, conn_id, slot) {
-                    self.poisoned += 1;
-                    tracing::warn!(worker = id, conn = conn_id, "poison request refused");
-                }
-            }
-            Msg::Closed { conn_id, slot } => {
-                let owned = self.owns(id, conn_id, slot);
-                if owned {
-                    self.drop_conn(conn_id);
-                } else {
-                    tracing::warn!(
-                        worker = id,
-                        conn = conn_id,
-                        "worker closed a connection it does not own; ignored"
-                    );
-                }
-            }
+            Msg::Unhold { conn_id, slot, tag } => self.unhold(id, conn_id, slot, tag),
+            Msg::Poisoned { conn_id, slot } => self.poisoned(id, conn_id, slot),
+            Msg::Closed { conn_id, slot } => self.closed(id, conn_id, slot),
             other => {
                 tracing::warn!(
                     worker = id,
@@ -953,6 +861,142 @@ impl Keeper {
                     "unexpected message from worker; ignored"
                 );
             }
+        }
+    }
+
+    /// `Hello`: the worker's protocol, pid and state blob versions. A
+    /// worker that speaks another protocol or lies about its pid is stopped;
+    /// the others are welcomed.
+    fn hello(&mut self, id: u32, pid: u32, proto: u16, state_writes: u16, state_reads: (u16, u16)) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.state_writes = state_writes;
+        w.state_reads = state_reads;
+        if proto != PROTO_VERSION || pid != w.pid {
+            tracing::warn!(
+                worker = id,
+                proto,
+                pid,
+                "worker speaks another protocol or lies about its pid"
+            );
+            self.kill(id);
+            return;
+        }
+        w.greeted = true;
+        let welcome = Msg::Welcome {
+            worker_id: id,
+            generation: w.generation,
+            slots: self.cfg.max_conns,
+        };
+        let control = w.control.clone();
+        send_msg(&control, &welcome);
+        // Welcomed while the keeper stops: it serves as a stopping worker.
+        self.tell_workers_to_stop();
+    }
+
+    /// `Ready` from a starting worker: it becomes a standby, and the active
+    /// worker if there is none (and no crash loop holds promotions back).
+    fn standby_ready(&mut self, id: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        tracing::info!(
+            worker = id,
+            pid = w.pid,
+            ms = w.started.elapsed().as_millis() as u64,
+            "worker ready"
+        );
+        w.role = Role::Standby;
+        if self.crash_streak == 0 {
+            self.count.start_failures = 0;
+        }
+        if self.active.is_none() && !self.backing_off() {
+            self.promote(id);
+            self.ensure_workers();
+        }
+    }
+
+    /// `Spool`: the input spool of a request larger than the socket buffer,
+    /// held with its connection if the worker owns it and it is a sealed
+    /// memfd.
+    fn spooled(&mut self, id: u32, conn_id: u64, slot: u32, fd: Option<OwnedFd>) {
+        let owned = self.owns(id, conn_id, slot);
+        let spool = fd.filter(|fd| {
+            rustix::fs::fcntl_get_seals(fd).is_ok_and(|s| {
+                s.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW)
+            })
+        });
+        match (owned, spool) {
+            (true, Some(fd)) => {
+                if let Some(h) = self.conns.get_mut(&conn_id) {
+                    tracing::info!(worker = id, conn = conn_id, "input spool held");
+                    h.spool = Some(fd);
+                }
+            }
+            (false, _) => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "spool for a connection the worker does not own; ignored"
+            ),
+            (true, None) => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "spool that is not a sealed memfd; ignored"
+            ),
+        }
+    }
+
+    /// `Hold`: a channel the service opened for a connection it owns.
+    fn hold_channel(&mut self, id: u32, conn_id: u64, slot: u32, tag: u32, fd: Option<OwnedFd>) {
+        let owned = self.owns(id, conn_id, slot);
+        let (Some(fd), true) = (fd, owned) else {
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "channel for a connection the worker does not own; ignored"
+            );
+            return;
+        };
+        if let Some(h) = self.conns.get_mut(&conn_id) {
+            h.hold(id, conn_id, tag, fd);
+        }
+    }
+
+    /// `Unhold`: a held channel the service is done with.
+    fn unhold(&mut self, id: u32, conn_id: u64, slot: u32, tag: u32) {
+        match self.conns.get_mut(&conn_id) {
+            Some(h) if h.owner == Some(id) && h.slot == slot => {
+                h.channels.retain(|(t, _)| *t != tag);
+                tracing::debug!(worker = id, conn = conn_id, tag, "channel let go");
+            }
+            _ => tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "unhold for a connection the worker does not own; ignored"
+            ),
+        }
+    }
+
+    /// `Poisoned`: the worker refused a request as poison.
+    fn poisoned(&mut self, id: u32, conn_id: u64, slot: u32) {
+        if self.owns(id, conn_id, slot) {
+            self.count.poisoned += 1;
+            tracing::warn!(worker = id, conn = conn_id, "poison request refused");
+        }
+    }
+
+    /// `Closed`: the worker closed a connection it owns; the keeper drops
+    /// its dup and frees the slot.
+    fn closed(&mut self, id: u32, conn_id: u64, slot: u32) {
+        if self.owns(id, conn_id, slot) {
+            self.drop_conn(conn_id);
+        } else {
+            tracing::warn!(
+                worker = id,
+                conn = conn_id,
+                "worker closed a connection it does not own; ignored"
+            );
         }
     }
 
@@ -1080,7 +1124,7 @@ impl Keeper {
             h.since = Some(Instant::now());
             if h.handed && !h.moved {
                 // Counted when it was handed out; it was not recovered then.
-                self.recovered_total = self.recovered_total.saturating_sub(1);
+                self.count.recovered_total = self.count.recovered_total.saturating_sub(1);
             }
         }
         self.waiting.push_front(conn_id);
@@ -1123,7 +1167,7 @@ impl Keeper {
         }
         if let Some(elapsed) = handed {
             let us = elapsed.as_micros() as u64;
-            self.last_recovery_us = Some(us);
+            self.count.last_recovery_us = Some(us);
             self.metrics.recovered_in(elapsed.as_secs_f64());
             let connections = self.workers.get(&id).map_or(0, |w| w.owned);
             tracing::info!(
@@ -1181,7 +1225,7 @@ impl Keeper {
             pid = w.pid,
             "rejuvenating the worker: {why}"
         );
-        self.rejuvenations += 1;
+        self.count.rejuvenations += 1;
         let req = UpgradeRequest {
             settle_ms: 200,
             ..UpgradeRequest::with_defaults()
@@ -1344,7 +1388,7 @@ impl Keeper {
             }
         }
         let _ = rustix::net::shutdown(&h.fd, rustix::net::Shutdown::Write);
-        self.turned_away += 1;
+        self.count.turned_away += 1;
         self.drop_conn(cid);
     }
 
@@ -1391,7 +1435,7 @@ impl Keeper {
         // standby) waits until they are on their way to the successor.
         if was_active {
             self.active = None;
-            self.restarts += 1;
+            self.count.restarts += 1;
             self.metrics.restarted(if w.hung.is_some() {
                 crate::metrics::RestartReason::Hang
             } else if crashed {
@@ -1462,23 +1506,23 @@ impl Keeper {
         }
         self.upgrade_worker_died(id, &w, was_active, &how_short);
         if w.role == Role::Starting && self.phase != Phase::ShuttingDown {
-            self.start_failures += 1;
+            self.count.start_failures += 1;
             let backoff = FIRST_BACKOFF
-                .saturating_mul(1 << self.start_failures.min(10))
+                .saturating_mul(1 << self.count.start_failures.min(10))
                 .min(MAX_BACKOFF);
             self.spawn_after = Some(Instant::now() + backoff);
             tracing::warn!(
                 worker = id,
-                failures = self.start_failures,
+                failures = self.count.start_failures,
                 next_start_ms = backoff.as_millis() as u64,
                 "worker died before it was ready ({how_short}); {} failed start-ups in a row, next try in {} ms",
-                self.start_failures,
+                self.count.start_failures,
                 backoff.as_millis()
             );
         }
-        self.last_exits.push_back(exit);
-        if self.last_exits.len() > EXITS_KEPT {
-            self.last_exits.pop_front();
+        self.count.last_exits.push_back(exit);
+        if self.count.last_exits.len() > EXITS_KEPT {
+            self.count.last_exits.pop_front();
         }
         self.ensure_workers();
     }
@@ -1551,7 +1595,7 @@ impl Keeper {
         let pause = FIRST_BACKOFF
             .saturating_mul(1 << (self.crash_streak - 1).min(10))
             .min(MAX_BACKOFF);
-        self.start_failures += 1;
+        self.count.start_failures += 1;
         let until = Instant::now() + pause;
         self.promote_after = Some(until);
         self.spawn_after = Some(self.spawn_after.map_or(until, |t| t.max(until)));
@@ -1618,7 +1662,7 @@ impl Keeper {
         for _ in spares..want {
             if let Err(e) = self.spawn_worker(None, self.generation, Role::Starting) {
                 tracing::error!(error = %e, "cannot start worker");
-                self.start_failures += 1;
+                self.count.start_failures += 1;
                 self.spawn_after = Some(Instant::now() + MAX_BACKOFF);
                 self.arm_retry(MAX_BACKOFF);
                 return;
@@ -1748,25 +1792,25 @@ impl Keeper {
                 .collect(),
             connections: self.conns.len(),
             waiting: self.waiting.len(),
-            accepted: self.accepted,
-            restarts: self.restarts,
-            recovered_connections: self.recovered_total,
-            last_recovery_us: self.last_recovery_us,
-            last_exits: self.last_exits.iter().cloned().collect(),
-            start_failures: self.start_failures,
+            accepted: self.count.accepted,
+            restarts: self.count.restarts,
+            recovered_connections: self.count.recovered_total,
+            last_recovery_us: self.count.last_recovery_us,
+            last_exits: self.count.last_exits.iter().cloned().collect(),
+            start_failures: self.count.start_failures,
             next_start_in_ms: self
                 .spawn_after
                 .and_then(|t| t.checked_duration_since(Instant::now()))
                 .map(|d| d.as_millis() as u64),
-            turned_away: self.turned_away,
-            poisoned: self.poisoned,
+            turned_away: self.count.turned_away,
+            poisoned: self.count.poisoned,
             generation: self.generation,
             generations: self.live_generations(),
             upgrade: self.upgrade.as_ref().map(Upgrade::status),
-            upgrades: self.upgrades,
-            failed_upgrades: self.failed_upgrades,
-            keeper_execs: self.keeper_execs,
-            rejuvenations: self.rejuvenations,
+            upgrades: self.count.upgrades,
+            failed_upgrades: self.count.failed_upgrades,
+            keeper_execs: self.count.keeper_execs,
+            rejuvenations: self.count.rejuvenations,
         }
     }
 
@@ -2111,13 +2155,14 @@ fn serve_status(
                     "control connection refused: not this keeper's user or root"
                 );
                 let who = uid.map_or("an unknown user".to_owned(), |u| format!("uid {u}"));
-                let reply = serde_json::json!({
-                    "error": format!(
+                let reply = ErrorReply::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
                         "permission denied: {who} may not control this keeper \
                          (only uid {} and root)",
                         rustix::process::geteuid().as_raw()
-                    )
-                });
+                    ),
+                );
                 tokio::spawn(async move {
                     // The request is read first (briefly), so the client
                     // sees this answer rather than a broken pipe.
@@ -2129,39 +2174,53 @@ fn serve_status(
                         Box::pin(request).read_line(&mut line),
                     )
                     .await;
-                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                    let _ = w.write_all(reply.to_line().as_bytes()).await;
                 });
                 continue;
             }
             let conversation = gate.enter();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _conversation = conversation;
                 let (r, mut w) = stream.into_split();
                 let mut r = tokio::io::BufReader::new(r);
-                let mut line = String::new();
-                if (&mut r).take(4096).read_line(&mut line).await.is_err() {
-                    return;
-                }
-                if line.trim() == r#"{"cmd":"upgrade_keeper"}"# {
-                    // The connection itself travels to the keeper: the
-                    // re-executed keeper answers on it.
-                    let Ok(stream) = r.into_inner().reunite(w) else {
+                let req = match read_request(&mut r).await {
+                    None => return,
+                    Some(Ok(req)) => req,
+                    Some(Err(e)) => {
+                        // Told why, and nothing else happens: the keeper
+                        // goes on as before.
+                        tracing::warn!(error = %e, "control request refused");
+                        let _ = w.write_all(ErrorReply::from(&e).to_line().as_bytes()).await;
+                        drop(conversation);
+                        let _ = w.shutdown().await;
+                        // What the client still sends is read (briefly) so
+                        // that closing does not reset the answer away.
+                        let mut sink = tokio::io::sink();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            tokio::io::copy(&mut r.take(1 << 20), &mut sink),
+                        )
+                        .await;
                         return;
-                    };
-                    if let Ok(std) = stream.into_std() {
-                        let _ = std.set_nonblocking(false);
-                        let _ = tx.send(Event::Reexec(OwnedFd::from(std)));
                     }
-                    return;
-                }
-                let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(Request {
-                        cmd,
-                        upgrade: Some(up),
-                    }) if cmd == "upgrade" => {
+                };
+                let _conversation = conversation;
+                let reply = match req {
+                    Request::UpgradeKeeper => {
+                        // The connection itself travels to the keeper: the
+                        // re-executed keeper answers on it.
+                        let Ok(stream) = r.into_inner().reunite(w) else {
+                            return;
+                        };
+                        if let Ok(std) = stream.into_std() {
+                            let _ = std.set_nonblocking(false);
+                            let _ = tx.send(Event::Reexec(OwnedFd::from(std)));
+                        }
+                        return;
+                    }
+                    Request::Upgrade { upgrade } => {
                         let (ptx, mut prx) = mpsc::unbounded_channel();
-                        if tx.send(Event::Upgrade(up, Some(ptx))).is_err() {
+                        if tx.send(Event::Upgrade(upgrade, Some(ptx))).is_err() {
                             return;
                         }
                         while let Some(p) = prx.recv().await {
@@ -2173,7 +2232,7 @@ fn serve_status(
                         }
                         return;
                     }
-                    Ok(req) if req.cmd == "status" => {
+                    Request::Status => {
                         let (otx, orx) = oneshot::channel();
                         if tx.send(Event::Status(otx)).is_err() {
                             return;
@@ -2183,8 +2242,6 @@ fn serve_status(
                             Err(_) => return,
                         }
                     }
-                    Ok(req) => format!("{{\"error\":\"unknown command {:?}\"}}", req.cmd),
-                    Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
                 };
                 let _ = w.write_all(reply.as_bytes()).await;
                 let _ = w.write_all(b"\n").await;
@@ -2192,6 +2249,28 @@ fn serve_status(
         }
     });
     Ok(())
+}
+
+/// Reads one request line from a control client: `None` if it closed (or
+/// failed) before sending anything.
+async fn read_request(
+    r: &mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Option<Result<Request, ProtoError>> {
+    let mut line = Vec::new();
+    match r
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+    {
+        Ok(0) | Err(_) => return None,
+        Ok(_) => {}
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_REQUEST {
+        return Some(Err(ProtoError::TooLong));
+    }
+    Some(Request::parse(&line))
 }
 
 /// Serves `--metrics`: `GET /metrics` gets the keeper's counters as

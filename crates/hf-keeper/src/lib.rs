@@ -39,6 +39,7 @@ pub mod control;
 mod keeper;
 mod listen;
 pub mod metrics;
+pub mod proto;
 pub mod status;
 
 use std::ffi::OsString;
@@ -48,9 +49,26 @@ use std::path::PathBuf;
 pub use keeper::run;
 
 /// The format of the state a keeper hands to its re-executed image
-/// (`holdfast upgrade --keeper`); `holdfast state-format` prints it so the
-/// old image can check the new binary before it execs it.
-pub const SAVED_STATE_FORMAT: u32 = 1;
+/// (`holdfast upgrade --keeper`): framed, with a magic and a CRC-32C.
+/// Before it execs a new binary, the keeper has it check the state it
+/// saved (`holdfast state-check`), which answers this number.
+pub const SAVED_STATE_FORMAT: u32 = 2;
+
+/// The format keepers before the frame save (bare JSON), which this one
+/// still reads. Such a keeper asks the new binary `holdfast state-format`
+/// and execs it only if the answer is this number.
+pub const UNFRAMED_STATE_FORMAT: u32 = 1;
+
+pub use keeper::StateError;
+
+/// Checks a saved state (the bytes of the memfd a keeper hands to its
+/// re-executed image) as this build's keeper would read it on resuming.
+pub fn check_saved_state(state: &[u8]) -> Result<(), StateError> {
+    keeper::check_saved_state(state)
+}
+
+/// The largest saved state a keeper reads.
+pub const MAX_SAVED_STATE: u64 = keeper::MAX_STATE;
 
 /// `--max-conns` when none is given (lowered to what the open-files limit
 /// allows).

@@ -2,13 +2,16 @@
 //!
 //! The control socket is a Unix stream socket in a directory only the owner
 //! can enter, itself mode 0600. A client sends one JSON line
-//! (`{"cmd":"status"}`) and reads one JSON line back.
+//! (`{"cmd":"status"}`) and reads one JSON line back; the protocol is in
+//! [`crate::proto`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::proto::{parse_reply, Request};
 
 /// The keeper's lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,13 +189,6 @@ pub enum Progress {
     },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Request {
-    pub cmd: String,
-    #[serde(default)]
-    pub upgrade: Option<UpgradeRequest>,
-}
-
 /// Asks the keeper at `path` for an upgrade; `on` sees each progress line.
 /// Returns the last one (`Done` or `Failed`).
 pub fn upgrade(
@@ -200,28 +196,26 @@ pub fn upgrade(
     req: &UpgradeRequest,
     on: impl FnMut(&Progress),
 ) -> std::io::Result<Progress> {
-    let line = serde_json::json!({"cmd": "upgrade", "upgrade": req}).to_string();
-    converse(path, &line, on)
+    let req = Request::Upgrade {
+        upgrade: req.clone(),
+    };
+    converse(path, &req, on)
 }
 
 /// Asks the keeper at `path` to re-execute its binary, keeping everything.
 pub fn upgrade_keeper(path: &Path, on: impl FnMut(&Progress)) -> std::io::Result<Progress> {
-    converse(path, r#"{"cmd":"upgrade_keeper"}"#, on)
+    converse(path, &Request::UpgradeKeeper, on)
 }
 
-fn converse(path: &Path, line: &str, mut on: impl FnMut(&Progress)) -> std::io::Result<Progress> {
+fn converse(
+    path: &Path,
+    req: &Request,
+    mut on: impl FnMut(&Progress),
+) -> std::io::Result<Progress> {
     let mut s = crate::control::connect(path)?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
-    let bad = |e: serde_json::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    s.write_all(req.to_line().as_bytes())?;
     for line in BufReader::new(s).lines() {
-        let line = line?;
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-                return Err(std::io::Error::other(e.to_owned()));
-            }
-        }
-        let p: Progress = serde_json::from_str(&line).map_err(bad)?;
+        let p: Progress = parse_reply(&line?)?;
         on(&p);
         if matches!(
             p,
@@ -240,13 +234,8 @@ fn converse(path: &Path, line: &str, mut on: impl FnMut(&Progress)) -> std::io::
 pub fn query(path: &Path) -> std::io::Result<Snapshot> {
     let mut s = crate::control::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"{\"cmd\":\"status\"}\n")?;
+    s.write_all(Request::Status.to_line().as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-            return Err(std::io::Error::other(e.to_owned()));
-        }
-    }
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    parse_reply(&line)
 }

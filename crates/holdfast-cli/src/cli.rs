@@ -108,9 +108,14 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
-    /// Print the keeper's saved-state format (checked before `upgrade --keeper`).
+    /// Print the saved-state format a keeper before the framed state checks
+    /// for before `upgrade --keeper` (this build still reads it).
     #[command(hide = true)]
     StateFormat,
+    /// Check a keeper's saved state on standard input as this build would
+    /// resume it; print the format it reads (checked before `upgrade --keeper`).
+    #[command(hide = true)]
+    StateCheck,
     /// Show the keeper's phase, workers and connections.
     Status {
         /// Control socket of the keeper.

@@ -201,7 +201,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             helper(args)
         }
         Cmd::StateFormat => {
+            out!("{}", hf_keeper::UNFRAMED_STATE_FORMAT);
+            Ok(())
+        }
+        Cmd::StateCheck => {
+            use std::io::Read;
             out!("{}", hf_keeper::SAVED_STATE_FORMAT);
+            let mut state = Vec::new();
+            std::io::stdin()
+                .take(hf_keeper::MAX_SAVED_STATE + 64)
+                .read_to_end(&mut state)?;
+            hf_keeper::check_saved_state(&state)?;
             Ok(())
         }
     }

@@ -2,7 +2,11 @@
 //! binary in place. `execve` keeps the process (its pid, so the workers stay
 //! its children) and every descriptor not marked close-on-exec; the state
 //! that is not in the kernel — which fd is which connection, journal slot,
-//! owner, generation — travels as JSON in a memfd named by the environment.
+//! owner, generation — travels in a memfd named by the environment: JSON in
+//! a frame with a magic, the format and a CRC-32C ([`encode`], [`decode`]).
+//! Before the exec, the new binary checks that very state
+//! (`holdfast state-check`); a state it would refuse leaves the old image
+//! running with everything.
 //!
 //! Workers never notice: their connections, control sockets and journal are
 //! the same objects before and after. Messages they send meanwhile wait in
@@ -25,7 +29,7 @@ use rustix::process::{Pid, PidfdFlags};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 
-use super::{Event, Held, Keeper, Worker};
+use super::{Counters, Event, Held, Keeper, Worker};
 use crate::status::{Phase, Progress, Role};
 use crate::{Config, KeeperError};
 use hf_journal::wire::CONN_RECOVERED;
@@ -36,7 +40,113 @@ const ENV_RESUME: &str = "HOLDFAST_KEEPER_STATE_FD";
 const FORMAT: u32 = crate::SAVED_STATE_FORMAT;
 /// The saved state is small (a few hundred bytes per connection); anything
 /// larger than this is not ours.
-const MAX_STATE: u64 = 256 << 20;
+pub(crate) const MAX_STATE: u64 = 256 << 20;
+
+/// The saved state is framed like the journal's records: a magic, the
+/// format, the payload's length and a CRC-32C of all that and the payload,
+/// then the payload (JSON of [`Saved`]). A state that is not framed so, is
+/// cut short or fails its checksum is refused before anything of it is used.
+const MAGIC: [u8; 8] = *b"HFKEEPST";
+/// Magic (8), format (4), payload length (8), CRC-32C (4); little-endian.
+const HEADER: usize = 24;
+
+/// Why a saved state was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("saved state cut short: {have} bytes, the frame says {need}")]
+    Truncated { have: usize, need: usize },
+    #[error("not a saved keeper state (no holdfast magic)")]
+    Magic,
+    #[error(
+        "saved state format {found}: this keeper reads {FORMAT} (and unframed {})",
+        crate::UNFRAMED_STATE_FORMAT
+    )]
+    Format { found: u32 },
+    #[error("saved state of {0} bytes: larger than any keeper saves")]
+    TooLarge(u64),
+    #[error("saved state corrupt: CRC-32C {found:08x}, expected {expected:08x}")]
+    Checksum { found: u32, expected: u32 },
+    #[error("saved state unreadable: {0}")]
+    Payload(String),
+}
+
+/// Frames `saved` for the next image.
+pub(crate) fn encode(saved: &Saved) -> Vec<u8> {
+    let json = serde_json::to_vec(saved).expect("the saved state serialises");
+    let mut out = Vec::with_capacity(HEADER + json.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out), &json);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Reads a state framed by [`encode`] — or, unframed, the JSON of format 1
+/// that keepers before the frame save, so that `holdfast upgrade --keeper`
+/// from such a keeper carries on.
+pub(crate) fn decode(buf: &[u8]) -> Result<Saved, StateError> {
+    let payload = |json: &[u8]| {
+        serde_json::from_slice::<Saved>(json).map_err(|e| StateError::Payload(e.to_string()))
+    };
+    if buf.first() == Some(&b'{') {
+        let saved = payload(buf)?;
+        if saved.format != crate::UNFRAMED_STATE_FORMAT {
+            return Err(StateError::Format {
+                found: saved.format,
+            });
+        }
+        return Ok(saved);
+    }
+    if buf.len() < HEADER {
+        if !MAGIC.starts_with(&buf[..buf.len().min(MAGIC.len())]) {
+            return Err(StateError::Magic);
+        }
+        return Err(StateError::Truncated {
+            have: buf.len(),
+            need: HEADER,
+        });
+    }
+    let (head, body) = buf.split_at(HEADER);
+    if head[..8] != MAGIC {
+        return Err(StateError::Magic);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
+    let format = u32_at(8);
+    if format != FORMAT {
+        return Err(StateError::Format { found: format });
+    }
+    let len = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
+    if len > MAX_STATE {
+        return Err(StateError::TooLarge(len));
+    }
+    let len = len as usize;
+    if body.len() < len {
+        return Err(StateError::Truncated {
+            have: buf.len(),
+            need: HEADER + len,
+        });
+    }
+    if body.len() > len {
+        return Err(StateError::Payload(format!(
+            "{} bytes after the end of the frame",
+            body.len() - len
+        )));
+    }
+    let expected = u32_at(20);
+    let found = crc32c::crc32c_append(crc32c::crc32c(&head[..20]), body);
+    if found != expected {
+        return Err(StateError::Checksum { found, expected });
+    }
+    let saved = payload(body)?;
+    if saved.format != FORMAT {
+        return Err(StateError::Format {
+            found: saved.format,
+        });
+    }
+    Ok(saved)
+}
 /// Longest wait for the control socket's conversations to end before a
 /// re-exec. They take microseconds; only a client that connected and says
 /// nothing takes longer, and it has asked for nothing the exec could lose.
@@ -111,18 +221,9 @@ pub(super) struct Saved {
     generation: u32,
     next_generation: u32,
     active: Option<u32>,
-    accepted: u64,
-    restarts: u64,
-    recovered_total: u64,
-    last_recovery_us: Option<u64>,
-    last_exits: Vec<String>,
-    turned_away: u64,
-    poisoned: u64,
-    start_failures: u32,
-    upgrades: u64,
-    failed_upgrades: u64,
-    keeper_execs: u64,
-    rejuvenations: u64,
+    /// The counters, at the top level of the JSON as in format 1.
+    #[serde(flatten)]
+    count: Counters,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -190,16 +291,10 @@ pub(super) fn take_saved() -> Result<Option<Saved>, KeeperError> {
     let mut f = std::fs::File::from(inherit(fd, "saved state")?);
     f.rewind()?;
     let mut buf = Vec::new();
-    f.take(MAX_STATE).read_to_end(&mut buf)?;
-    let saved: Saved = serde_json::from_slice(&buf)
-        .map_err(|e| KeeperError::Resume(format!("saved state: {e}")))?;
-    if saved.format != FORMAT {
-        return Err(KeeperError::Resume(format!(
-            "saved state format {} (this keeper reads {FORMAT})",
-            saved.format
-        )));
-    }
-    Ok(Some(saved))
+    f.take(MAX_STATE + HEADER as u64).read_to_end(&mut buf)?;
+    decode(&buf)
+        .map(Some)
+        .map_err(|e| KeeperError::Resume(e.to_string()))
 }
 
 impl Keeper {
@@ -299,15 +394,8 @@ impl Keeper {
             reply(&client, &self.failed(reason));
             return;
         }
-        // The new binary must read what this one saves: asked before
-        // anything is touched, since an image that cannot resume cannot go
-        // back either.
-        if let Err(reason) = check_binary(&self.exe) {
-            reply(&client, &self.failed(reason));
-            return;
-        }
         let t0 = Instant::now();
-        let saved = self.save(client.as_raw_fd());
+        let saved = encode(&self.save(client.as_raw_fd()));
         let state = match write_state(&saved) {
             Ok(fd) => fd,
             Err(e) => {
@@ -315,6 +403,13 @@ impl Keeper {
                 return;
             }
         };
+        // The new binary must read what this one saved, as saved: asked
+        // before anything is touched, since an image that cannot resume
+        // cannot go back either.
+        if let Err(reason) = check_binary(&self.exe, &state) {
+            reply(&client, &self.failed(reason));
+            return;
+        }
         let mut fds: Vec<BorrowedFd<'_>> = vec![
             state.as_fd(),
             client.as_fd(),
@@ -428,18 +523,7 @@ impl Keeper {
             generation: self.generation,
             next_generation: self.next_generation,
             active: self.active,
-            accepted: self.accepted,
-            restarts: self.restarts,
-            recovered_total: self.recovered_total,
-            last_recovery_us: self.last_recovery_us,
-            last_exits: self.last_exits.iter().cloned().collect(),
-            turned_away: self.turned_away,
-            poisoned: self.poisoned,
-            start_failures: self.start_failures,
-            upgrades: self.upgrades,
-            failed_upgrades: self.failed_upgrades,
-            keeper_execs: self.keeper_execs,
-            rejuvenations: self.rejuvenations,
+            count: self.count.clone(),
         }
     }
 
@@ -554,18 +638,8 @@ impl Keeper {
         } else {
             Phase::Recovering
         };
-        k.accepted = saved.accepted;
-        k.restarts = saved.restarts;
-        k.recovered_total = saved.recovered_total;
-        k.last_recovery_us = saved.last_recovery_us;
-        k.last_exits = saved.last_exits.into_iter().collect();
-        k.turned_away = saved.turned_away;
-        k.poisoned = saved.poisoned;
-        k.start_failures = saved.start_failures;
-        k.upgrades = saved.upgrades;
-        k.failed_upgrades = saved.failed_upgrades;
-        k.keeper_execs = saved.keeper_execs + 1;
-        k.rejuvenations = saved.rejuvenations;
+        k.count = saved.count;
+        k.count.keeper_execs += 1;
         for id in gone {
             let _ = k.tx.send(Event::Died(id));
         }
@@ -595,31 +669,50 @@ impl Keeper {
     }
 }
 
-/// Runs `EXE state-format` and compares its answer with [`FORMAT`].
-fn check_binary(exe: &std::path::Path) -> Result<(), String> {
+/// Runs `EXE state-check` on the saved state (its standard input): the
+/// new binary decodes it as its resumed image would, and answers the
+/// format it reads. Anything but [`FORMAT`] and success is a refusal.
+fn check_binary(exe: &std::path::Path, state: &OwnedFd) -> Result<(), String> {
+    let input = state
+        .try_clone()
+        .map(std::fs::File::from)
+        .and_then(|mut f| f.rewind().map(|()| f))
+        .map_err(|e| format!("cannot read the saved state back: {e}; nothing changed"))?;
     let out = Command::new(exe)
-        .arg("state-format")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .arg("state-check")
+        .stdin(input)
         .output()
         .map_err(|e| format!("cannot run {}: {e}; nothing changed", exe.display()))?;
     let theirs = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || theirs.trim() != FORMAT.to_string() {
+    if theirs.trim() != FORMAT.to_string() {
         return Err(format!(
             "{} reads saved-state format {:?}, this keeper writes {FORMAT}; nothing changed",
             exe.display(),
             theirs.trim()
         ));
     }
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "{} refuses the saved state: {}; nothing changed",
+            exe.display(),
+            why.trim()
+        ));
+    }
     Ok(())
 }
 
+/// Checks a saved state as a re-executed keeper would read it
+/// (`holdfast state-check`).
+pub(crate) fn check(buf: &[u8]) -> Result<(), StateError> {
+    decode(buf).map(|_| ())
+}
+
 /// Writes the saved state into a memfd that survives the exec.
-fn write_state(saved: &Saved) -> std::io::Result<OwnedFd> {
-    let json = serde_json::to_vec(saved).map_err(std::io::Error::other)?;
+fn write_state(saved: &[u8]) -> std::io::Result<OwnedFd> {
     let fd = rustix::fs::memfd_create("holdfast-keeper-state", rustix::fs::MemfdFlags::empty())?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(&json)?;
+    f.write_all(saved)?;
     Ok(OwnedFd::from(f))
 }
 
@@ -649,5 +742,224 @@ impl Keeper {
             let _ = tx.send(Event::Died(id));
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Saved {
+        Saved {
+            format: FORMAT,
+            saved_at_ns: 1_700_000_000_123_456_789,
+            command: vec![b"/srv/app".to_vec(), b"--flag".to_vec()],
+            max_conns: 1024,
+            journal_fd: 5,
+            status_fd: 6,
+            client_fd: Some(7),
+            listeners: vec![(8, "127.0.0.1:8080".into())],
+            conns: vec![SavedConn {
+                id: 42,
+                fd: 9,
+                slot: 3,
+                owner: Some(2),
+                handed: true,
+                spool_fd: Some(10),
+                channels: vec![(1, 11)],
+                crashed: false,
+                moved: true,
+                waited_ms: None,
+            }],
+            waiting: vec![42],
+            workers: vec![SavedWorker {
+                id: 2,
+                pid: 4242,
+                generation: 1,
+                role: Role::Active,
+                control_fd: 12,
+                greeted: true,
+                owned: 1,
+                state_writes: 1,
+                state_reads: (1, 1),
+                drain_left_ms: None,
+                drain_sent: false,
+                catcher: false,
+                exit_left_ms: Some(250),
+            }],
+            free_slots: vec![0, 1],
+            next_slot: 4,
+            next_conn: 43,
+            next_worker: 3,
+            generation: 1,
+            next_generation: 2,
+            active: Some(2),
+            count: Counters {
+                accepted: 43,
+                restarts: 1,
+                recovered_total: 5,
+                last_recovery_us: Some(900),
+                last_exits: ["worker 1 (pid 4000) killed by SIGKILL".to_owned()].into(),
+                turned_away: 0,
+                poisoned: 0,
+                start_failures: 0,
+                upgrades: 2,
+                failed_upgrades: 1,
+                keeper_execs: 3,
+                rejuvenations: 0,
+            },
+        }
+    }
+
+    /// The state as JSON, to compare two states (`Saved` is not `PartialEq`).
+    fn json(s: &Saved) -> serde_json::Value {
+        serde_json::to_value(s).unwrap()
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        let buf = encode(&s);
+        assert_eq!(&buf[..8], b"HFKEEPST");
+        assert_eq!(json(&decode(&buf).unwrap()), json(&s));
+        check(&buf).unwrap();
+    }
+
+    #[test]
+    fn every_corrupted_byte_is_refused() {
+        let buf = encode(&sample());
+        for i in 0..buf.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = buf.clone();
+                bad[i] ^= bit;
+                let e = decode(&bad)
+                    .err()
+                    .unwrap_or_else(|| panic!("byte {i} ^ {bit:#x} accepted"));
+                match i {
+                    0..=7 => assert_eq!(e, StateError::Magic, "byte {i}"),
+                    8..=11 => assert!(matches!(e, StateError::Format { .. }), "byte {i}: {e}"),
+                    // A length off by a bit: too large, or the frame ends
+                    // before or after the buffer does.
+                    12..=19 => assert!(
+                        matches!(
+                            e,
+                            StateError::Truncated { .. }
+                                | StateError::TooLarge(_)
+                                | StateError::Payload(_)
+                        ),
+                        "byte {i}: {e}"
+                    ),
+                    _ => assert!(matches!(e, StateError::Checksum { .. }), "byte {i}: {e}"),
+                }
+            }
+        }
+        let mut bad = buf.clone();
+        bad[HEADER + 10] ^= 4;
+        let e = decode(&bad).err().unwrap();
+        assert!(
+            e.to_string().starts_with("saved state corrupt: CRC-32C"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_magic_is_refused() {
+        let mut buf = encode(&sample());
+        buf[..8].copy_from_slice(b"HFJOURNL");
+        assert_eq!(decode(&buf).err(), Some(StateError::Magic));
+        assert_eq!(
+            decode(b"").err(),
+            Some(StateError::Truncated {
+                have: 0,
+                need: HEADER
+            })
+        );
+        assert_eq!(decode(b"\x7fELF\x02\x01").err(), Some(StateError::Magic));
+        assert_eq!(
+            decode(b"not a state at all, not even close to one").err(),
+            Some(StateError::Magic)
+        );
+    }
+
+    #[test]
+    fn truncated_is_refused() {
+        let buf = encode(&sample());
+        for n in [1, 8, HEADER - 1, HEADER, HEADER + 1, buf.len() - 1] {
+            let e = decode(&buf[..n]).err().unwrap();
+            assert!(
+                matches!(e, StateError::Truncated { have, .. } if have == n),
+                "{n} bytes: {e}"
+            );
+        }
+        // Bytes after the frame: not ours either.
+        let mut long = buf.clone();
+        long.push(b' ');
+        assert!(matches!(decode(&long), Err(StateError::Payload(_))));
+    }
+
+    #[test]
+    fn future_format_is_refused() {
+        let mut s = sample();
+        s.format = FORMAT + 1;
+        let json = serde_json::to_vec(&s).unwrap();
+        // Framed as a later build would frame it (same layout, new number).
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&MAGIC);
+        buf.extend_from_slice(&(FORMAT + 1).to_le_bytes());
+        buf.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf), &json);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        buf.extend_from_slice(&json);
+        let e = decode(&buf).err().unwrap();
+        assert_eq!(e, StateError::Format { found: FORMAT + 1 });
+        assert!(e.to_string().contains("this keeper reads 2"), "{e}");
+        // A frame that says one format and holds another.
+        let mut s = sample();
+        s.format = 7;
+        let mut buf = encode(&s);
+        assert_eq!(decode(&buf).err(), Some(StateError::Format { found: 7 }));
+        // An unframed state claiming a later format.
+        buf = serde_json::to_vec(&s).unwrap();
+        assert_eq!(decode(&buf).err(), Some(StateError::Format { found: 7 }));
+    }
+
+    /// What a keeper of format 1 (bare JSON, before the frame) saved, as it
+    /// saved it: still read, so `holdfast upgrade --keeper` from such a
+    /// keeper to this build carries everything on.
+    const FORMAT_1: &str = r#"{"format":1,"saved_at_ns":1700000000123456789,"command":[[47,115,114,118,47,97,112,112]],"max_conns":1024,"journal_fd":5,"status_fd":6,"client_fd":7,"listeners":[[8,"127.0.0.1:8080"]],"conns":[{"id":42,"fd":9,"slot":3,"owner":2,"handed":true,"spool_fd":null,"channels":[],"crashed":false,"moved":false,"waited_ms":null}],"waiting":[],"workers":[{"id":2,"pid":4242,"generation":1,"role":"active","control_fd":12,"greeted":true,"owned":1,"state_writes":1,"state_reads":[1,1],"drain_left_ms":null,"drain_sent":false,"catcher":false,"exit_left_ms":null}],"free_slots":[],"next_slot":4,"next_conn":43,"next_worker":3,"generation":1,"next_generation":2,"active":2,"accepted":43,"restarts":1,"recovered_total":5,"last_recovery_us":900,"last_exits":["worker 1 (pid 4000) killed by SIGKILL"],"turned_away":0,"poisoned":0,"start_failures":0,"upgrades":2,"failed_upgrades":1,"keeper_execs":3,"rejuvenations":0}"#;
+
+    #[test]
+    fn unframed_format_1_is_still_read() {
+        let s = decode(FORMAT_1.as_bytes()).unwrap();
+        assert_eq!(s.format, 1);
+        assert_eq!((s.conns.len(), s.workers.len(), s.active), (1, 1, Some(2)));
+        assert_eq!(s.count.accepted, 43);
+        assert_eq!(s.count.keeper_execs, 3);
+        assert_eq!(s.count.last_exits.len(), 1);
+        assert_eq!(s.listeners, vec![(8, "127.0.0.1:8080".to_owned())]);
+        // Cut short, it is refused like any other.
+        let e = decode(&FORMAT_1.as_bytes()[..100]).err().unwrap();
+        assert!(matches!(e, StateError::Payload(_)), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the decoder answers; it never panics.
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode(&bytes);
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = decode(&framed);
+        }
+
+        /// A valid frame with any byte changed is refused.
+        #[test]
+        fn any_flip_is_refused(i in 0usize..4096, bit in 0u8..8) {
+            let buf = encode(&sample());
+            let i = i % buf.len();
+            let mut bad = buf.clone();
+            bad[i] ^= 1 << bit;
+            proptest::prop_assert!(decode(&bad).is_err());
+        }
     }
 }

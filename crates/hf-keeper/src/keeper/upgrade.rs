@@ -116,7 +116,7 @@ impl Keeper {
     ) {
         let refuse = |k: &mut Keeper, reason: String| {
             tracing::warn!("upgrade refused: {reason}");
-            k.failed_upgrades += 1;
+            k.count.failed_upgrades += 1;
             if let Some(tx) = &progress {
                 let _ = tx.send(Progress::Failed {
                     reason,
@@ -581,7 +581,7 @@ impl Keeper {
         let Some(up) = self.upgrade.take() else {
             return;
         };
-        self.upgrades += 1;
+        self.count.upgrades += 1;
         let move_ms = match (up.switched, up.last_move) {
             (Some(s), Some(l)) if l > s => ms(l - s),
             _ => 0,
@@ -670,7 +670,7 @@ impl Keeper {
         let Some(up) = self.upgrade.take() else {
             return;
         };
-        self.failed_upgrades += 1;
+        self.count.failed_upgrades += 1;
         // The new version's standbys go too, except one finishing the
         // answers the new version had partly sent (it leaves once it has
         // handed them over).
