@@ -37,3 +37,4 @@ pub mod reactor;
 pub mod shm;
 pub mod spawn;
 pub mod tcp;
+pub mod wake;

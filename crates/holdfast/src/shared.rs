@@ -6,8 +6,11 @@
 //! worker and be seen by every version while an upgrade moves connections
 //! from the old to the new. [`Log`] is a file: every worker of every version
 //! opens the same path, appends under an exclusive `flock`, and reads what
-//! the others appended; a change wakes every waiting reader (one `inotify`
-//! instance per process, one watch per file, nothing woken while idle).
+//! the others appended; an append wakes every waiting reader in every
+//! process through a futex word in the file's first page (nothing woken
+//! while idle, and nothing for a dying worker to tear down: an inotify
+//! instance would delay the keeper's notice of a worker's death by a
+//! kernel grace period, ~14 ms).
 //!
 //! ## Exactly once
 //!
@@ -45,7 +48,11 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::FlockOperation;
 
 /// The first bytes of a log file.
-const MAGIC: &[u8; 8] = b"HFLOG001";
+const MAGIC: &[u8; 8] = b"HFLOG002";
+/// Entries start after the header page (magic, then the wake word).
+const HEADER: u64 = hf_sys::wake::PAGE as u64;
+/// Where in the header page readers wait (a `u32`, bumped by each append).
+const WAKE_AT: usize = 64;
 /// Entry header: body length `u32`, CRC-32C of the body `u32`.
 const ENTRY_HEAD: usize = 8;
 /// Body header: seq, writer, writer seq (`u64` each).
@@ -69,9 +76,13 @@ pub struct Log {
     path: PathBuf,
     file: File,
     index: Mutex<Index>,
-    /// What wakes this process's waiters (`None`: no inotify; they poll).
+    wake: Arc<hf_sys::wake::WakeWord>,
+    /// What wakes this process's waiters: a thread waiting on the wake
+    /// word, started by the first wait.
     #[cfg(feature = "tokio")]
-    changes: std::sync::OnceLock<Option<tokio::sync::watch::Sender<u64>>>,
+    changes: std::sync::OnceLock<io::Result<tokio::sync::watch::Sender<u64>>>,
+    /// Tells that thread to end.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default)]
@@ -94,29 +105,36 @@ impl Log {
             .truncate(false)
             .mode(0o600)
             .open(&path)?;
-        let log = Log {
-            path,
-            file,
-            index: Mutex::new(Index::default()),
-            #[cfg(feature = "tokio")]
-            changes: std::sync::OnceLock::new(),
-        };
         {
-            let _lock = log.lock()?;
-            if log.file.metadata()?.len() < MAGIC.len() as u64 {
-                log.file.set_len(0)?;
-                log.file.write_all_at(MAGIC, 0)?;
+            rustix::fs::flock(&file, FlockOperation::LockExclusive)?;
+            let _lock = Locked(&file);
+            if file.metadata()?.len() < HEADER {
+                file.set_len(0)?;
+                file.write_all_at(MAGIC, 0)?;
+                file.set_len(HEADER)?;
             }
             let mut magic = [0u8; 8];
-            log.file.read_exact_at(&mut magic, 0)?;
+            file.read_exact_at(&mut magic, 0)?;
             if &magic != MAGIC {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{} is not a holdfast log", log.path.display()),
+                    format!("{} is not a holdfast log (format 2)", path.display()),
                 ));
             }
-            log.index().end = MAGIC.len() as u64;
         }
+        let wake = Arc::new(hf_sys::wake::WakeWord::map(&file, WAKE_AT)?);
+        let log = Log {
+            path,
+            file,
+            index: Mutex::new(Index {
+                end: HEADER,
+                ..Index::default()
+            }),
+            wake,
+            #[cfg(feature = "tokio")]
+            changes: std::sync::OnceLock::new(),
+            closed: Arc::default(),
+        };
         log.refresh()?;
         Ok(log)
     }
@@ -212,10 +230,8 @@ impl Log {
         ix.writers.insert(writer, (writer_seq, seq));
         ix.entries.push(Arc::new(entry));
         drop(ix);
-        #[cfg(feature = "tokio")]
-        if let Some(Some(tx)) = self.changes.get() {
-            tx.send_modify(|v| *v += 1);
-        }
+        // Every reader in every process (this one's too) looks again.
+        self.wake.bump();
         Ok(seq)
     }
 
@@ -237,30 +253,15 @@ impl Log {
     }
 
     /// Waits until the log holds an entry after `seq`, appended by any
-    /// process. Cancel-safe. Woken by the process's inotify watch; should
-    /// no watch be possible (the per-user inotify limits), it looks every
-    /// 50 ms instead.
+    /// process. Cancel-safe. The first wait starts a thread that sleeps on
+    /// the log's wake word (one per log and process, 64 KiB of stack).
     #[cfg(feature = "tokio")]
     pub async fn wait_beyond(&self, seq: u64) -> io::Result<()> {
         let tx = self
             .changes
-            .get_or_init(|| match watcher::subscribe(&self.path) {
-                Ok(tx) => Some(tx),
-                Err(e) => {
-                    tracing::warn!(
-                        log = %self.path.display(),
-                        error = %e,
-                        "no inotify watch on the log; looking for new entries every 50 ms"
-                    );
-                    None
-                }
-            });
-        let Some(tx) = tx else {
-            while self.last_seq()? <= seq {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            return Ok(());
-        };
+            .get_or_init(|| self.start_waiter())
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
         let mut rx = tx.subscribe();
         loop {
             rx.borrow_and_update();
@@ -268,91 +269,39 @@ impl Log {
                 return Ok(());
             }
             if rx.changed().await.is_err() {
-                return Err(io::Error::other("the log's watch ended"));
+                return Err(io::Error::other("the log's waiter ended"));
             }
         }
     }
+
+    #[cfg(feature = "tokio")]
+    fn start_waiter(&self) -> io::Result<tokio::sync::watch::Sender<u64>> {
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        let (word, closed, out) = (self.wake.clone(), self.closed.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("hf-log-wait".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut seen = word.load();
+                while !closed.load(std::sync::atomic::Ordering::Acquire) {
+                    word.wait(seen);
+                    let now = word.load();
+                    if now != seen {
+                        seen = now;
+                        out.send_modify(|v| *v += 1);
+                    }
+                }
+            })?;
+        Ok(tx)
+    }
 }
 
-/// One inotify instance per process (the per-user limit is 128 by
-/// default), one watch per log file, and a task that tells each file's
-/// waiters.
-#[cfg(feature = "tokio")]
-mod watcher {
-    use std::collections::HashMap;
-    use std::io;
-    use std::mem::MaybeUninit;
-    use std::os::fd::OwnedFd;
-    use std::path::Path;
-    use std::sync::{Arc, Mutex, OnceLock};
-
-    use rustix::fs::inotify;
-    use tokio::sync::watch::Sender;
-
-    type Subs = Arc<Mutex<HashMap<i32, Sender<u64>>>>;
-
-    struct Watcher {
-        fd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
-        subs: Subs,
-    }
-
-    static WATCHER: OnceLock<Option<Watcher>> = OnceLock::new();
-
-    fn start() -> io::Result<Watcher> {
-        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
-        let fd = Arc::new(hf_sys::reactor::register(fd)?);
-        let subs: Subs = Arc::default();
-        let (afd, map) = (fd.clone(), subs.clone());
-        tokio::spawn(async move {
-            let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    return;
-                };
-                let mut fired = Vec::new();
-                let mut reader = inotify::Reader::new(afd.get_ref(), &mut buf);
-                loop {
-                    match reader.next() {
-                        Ok(ev) => fired.push(ev.wd()),
-                        Err(rustix::io::Errno::INTR) => continue,
-                        Err(rustix::io::Errno::AGAIN) => {
-                            guard.clear_ready();
-                            break;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                fired.sort_unstable();
-                fired.dedup();
-                let map = map.lock().unwrap_or_else(|e| e.into_inner());
-                for wd in fired {
-                    if let Some(tx) = map.get(&wd) {
-                        tx.send_modify(|v| *v += 1);
-                    }
-                }
-            }
-        });
-        Ok(Watcher { fd, subs })
-    }
-
-    /// The sender that fires when the file at `path` is written.
-    pub(super) fn subscribe(path: &Path) -> io::Result<Sender<u64>> {
-        let w = WATCHER
-            .get_or_init(|| match start() {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no inotify instance for shared logs");
-                    None
-                }
-            })
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no inotify instance"))?;
-        let wd = inotify::add_watch(w.fd.get_ref(), path, inotify::WatchFlags::MODIFY)?;
-        let mut map = w.subs.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(map
-            .entry(wd)
-            .or_insert_with(|| tokio::sync::watch::channel(0).0)
-            .clone())
+impl Drop for Log {
+    fn drop(&mut self) {
+        // The waiter thread (if any) wakes, sees this, and ends.
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake.bump();
     }
 }
 
