@@ -278,11 +278,13 @@ impl Log {
     fn start_waiter(&self) -> io::Result<tokio::sync::watch::Sender<u64>> {
         let (tx, _) = tokio::sync::watch::channel(0u64);
         let (word, closed, out) = (self.wake.clone(), self.closed.clone(), tx.clone());
+        // Read here, before any caller looks at the log: an append between
+        // that look and the thread's first wait still differs from `seen`.
+        let mut seen = word.load();
         std::thread::Builder::new()
             .name("hf-log-wait".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let mut seen = word.load();
                 while !closed.load(std::sync::atomic::Ordering::Acquire) {
                     word.wait(seen);
                     let now = word.load();
