@@ -52,6 +52,33 @@ pub fn python() -> PathBuf {
     PathBuf::from("python3")
 }
 
+/// Waits (at most 60 s) for a verifying client that prints `ok …` and
+/// exits 0; panics with its output and the keeper's log tail otherwise.
+/// Returns its stdout.
+pub fn finish_client(mut child: Child, k: &Keeper) -> String {
+    let status = wait_exit(&mut child, Duration::from_secs(60)).expect("client ends");
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(
+        status.success() && out.starts_with("ok"),
+        "client failed: {status}\nstdout: {out}\nstderr: {err}\nkeeper log tail:\n{}",
+        tail(&k.log(), 40)
+    );
+    out
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A script of `tests/py`.
 pub fn py_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)

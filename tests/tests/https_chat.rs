@@ -4,12 +4,11 @@
 //! server against a test CA — use one TLS session each from start to end:
 //! every byte checked, nothing lost, nothing doubled, no reconnection.
 
-use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hf_tests::pki::Pki;
-use hf_tests::{bin, py_script, python, wait_exit, Keeper, TempDir};
+use hf_tests::{bin, finish_client, py_script, python, tail, Keeper, TempDir};
 
 /// Keep-alive HTTPS: `/hello`, `/big` (byte-checked) and a 3 MiB `POST
 /// /echo`, in rounds, on one connection (a reconnection is a failure);
@@ -184,33 +183,9 @@ fn while_running(clients: &mut [Child], mut disturb: impl FnMut(u32)) -> u32 {
 
 /// Every client succeeded (printed "ok").
 fn finish(clients: Vec<Child>, k: &Keeper) {
-    for mut child in clients {
-        let status = wait_exit(&mut child, Duration::from_secs(60)).expect("client ends");
-        let mut out = String::new();
-        let mut err = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        assert!(
-            status.success() && out.starts_with("ok"),
-            "client failed: {status}\nstdout: {out}\nstderr: {err}\nkeeper log tail:\n{}",
-            tail(&k.log(), 40)
-        );
+    for child in clients {
+        finish_client(child, k);
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Connections handed to a new worker after a kill.

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use hf_tests::testsvc::{answer, half, keeper, LineClient};
-use hf_tests::{connect_small_rcvbuf, Keeper, Phase, Role};
+use hf_tests::{connect_small_rcvbuf, tail, Keeper, Phase, Role};
 
 /// Each scenario runs on both of hf-testsvc's flavours: the blocking one
 /// (a thread per connection) and the tokio one (`--tokio`, one thread).
@@ -607,11 +607,6 @@ fn storm_of_kills_under_pipelining_clients(fl: &[&str]) {
     );
     assert!(s.restarts >= 30, "{s:?}");
     assert!(total > 1000, "only {total} answers");
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `--diverge` under a storm of kills: every answer a client receives is

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hf_tests::{bin, start_pass_through, Keeper, NetNs, Proc, TempDir};
+use hf_tests::{bin, start_pass_through, tail, Keeper, NetNs, Proc, TempDir};
 
 /// hf-chat under the keeper, logging its resumed streams
 /// (`resuming /events after event K`) and the library's recoveries into the
@@ -303,11 +303,6 @@ impl Clients {
             tail(&k.log(), 60)
         );
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// SIGKILLs the active worker every 70–130 ms until the clients are done;

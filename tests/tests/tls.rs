@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hf_tests::http::make_site;
 use hf_tests::testsvc::answer;
-use hf_tests::{bin, kill9, run_cmd, start_pass_through, Keeper, Role, TempDir};
+use hf_tests::{bin, kill9, run_cmd, start_pass_through, tail, Keeper, Role, TempDir};
 
 /// The client: runs a script of request batches over TLS, one batch per
 /// write (so several requests share a record and commits fall inside
@@ -430,11 +430,6 @@ fn under_storm(k: &mut Keeper, clients: Vec<Client>, every: Duration) -> (u32, V
         tail(&k.log(), 40)
     );
     (kills, results.into_iter().map(Result::unwrap).collect())
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Keep-alive TLS 1.3 clients pipelining batches of requests (so commits

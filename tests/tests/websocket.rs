@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hf_tests::{bin, py_script, python, wait_exit, Keeper, TempDir};
+use hf_tests::{bin, finish_client as finish, py_script, python, tail, Keeper, TempDir};
 
 fn chat(data: &TempDir) -> Keeper {
     chat_with(data, &[])
@@ -50,35 +50,6 @@ fn while_running(child: &mut Child, every: Duration, mut disturb: impl FnMut(u32
         disturb(n);
         n += 1;
     }
-}
-
-fn finish(mut child: Child, k: &Keeper) -> String {
-    let status = wait_exit(&mut child, Duration::from_secs(60)).expect("client ends");
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(
-        status.success() && out.starts_with("ok"),
-        "room client failed: {status}\nstdout: {out}\nstderr: {err}\nkeeper log tail:\n{}",
-        tail(&k.log(), 40)
-    );
-    out
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn recovered(k: &Keeper) -> usize {
