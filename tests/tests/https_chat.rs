@@ -207,8 +207,8 @@ fn https_keep_alive_survives_a_kill_storm() {
     let chat = Chat::new();
     let mut k = chat.start();
     let mut clients = vec![
-        chat.http_client(&k, 60, 0, 0),
-        chat.http_client(&k, 60, 0, 0),
+        chat.http_client(&k, 300, 0, 0),
+        chat.http_client(&k, 300, 0, 0),
     ];
     let kills = while_running(&mut clients, |_| {
         k.kill_active();
